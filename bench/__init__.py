@@ -1,0 +1,1 @@
+"""Benchmark harness: model zoo, samplers, metrics, training of the embedded default, CLI."""

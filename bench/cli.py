@@ -1,0 +1,236 @@
+"""``modiff-bench``: the suite's command line.
+
+User mistakes (unknown names, numbers out of range, missing or corrupt checkpoints) end in one
+line on stderr and exit status 2; a failed quality bar ends in exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .errors import BenchError
+
+NOT_YET = {
+    "run": ("run a declared matrix (models x bits x methods) resumably", 4),
+    "methods": ("list the registered quantization / caching methods", 4),
+    "report": ("render paper-style tables and plots from a results directory", 5),
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, n_default: int, batch_default: int) -> None:
+    p.add_argument("--model", default="digits", help="zoo model name (see 'modiff-bench models'; default: digits)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint directory to load instead of the model's packaged/default weights")
+    p.add_argument("--sampler", default="ddim-quad",
+                   help="ddim-quad | ddim-uniform | ddpm-quad | ddpm-uniform (default: ddim-quad, as in the paper)")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps, 1..T (default: 100)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]; 0 = deterministic (default: 0)")
+    p.add_argument("--n", type=_positive_int, default=n_default, help=f"number of images (default: {n_default})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first per-sample seed; image i uses seed SEED+i whatever the batch size (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_default,
+                   help=f"images per denoiser call (default: {batch_default})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modiff-bench",
+        description="Benchmark and reproduce quantized / cached diffusion sampling (MoDiff and baselines). "
+                    "Every command writes its outputs with the config, seeds, versions and git revision.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("models", help="list the model zoo", description="List the models the zoo can load.")
+
+    p = sub.add_parser("sample", help="sample images with a full-precision model and save a PNG grid",
+                       description="Sample images from a zoo model in full precision. Writes OUT/samples.png, "
+                                   "OUT/samples.pt (images + seeds) and OUT/run.json (config, timing, provenance).")
+    _add_sampling_args(p, n_default=64, batch_default=64)
+    p.add_argument("--out", default="runs/sample", help="output directory (default: runs/sample)")
+
+    p = sub.add_parser("quality", help="measure the embedded digits model against its quality bar",
+                       description="Sample N images from the digits model and compare them with the held-out "
+                                   "digits in the domain classifier's feature space: Frechet distance (vs. an "
+                                   "equally large real set), classifier-IS and how confidently samples are "
+                                   "classified. Writes OUT/quality.json.")
+    _add_sampling_args(p, n_default=360, batch_default=120)
+    p.add_argument("--out", default="runs/quality", help="output directory (default: runs/quality)")
+    p.add_argument("--require-pass", action="store_true", help="exit with status 1 if the quality bar is not met")
+
+    p = sub.add_parser("train-tiny", help="retrain the embedded digits UNet and its domain classifier",
+                       description="Train the embedded default from scratch (classifier, then DDPM UNet with EMA), "
+                                   "then sample it and check the quality bar. Exit status 1 if the bar is not met.")
+    p.add_argument("--out", default="runs/train-tiny", help="output checkpoint directory (default: runs/train-tiny)")
+    p.add_argument("--unet-steps", type=_positive_int, default=None, help="UNet training steps (default: 8000)")
+    p.add_argument("--classifier-epochs", type=_positive_int, default=None, help="classifier epochs (default: 30)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality evaluation after training")
+    p.add_argument("--install", action="store_true",
+                   help="copy the result over the packaged checkpoint (bench/assets/digits) if it meets the bar")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    for name, (text, issue) in NOT_YET.items():
+        sub.add_parser(name, help=f"{text} (not yet available)",
+                       description=f"Not yet available: {text}. Tracked in issue #{issue}.")
+    return parser
+
+
+def _version() -> str:
+    from .provenance import package_versions
+
+    return package_versions()["modiff-bench"] or "unknown"
+
+
+def _sample_fp(args):
+    from .samplers import SamplerConfig, sample
+    from .zoo import load_model
+
+    config = SamplerConfig.from_name(args.sampler, args.steps, args.eta)  # cheap checks first
+    model = load_model(args.model, args.checkpoint, args.device)
+    config.timesteps(model.schedule)
+    seeds = list(range(args.seed, args.seed + args.n))
+    start = time.perf_counter()
+    images = sample(model.denoiser(), model.schedule, config, seeds, model.image_shape, args.batch_size,
+                    args.device, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    if not images.isfinite().all():
+        raise BenchError(f"sampling produced non-finite values ({args.model}, {config.name}, {args.steps} steps)")
+    settings = {"model": args.model, "checkpoint": model.info.get("checkpoint"), "sampler": config.name,
+                "steps": config.steps, "eta": config.eta, "n": args.n, "seeds": [seeds[0], seeds[-1]],
+                "batch_size": args.batch_size, "device": args.device}
+    return model, images, seeds, settings, seconds
+
+
+def cmd_models(args) -> int:
+    from .zoo import MODELS
+
+    for name in sorted(MODELS):
+        print(name)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .data import save_grid
+    from .provenance import provenance, write_atomic, write_json_atomic
+
+    _, images, seeds, settings, seconds = _sample_fp(args)
+    out = Path(args.out)
+    write_atomic(out / "samples.png", lambda tmp: save_grid(images, tmp, image_format="png"))
+    write_atomic(out / "samples.pt", lambda tmp: torch.save({"images": images, "seeds": seeds}, tmp))
+    write_json_atomic(out / "run.json", {"settings": settings, "seconds": seconds,
+                                         "images_per_second": len(seeds) / seconds,
+                                         "provenance": provenance(args.device)})
+    print(f"{len(seeds)} images in {seconds:.2f} s ({len(seeds) / seconds:.1f} images/s) -> {out / 'samples.png'}")
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from .domain import quality_report
+    from .provenance import provenance, write_json_atomic
+    from .zoo import digits
+
+    if args.model != "digits":
+        raise BenchError(f"the quality bar is defined for the embedded 'digits' model only, not {args.model!r}")
+    classifier = digits.load_classifier(args.checkpoint)
+    _, images, _, settings, seconds = _sample_fp(args)
+    report = quality_report(classifier, images).to_dict()
+    report["sampling"] = {**settings, "seconds": seconds}
+    out = Path(args.out)
+    write_json_atomic(out / "quality.json", {**report, "provenance": provenance(args.device)})
+    _print_quality(report)
+    print(f"-> {out / 'quality.json'}")
+    if args.require_pass and not report["passes"]:
+        return 1
+    return 0
+
+
+def _print_quality(q: dict) -> None:
+    s, h = q["samples"], q["heldout"]
+    print(f"samples: {q['n_samples']}   quality bar: {'PASS' if q['passes'] else 'FAIL'}")
+    print(f"  FD(samples, held-out) = {q['fd_samples_vs_heldout']:.3f}   FD(real, held-out) = "
+          f"{q['fd_real_vs_heldout']:.3f}   ratio = {q['fd_ratio']:.2f} (limit {q['criteria']['fd_ratio_limit']})")
+    print(f"  confident (max softmax >= {q['criteria']['confident_threshold']}): samples {s['confident_rate']:.3f}"
+          f"   held-out {h['confident_rate']:.3f}")
+    print(f"  mean max softmax: samples {s['mean_max_softmax']:.3f}   held-out {h['mean_max_softmax']:.3f}")
+    print(f"  classifier-IS: samples {q['is_samples'][0]:.2f} +- {q['is_samples'][1]:.2f}"
+          f"   real {q['is_real'][0]:.2f} +- {q['is_real'][1]:.2f}")
+    print(f"  class histogram: samples {s['class_histogram']}   held-out {h['class_histogram']}")
+
+
+def cmd_train_tiny(args) -> int:
+    from .train import ClassifierTrainConfig, EvalConfig, UNetTrainConfig, train_tiny
+    from .zoo import digits
+
+    unet_cfg = UNetTrainConfig(seed=args.seed)
+    clf_cfg = ClassifierTrainConfig(seed=args.seed)
+    if args.unet_steps:
+        unet_cfg.steps = args.unet_steps
+    if args.classifier_epochs:
+        clf_cfg.epochs = args.classifier_epochs
+    out = Path(args.out)
+    manifest = train_tiny(out, unet_cfg, clf_cfg, None if args.no_eval else EvalConfig(),
+                          progress=not args.no_progress)
+    print(f"classifier held-out accuracy: {manifest['classifier']['heldout_accuracy']:.4f}")
+    print(f"UNet: {manifest['unet']['parameters']} parameters, final loss "
+          f"{manifest['unet']['loss_curve'][-1]['loss']:.4f}, {manifest['unet']['train_seconds']:.0f} s")
+    if "quality" not in manifest:
+        print(f"-> {out} (not evaluated)")
+        return 0
+    _print_quality(manifest["quality"])
+    print(f"-> {out}")
+    if not manifest["quality"]["passes"]:
+        print("modiff-bench: the retrained model does not meet the quality bar", file=sys.stderr)
+        return 1
+    if args.install:
+        for sub in ("unet", "classifier"):
+            shutil.rmtree(digits.ASSET_DIR / sub, ignore_errors=True)
+            shutil.copytree(out / sub, digits.ASSET_DIR / sub)
+        shutil.copy2(out / "manifest.json", digits.ASSET_DIR / "manifest.json")
+        print(f"installed into {digits.ASSET_DIR}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in NOT_YET:
+        text, issue = NOT_YET[args.command]
+        print(f"modiff-bench: '{args.command}' is not yet available (issue #{issue}: {text})", file=sys.stderr)
+        return 2
+    handler = {"models": cmd_models, "sample": cmd_sample, "quality": cmd_quality,
+               "train-tiny": cmd_train_tiny}[args.command]
+    try:
+        return handler(args)
+    except BenchError as exc:
+        print(f"modiff-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modiff-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

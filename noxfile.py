@@ -1,0 +1,99 @@
+"""Sessions for the suite. All sessions share ONE virtual environment (.nox/shared): the
+pinned torch stack is ~6 GB, too big to build once per session. It is (re)built only when
+pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
+
+    nox -s demo          # sample the embedded model, measure its quality, write runs/demo/
+    nox -s tests         # the full test suite (what CI runs)
+    nox -s lint          # ruff
+    nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+ENV = ROOT / ".nox" / "shared"
+STAMP = ENV / "installed.sha256"
+BIN = ENV / ("Scripts" if os.name == "nt" else "bin")
+
+nox.options.sessions = ["tests"]
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "constraints.txt"):
+        digest.update((ROOT / name).read_bytes())
+    digest.update(sys.version.encode())
+    return digest.hexdigest()
+
+
+def _shared_env(session: nox.Session) -> dict[str, str]:
+    """Create or update .nox/shared; return the environment variables that activate it."""
+    fingerprint = _fingerprint()
+    if not (STAMP.is_file() and STAMP.read_text().strip() == fingerprint):
+        if not (BIN / "python").exists():
+            session.run(sys.executable, "-m", "venv", str(ENV), external=True)
+        session.run(str(BIN / "python"), "-m", "pip", "install", "--quiet", "--upgrade", "pip", external=True)
+        # --no-cache-dir: the wheels would double the ~6 GB footprint on small disks.
+        session.run(
+            str(BIN / "python"), "-m", "pip", "install", "--no-cache-dir", "-c", "constraints.txt",
+            "-e", ".[dev]", external=True,
+        )
+        STAMP.write_text(fingerprint + "\n")
+    else:
+        session.log(f"reusing the shared environment {ENV}")
+    return {"VIRTUAL_ENV": str(ENV), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _run(session: nox.Session, env: dict[str, str], program: str, *args: str) -> None:
+    # nox looks programs up on its own PATH, not on env's: name the shared env's copy explicitly.
+    session.run(str(BIN / program), *args, env=env, external=True)
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    """Run the full pytest suite (extra arguments go to pytest)."""
+    env = _shared_env(session)
+    _run(session, env, "python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def lint(session: nox.Session) -> None:
+    """Check style and common bugs with ruff."""
+    env = _shared_env(session)
+    _run(session, env, "ruff", "check", ".")
+
+
+@nox.session(venv_backend="none")
+def demo(session: nox.Session) -> None:
+    """The main job on the embedded default: sample a grid and measure quality (runs/demo/)."""
+    env = _shared_env(session)
+    out = session.posargs[0] if session.posargs else "runs/demo"
+    _run(session, env, "modiff-bench", "sample", "--n", "64", "--out", out)
+    _run(session, env, "modiff-bench", "quality", "--n", "360", "--out", out, "--require-pass")
+    session.log(f"sample grid: {out}/samples.png   quality figures: {out}/quality.json")
+
+
+@nox.session(name="train-tiny", venv_backend="none")
+def train_tiny(session: nox.Session) -> None:
+    """Retrain the embedded UNet and its domain classifier from scratch into runs/train-tiny
+    and fail unless the result meets the quality bar. Pass '--install' to replace the
+    packaged checkpoint with it."""
+    env = _shared_env(session)
+    _run(session, env, "modiff-bench", "train-tiny", "--out", "runs/train-tiny", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def clean(session: nox.Session) -> None:
+    """Delete the shared environment and everything generated under runs/."""
+    for path in (ENV, ROOT / "runs"):
+        if path.exists():
+            session.log(f"removing {path}")
+            shutil.rmtree(path)
