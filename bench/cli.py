@@ -166,13 +166,14 @@ def cmd_quality(args) -> int:
 def _print_quality(q: dict) -> None:
     s, h = q["samples"], q["heldout"]
     print(f"samples: {q['n_samples']}   quality bar: {'PASS' if q['passes'] else 'FAIL'}")
-    print(f"  FD(samples, held-out) = {q['fd_samples_vs_heldout']:.3f}   FD(real, held-out) = "
-          f"{q['fd_real_vs_heldout']:.3f}   ratio = {q['fd_ratio']:.2f} (limit {q['criteria']['fd_ratio_limit']})")
+    print(f"  FD(samples, held-out A) = {q['fd_samples_vs_heldout']:.3f}   FD(held-out B, held-out A) = "
+          f"{q['fd_real_vs_heldout']:.3f}   ratio = {q['fd_ratio']:.2f} (limit {q['criteria']['fd_ratio_limit']}, "
+          f"{q['n_fd']} images per set)")
     print(f"  confident (max softmax >= {q['criteria']['confident_threshold']}): samples {s['confident_rate']:.3f}"
           f"   held-out {h['confident_rate']:.3f}")
     print(f"  mean max softmax: samples {s['mean_max_softmax']:.3f}   held-out {h['mean_max_softmax']:.3f}")
     print(f"  classifier-IS: samples {q['is_samples'][0]:.2f} +- {q['is_samples'][1]:.2f}"
-          f"   real {q['is_real'][0]:.2f} +- {q['is_real'][1]:.2f}")
+          f"   held-out B {q['is_real'][0]:.2f} +- {q['is_real'][1]:.2f}")
     print(f"  class histogram: samples {s['class_histogram']}   held-out {h['class_histogram']}")
 
 
@@ -180,6 +181,8 @@ def cmd_train_tiny(args) -> int:
     from .train import ClassifierTrainConfig, EvalConfig, UNetTrainConfig, train_tiny
     from .zoo import digits
 
+    if args.install and args.no_eval:
+        raise BenchError("--install replaces the packaged model only after it passes the quality bar; drop --no-eval")
     unet_cfg = UNetTrainConfig(seed=args.seed)
     clf_cfg = ClassifierTrainConfig(seed=args.seed)
     if args.unet_steps:

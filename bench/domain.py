@@ -10,6 +10,7 @@ torch-fidelity's ``isc_features_to_metric``); only the feature extractor is ours
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -80,11 +81,16 @@ def confidence_stats(logits: torch.Tensor) -> ConfidenceStats:
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     from pytorch_fid.fid_score import calculate_frechet_distance
+    from scipy.linalg import LinAlgWarning
 
     a, b = feats_a.cpu().numpy().astype(np.float64), feats_b.cpu().numpy().astype(np.float64)
-    return float(
-        calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-    )
+    with warnings.catch_warnings():
+        # Dead ReLU units give zero-variance dimensions, so the covariance product is singular; its
+        # square root is still well defined and the library falls back to an offset if it is not finite.
+        warnings.simplefilter("ignore", LinAlgWarning)
+        return float(
+            calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        )
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:

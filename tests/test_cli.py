@@ -29,6 +29,7 @@ def _error_line(capsys) -> str:
      "device"),
     (["sample", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
     (["quality", "--model", "cifar99"], "only"),
+    (["train-tiny", "--install", "--no-eval"], "quality bar"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, match, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 2
