@@ -1,2 +1,17 @@
 """MoDiff (modulated quantization of temporal residuals, ICML 2025) and the fake-quantization
-core it shares with the baselines. The method lands with issue #3; see ../shared/spec/modiff.md."""
+core it shares with the baselines. See ../shared/spec/modiff.md for the method.
+
+    import modiff
+    modiff.quantize(unet, modiff.ModiffConfig(w_bits=8, a_bits=3, granularity="channel"))
+    with modiff.trajectory(unet):   # once per batch, before the first step
+        ...sample...
+"""
+
+from .api import calibrate, quant_layers, quantize, reset, state_bytes, trajectory
+from .config import GRANULARITIES, MODULATIONS, ModiffConfig
+from .layers import QuantLayer
+
+__all__ = [
+    "GRANULARITIES", "MODULATIONS", "ModiffConfig", "QuantLayer",
+    "calibrate", "quant_layers", "quantize", "reset", "state_bytes", "trajectory",
+]

@@ -1,0 +1,73 @@
+"""``quantize(model, config)``: wrap every conv/linear of any ``nn.Module`` in place."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from .config import ModiffConfig, check_choice
+from .layers import QUANTIZABLE, QuantLayer
+
+
+def quantize(model: nn.Module, config: ModiffConfig) -> nn.Module:
+    """Replace every Conv1d/Conv2d/Linear whose qualified name matches no ``config.skip`` pattern
+    by a :class:`QuantLayer` (weights fake-quantized once, here). Returns the same model."""
+    if not isinstance(config, ModiffConfig):
+        raise TypeError(f"config must be a ModiffConfig, got {type(config).__name__}")
+    if any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ValueError("model is already quantized; quantize a fresh copy instead")
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, QUANTIZABLE) and name and not any(fnmatch.fnmatchcase(name, p) for p in config.skip)]
+    if not targets:
+        raise ValueError(f"model has no Conv1d/Conv2d/Linear layer to wrap (skip={config.skip!r})")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLayer(module, config, name))
+    return model
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayer]:
+    return [m for m in model.modules() if isinstance(m, QuantLayer)]
+
+
+def reset(model: nn.Module) -> None:
+    """Start a new trajectory: clear every layer's MoDiff state. Call once per batch."""
+    for layer in quant_layers(model):
+        layer.reset_state()
+
+
+@contextmanager
+def trajectory(model: nn.Module) -> Iterator[nn.Module]:
+    """``with modiff.trajectory(unet): <run all steps of one batch>`` -- resets on entry."""
+    reset(model)
+    yield model
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of per-trajectory state (â, ô or the previous input/output) held right now."""
+    return sum(layer.state_bytes() for layer in quant_layers(model))
+
+
+def calibrate(model: nn.Module, run: Callable[[], object], method: str = "minmax") -> nn.Module:
+    """Fit static activation scales: ``run()`` drives full-precision trajectories (resetting
+    between batches as usual) while each layer records its inputs (``off``) or its true temporal
+    residuals ``a_t - a_{t+1}`` (modulated modes); then min-max or MSE ranges are fitted."""
+    check_choice("method", method, ("minmax", "mse"))
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("model has no QuantLayer; call modiff.quantize first")
+    for layer in layers:
+        layer.start_observing()
+    try:
+        run()
+    except BaseException:
+        for layer in layers:
+            layer._observed = None
+        raise
+    for layer in layers:
+        layer.finish_observing(method)
+    return model
