@@ -6,6 +6,8 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s tests         # the full test suite (what CI runs)
     nox -s lint          # ruff
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
+    nox -s bench         # wall-clock / memory of fake-quant and MoDiff vs full precision
+    nox -s psnr-table    # PSNR to FP on digits: modulation x activation bits x granularity
 """
 
 from __future__ import annotations
@@ -83,11 +85,31 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(name="train-tiny", venv_backend="none")
 def train_tiny(session: nox.Session) -> None:
-    """Retrain the embedded UNet and its domain classifier from scratch into runs/train-tiny
-    and fail unless the result meets the quality bar. Pass '--install' to replace the
-    packaged checkpoint with it."""
+    """Retrain the embedded UNet and its classifier from scratch (runs/train-tiny), check the bar.
+
+    Fails unless the result meets the quality bar; pass '--install' to replace the packaged
+    checkpoint with it."""
     env = _shared_env(session)
     _run(session, env, "modiff-bench", "train-tiny", "--out", "runs/train-tiny", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """Time and memory of fake-quant and MoDiff vs full precision (runs/bench/overhead.json).
+
+    Digits model and the CIFAR-10 architecture at batch 64; extra arguments go to
+    benchmarks/overhead.py (e.g. '-- --device cuda')."""
+    env = _shared_env(session)
+    _run(session, env, "python", "benchmarks/overhead.py", *session.posargs)
+
+
+@nox.session(name="psnr-table", venv_backend="none")
+def psnr_table(session: nox.Session) -> None:
+    """PSNR to full precision on digits: modulation x activation bits x granularity.
+
+    Writes runs/bench/psnr_table.{csv,md,json}."""
+    env = _shared_env(session)
+    _run(session, env, "python", "benchmarks/psnr_table.py", *session.posargs)
 
 
 @nox.session(venv_backend="none")

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NOT_QUANTIZED, ModiffConfig
-from .quant import dynamic_fake_quant, fake_quant, quantize_weight, reduce_dims, search_range
+from .quant import fake_quant, quantize_over, quantize_weight, reduce_dims, scale_and_zero_point, search_range
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-MAX_OBSERVED = 1 << 16  # values kept per calibration call and layer
+MAX_OBSERVED = 1 << 16  # values kept per calibration call and layer for the MSE search
 
 
 class QuantLayer(nn.Module):
@@ -38,6 +38,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("static_scale", None)
         self.register_buffer("static_zero_point", None)
         self._observed: list[torch.Tensor] | None = None
+        self._dims: dict[int, tuple[int, ...]] = {}  # input ndim -> dims a dynamic scale reduces over
         self.reset_state()
 
     # -- state -----------------------------------------------------------------------------
@@ -65,7 +66,8 @@ class QuantLayer(nn.Module):
             return F.linear(x, self.layer.weight, b)
         return self.layer._conv_forward(x, self.layer.weight, b)
 
-    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_activation(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Q(x); ``inplace`` only for temporaries the layer owns (the residual)."""
         c = self.config
         if c.a_bits == NOT_QUANTIZED:
             return x
@@ -73,31 +75,42 @@ class QuantLayer(nn.Module):
             if self.static_scale is None:
                 raise RuntimeError(f"layer {self.name!r} uses static scales but was never calibrated "
                                    "(run modiff.calibrate first)")
-            return fake_quant(x, self.static_scale, self.static_zero_point, c.a_bits, c.symmetric)
-        return dynamic_fake_quant(x, c.a_bits, c.granularity, c.symmetric, self.channel_axis)
+            return fake_quant(x, self.static_scale, self.static_zero_point, c.a_bits, c.symmetric, inplace)
+        dims = self._dims.get(x.dim())
+        if dims is None:
+            if x.dim() < 2:
+                raise ValueError(f"layer {self.name!r}: activations need a batch dimension, got {tuple(x.shape)}")
+            dims = self._dims[x.dim()] = reduce_dims(x.dim(), c.granularity, self.channel_axis)
+        return quantize_over(x, dims, c.a_bits, c.symmetric, inplace)
 
     # -- calibration of static scales -----------------------------------------------------
     def start_observing(self) -> None:
         self._observed = []
+        self._observed_min = self._observed_max = None
         self.reset_state()
 
+    def _as_rows(self, value: torch.Tensor) -> torch.Tensor:
+        """(channels, values) for channel-wise scales, (1, values) for one scale per tensor."""
+        if self.config.granularity == "channel":
+            return value.movedim(self.channel_axis, 0).reshape(value.shape[self.channel_axis], -1)
+        return value.reshape(1, -1)
+
     def finish_observing(self, method: str = "minmax") -> None:
-        if not self._observed:
+        if self._observed_min is None:
             raise RuntimeError(f"layer {self.name!r} saw no data during calibration")
         c = self.config
+        if method == "minmax":  # exact extremes over everything observed
+            scale, zp = scale_and_zero_point(self._observed_min, self._observed_max, c.a_bits, c.symmetric)
+        else:  # the MSE search runs on the evenly spaced subsample kept per call
+            scale, zp = search_range(torch.cat(self._observed, dim=1), c.a_bits, c.symmetric, (1,), method)
         if c.granularity == "channel":
-            values = torch.cat([v.movedim(self.channel_axis, 1).flatten(2).transpose(0, 1).flatten(1)
-                                for v in self._observed], dim=1)  # (C, N)
-            scale, zp = search_range(values, c.a_bits, c.symmetric, (1,), method)
-            shape = [1] * self._observed[0].dim()
+            shape = [1] * self._observed_ndim
             shape[self.channel_axis] = -1
-            scale, zp = scale.view(shape), zp.view(shape)
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
         else:
-            values = torch.cat([v.flatten() for v in self._observed])
-            scale, zp = search_range(values, c.a_bits, c.symmetric, (0,), method)
-            scale, zp = scale.view(()), zp.view(())
+            scale, zp = scale.reshape(()), zp.reshape(())
         self.static_scale, self.static_zero_point = scale, zp
-        self._observed = None
+        self._observed = self._observed_min = self._observed_max = None
         self.reset_state()
 
     def _observe(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,10 +124,17 @@ class QuantLayer(nn.Module):
             value = x - self._a_ref
         self._a_ref = x
         if value is not None:
-            value = value.detach()
-            if self.config.granularity != "channel" and value.numel() > MAX_OBSERVED:
-                value = value.flatten()[torch.linspace(0, value.numel() - 1, MAX_OBSERVED).long()]
-            self._observed.append(value.cpu())
+            rows = self._as_rows(value.detach().float())
+            lo, hi = rows.amin(dim=1, keepdim=True).cpu(), rows.amax(dim=1, keepdim=True).cpu()
+            if self._observed_min is None:
+                self._observed_min, self._observed_max, self._observed_ndim = lo, hi, value.dim()
+            else:
+                self._observed_min = torch.minimum(self._observed_min, lo)
+                self._observed_max = torch.maximum(self._observed_max, hi)
+            per_row = max(1, MAX_OBSERVED // rows.shape[0])
+            if rows.shape[1] > per_row:
+                rows = rows[:, torch.linspace(0, rows.shape[1] - 1, per_row).long()]
+            self._observed.append(rows.cpu())
         return out
 
     # -- forward ---------------------------------------------------------------------------
@@ -132,10 +152,10 @@ class QuantLayer(nn.Module):
         if keep is not None and not keep.any():  # every sample reuses the cache
             out = self._o_ref
         else:
-            d = self.quantize_activation(residual)
+            d = self.quantize_activation(residual, inplace=True)
             if keep is not None:
-                d = d * keep.view(-1, *([1] * (d.dim() - 1)))
-            out = self._o_ref + self.linear(d, bias=False)
+                d.mul_(keep.view(-1, *([1] * (d.dim() - 1))))
+            out = self.linear(d, bias=False).add_(self._o_ref)
             if c.modulation == "ec":
                 self._a_ref.add_(d)  # our own copy, never handed out
         if c.modulation == "plain":

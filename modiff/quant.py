@@ -35,12 +35,37 @@ def scale_and_zero_point(
     return scale, torch.round(-xmin / scale)
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool):
-    """Quantize-dequantize ``x`` with broadcastable ``scale`` / ``zero_point``; returns a new tensor."""
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool, inplace: bool = False
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with broadcastable ``scale`` / ``zero_point``; a new tensor unless
+    ``inplace`` (for temporaries the caller owns)."""
     qmin, qmax = grid(bits, symmetric)
-    out = torch.div(x, scale)
-    out.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
-    return out
+    out = x.div_(scale) if inplace else torch.div(x, scale)
+    out.round_()
+    if symmetric:
+        return out.clamp_(qmin, qmax).mul_(scale)
+    # (clamp(round(x/s), qmin - z, qmax - z) would be equal and two passes shorter, but a clamp with
+    # tensor bounds measured slower on CPU than add_ + scalar clamp_ + sub_)
+    return out.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+
+def minmax(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over ``dims`` (keepdim). Reducing the trailing dims first, then the others, is
+    exact (min and max do not depend on order) and measured fastest on CPU; ``torch.aminmax`` is
+    only used for whole-tensor reductions (with a ``dim`` it was 15-25x slower than amin + amax)."""
+    if len(dims) == x.dim():
+        lo, hi = torch.aminmax(x)
+        shape = (1,) * x.dim()
+        return lo.view(shape), hi.view(shape)
+    last_kept = max(d for d in range(x.dim()) if d not in dims)
+    trailing = tuple(d for d in dims if d > last_kept)
+    rest = tuple(d for d in dims if d < last_kept)
+    lo = hi = x
+    for group in (trailing, rest):
+        if group:
+            lo, hi = lo.amin(dim=group, keepdim=True), hi.amax(dim=group, keepdim=True)
+    return lo, hi
 
 
 def reduce_dims(ndim: int, granularity: str, channel_axis: int) -> tuple[int, ...]:
@@ -60,13 +85,17 @@ def dynamic_fake_quant(
         return x
     if x.dim() < 2:
         raise ValueError(f"activations must have a batch dimension; got shape {tuple(x.shape)}")
-    dims = reduce_dims(x.dim(), granularity, channel_axis)
+    return quantize_over(x, reduce_dims(x.dim(), granularity, channel_axis), bits, symmetric)
+
+
+def quantize_over(x: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool, inplace: bool = False):
+    """The hot path of dynamic quantization (arguments already validated): min-max over ``dims``."""
     if dims:
-        xmin, xmax = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+        xmin, xmax = minmax(x, dims)
     else:
         xmin, xmax = x, x
     scale, zero_point = scale_and_zero_point(xmin, xmax, bits, symmetric)
-    return fake_quant(x, scale, zero_point, bits, symmetric)
+    return fake_quant(x, scale, zero_point, bits, symmetric, inplace)
 
 
 def search_range(

@@ -121,3 +121,33 @@ def test_quantize_rejects_models_with_nothing_to_wrap_and_double_wrapping():
     model = modiff.quantize(nn.Sequential(nn.Linear(3, 3)), modiff.ModiffConfig())
     with pytest.raises(ValueError, match="already quantized"):
         modiff.quantize(model, modiff.ModiffConfig())
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("kind", ["conv", "linear-2d"])
+def test_static_minmax_calibration_uses_the_exact_extremes_of_all_residuals(granularity, kind):
+    from modiff.quant import scale_and_zero_point
+
+    if kind == "conv":
+        layer, seq, axis = wrap(a_bits=4, act_scale="static", granularity=granularity), SEQ, 1
+    else:  # e.g. the time-embedding MLP: (batch, features) inputs
+        lin = nn.Linear(3, 4)
+        layer = QuantLayer(lin, modiff.ModiffConfig(w_bits=32, a_bits=4, act_scale="static", granularity=granularity))
+        seq, axis = [a[:, :, 0, 0] for a in SEQ], 1
+    layer.start_observing()
+    for a in seq:
+        layer(a)
+    layer.finish_observing("minmax")
+    residuals = torch.stack([b - a for a, b in zip(seq, seq[1:], strict=False)])  # (steps, B, C, ...)
+    dims = tuple(d for d in range(residuals.dim()) if granularity == "tensor" or d != axis + 1)
+    scale, zp = scale_and_zero_point(residuals.amin(dim=dims), residuals.amax(dim=dims), 4, False)
+    assert torch.equal(layer.static_scale.flatten(), scale.flatten())
+    assert torch.equal(layer.static_zero_point.flatten(), zp.flatten())
+    out = layer(seq[0])  # calibrated: a new trajectory runs with the fitted static scales
+    assert out.shape[0] == seq[0].shape[0] and layer(seq[1]).isfinite().all()
+
+    layer.start_observing()
+    for a in seq:
+        layer(a)
+    layer.finish_observing("mse")
+    assert (layer.static_scale.flatten() <= scale.flatten() + 1e-12).all()  # MSE only ever shrinks the range
