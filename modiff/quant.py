@@ -106,7 +106,7 @@ def search_range(
     BRECQ: shrink [min, max] by 1% steps (``candidates`` of them) and keep the range with the
     lowest mean |x - Q(x)|^p."""
     check_choice("method", method, ("minmax", "mse"))
-    xmin, xmax = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    xmin, xmax = minmax(x, dims)
     best = scale_and_zero_point(xmin, xmax, bits, symmetric)
     if method == "minmax":
         return best
