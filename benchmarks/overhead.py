@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.errors import BenchError
+
 CONFIGS = ("fp", "off", "ec")
 
 
@@ -99,6 +101,10 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _steps(args, model_name: str) -> int:
+    return args.steps_digits if model_name == "digits" else args.steps_cifar10
+
+
 def _timings(args, model_name: str, steps: int) -> dict[str, list[float]]:
     model, unets = _setup(model_name, args.device, args.a_bits, CONFIGS)
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         args.model, args.config = args.worker
-        args.steps = args.steps_digits if args.model == "digits" else args.steps_cifar10
+        args.steps = _steps(args, args.model)
         print(json.dumps(_memory_worker(args)))
         return 0
 
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for model in args.models:
-        steps = args.steps_digits if model == "digits" else args.steps_cifar10
+        steps = _steps(args, model)
         print(f"[{model}] timing {len(CONFIGS)} configurations x {args.repeats} rounds ...", flush=True)
         times = _timings(args, model, steps)
         for config in CONFIGS:
@@ -150,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                                             **json.loads(done.stdout.strip().splitlines()[-1])}
 
     lines = [f"device: {provenance(args.device)['device']}; batch {args.batch}; W8A{args.a_bits}, channel-wise "
-             "dynamic scales; median of {args.repeats} interleaved rounds".replace("{args.repeats}", str(args.repeats)),
+             f"dynamic scales; median of {args.repeats} interleaved rounds",
              "",
              "| model | config | steps | seconds | x fp | peak MB | peak - fp MB | MoDiff state MB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model in args.models:
         fp = results[f"{model}/fp"]
-        steps = args.steps_digits if model == "digits" else args.steps_cifar10
+        steps = _steps(args, model)
         for config in CONFIGS:
             r = results[f"{model}/{config}"]
             r["ratio_to_fp"] = r["seconds"] / fp["seconds"]
@@ -171,4 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (ValueError, BenchError) as exc:  # bad bits / names: one line, not a traceback
+        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

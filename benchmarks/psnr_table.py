@@ -10,12 +10,14 @@ full-precision model's samples from the same noise. Writes CSV, Markdown and a p
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
 import modiff
+from bench.errors import BenchError
 from bench.metrics import psnr_to_fp
 from bench.provenance import provenance, write_atomic, write_json_atomic
 from bench.quantized import quantized_copy, sample_unet
@@ -42,22 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=64)
     args = parser.parse_args(argv)
 
-    model = load_model("digits")
+    # every configuration is validated before any sampling starts
+    configs = [modiff.ModiffConfig(w_bits=args.w_bits, a_bits=a_bits, modulation=modulation, granularity=granularity)
+               for granularity in args.granularity for a_bits in args.a_bits for modulation in modiff.MODULATIONS]
     sampler = SamplerConfig.from_name("ddim-quad", args.steps)
+    model = load_model("digits")
     seeds = range(args.n)
     fp = sample_unet(model.unet, model, sampler, seeds)
     rows = []
-    for granularity in args.granularity:
-        for a_bits in args.a_bits:
-            for modulation in modiff.MODULATIONS:
-                config = modiff.ModiffConfig(w_bits=args.w_bits, a_bits=a_bits, modulation=modulation,
-                                             granularity=granularity)
-                start = time.perf_counter()
-                out = sample_unet(quantized_copy(model.unet, config), model, sampler, seeds)
-                rows.append({"granularity": granularity, "w_bits": args.w_bits, "a_bits": a_bits,
-                             "modulation": modulation, "psnr_to_fp_db": round(psnr_to_fp(out, fp), 2),
-                             "seconds": round(time.perf_counter() - start, 2)})
-                print(rows[-1], flush=True)
+    for config in configs:
+        start = time.perf_counter()
+        out = sample_unet(quantized_copy(model.unet, config), model, sampler, seeds)
+        rows.append({"granularity": config.granularity, "w_bits": config.w_bits, "a_bits": config.a_bits,
+                     "modulation": config.modulation, "psnr_to_fp_db": round(psnr_to_fp(out, fp), 2),
+                     "seconds": round(time.perf_counter() - start, 2)})
+        print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     wide = pivot(table)
     out = Path(args.out)
@@ -75,4 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (ValueError, BenchError) as exc:  # bad bits / names: one line, not a traceback
+        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

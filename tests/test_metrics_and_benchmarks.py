@@ -1,0 +1,80 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bench.metrics import mse_to_fp, psnr_to_fp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_psnr_and_mse_on_known_images():
+    ref = torch.zeros(2, 1, 4, 4)  # mid-grey in [0, 1]
+    assert mse_to_fp(ref, ref) == 0 and psnr_to_fp(ref, ref) == math.inf
+    off = ref + 0.2  # 0.1 in [0, 1] units everywhere -> MSE 0.01 -> 20 dB
+    assert mse_to_fp(off, ref) == pytest.approx(0.01)
+    assert psnr_to_fp(off, ref) == pytest.approx(20.0)
+    assert mse_to_fp(torch.full_like(ref, 5.0), ref) == pytest.approx(0.25)  # clipped to [0, 1] first
+    with pytest.raises(ValueError, match="shape"):
+        mse_to_fp(ref[:1], ref)
+
+
+def test_psnr_table_layout():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import psnr_table
+    finally:
+        sys.path.pop(0)
+    rows = [{"granularity": g, "a_bits": b, "modulation": m, "psnr_to_fp_db": float(b + i)}
+            for g in ("tensor", "channel") for b in (8, 3) for i, m in enumerate(("off", "plain", "ec"))]
+    wide = psnr_table.pivot(pd.DataFrame(rows))
+    assert list(wide.columns) == ["granularity", "A bits", "off (PTQ)", "plain modulation", "ec (MoDiff)"]
+    assert wide[["granularity", "A bits"]].values.tolist() == [["channel", 8], ["channel", 3], ["tensor", 8],
+                                                                ["tensor", 3]]
+    assert wide.iloc[1].tolist()[2:] == [3.0, 4.0, 5.0]
+
+
+def test_overhead_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "overhead.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--models", "digits", "--batch", "4",
+         "--steps-digits", "3", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert results["digits/fp"]["ratio_to_fp"] == 1.0
+    assert results["digits/fp"]["state_bytes"] == results["digits/off"]["state_bytes"] == 0
+    assert results["digits/ec"]["state_bytes"] > 0  # read after a full trajectory
+    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in results.values())
+    assert "| digits | ec | 3 |" in done.stdout
+
+
+@pytest.mark.parametrize("script,args", [
+    ("psnr_table.py", ["--a-bits", "1"]), ("psnr_table.py", ["--granularity", "pixel"]),
+    ("overhead.py", ["--models", "digits", "--a-bits", "40"]),
+])
+def test_benchmarks_reject_bad_settings_in_one_line(script, args, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "error:" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_psnr_table_end_to_end(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "psnr_table.py"), "--a-bits", "32", "3",
+                           "--granularity", "channel", "--w-bits", "32", "--steps", "4", "--n", "4",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(tmp_path / "psnr_table.csv")
+    assert len(table) == 2 * 3
+    exact = table[table.a_bits == 32].set_index("modulation").psnr_to_fp_db
+    assert exact["off"] == math.inf or exact["off"] > 100  # W32A32 off is the full-precision model itself
+    assert (exact > 80).all()  # plain / ec at 32 bits: float rounding only
+    assert json.loads((tmp_path / "psnr_table.json").read_text())["settings"]["steps"] == 4
