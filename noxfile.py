@@ -2,7 +2,7 @@
 pinned torch stack is ~6 GB, too big to build once per session. It is (re)built only when
 pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
 
-    nox -s demo          # sample the embedded model, measure its quality, write runs/demo/
+    nox -s demo          # the 'digits' matrix on the embedded model (resumable), write runs/demo/
     nox -s tests         # the full test suite (what CI runs)
     nox -s lint          # ruff
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
@@ -75,12 +75,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
-    """The main job on the embedded default: sample a grid and measure quality (runs/demo/)."""
+    """The main job on the embedded default: the 'digits' matrix preset (runs/demo/, ~10 min).
+
+    Resumable: interrupt it and run it again. Extra arguments go to 'modiff-bench run'
+    (e.g. '-- --force' to start over, '-- --set run.n_samples=128' for a quicker look)."""
     env = _shared_env(session)
-    out = session.posargs[0] if session.posargs else "runs/demo"
-    _run(session, env, "modiff-bench", "sample", "--n", "64", "--out", out)
-    _run(session, env, "modiff-bench", "quality", "--n", "360", "--out", out, "--require-pass")
-    session.log(f"sample grid: {out}/samples.png   quality figures: {out}/quality.json")
+    _run(session, env, "modiff-bench", "sample", "--n", "64", "--out", "runs/demo/grid", "--no-progress")
+    _run(session, env, "modiff-bench", "run", "digits", "--out", "runs/demo", *session.posargs)
+    session.log("results: runs/demo/results.{csv,parquet,md}   sample grid: runs/demo/grid/samples.png")
 
 
 @nox.session(name="train-tiny", venv_backend="none")

@@ -15,8 +15,6 @@ from pathlib import Path
 from .errors import BenchError
 
 NOT_YET = {
-    "run": ("run a declared matrix (models x bits x methods) resumably", 4),
-    "methods": ("list the registered quantization / caching methods", 4),
     "report": ("render paper-style tables and plots from a results directory", 5),
 }
 
@@ -85,6 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--install", action="store_true",
                    help="copy the result over the packaged checkpoint (bench/assets/digits) if it meets the bar")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser(
+        "run", help="run a declared matrix of cells (model x sampler x bits x method x cache), resumably",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every cell of a matrix and write one row per cell to OUT/results.csv and "
+                    "OUT/results.parquet (settings, metrics, timings, memory, GBops, versions, git revision), "
+                    "OUT/run.json (resolved matrix, skipped combinations, environment) and each cell's samples.",
+        epilog="Rerunning the same command skips finished cells: kill it at any time and run it again. A cell "
+               "that raises or produces NaN/Inf samples is recorded as failed, the run goes on and the exit "
+               "status is 1 (failed cells are retried on the next run). Bad input exits with status 2.\n\n"
+               "examples:\n"
+               "  modiff-bench run digits --out runs/digits\n"
+               "  modiff-bench run smoke --out runs/smoke --set steps=10 --set matrix.a_bits=[4,3]\n"
+               "  modiff-bench run my_matrix.toml --out runs/mine --device cuda")
+    p.add_argument("config", metavar="CONFIG", help="preset name (see 'modiff-bench presets') or path to a TOML file")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<preset or file name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, value in TOML syntax: steps=50, run.n_samples=128, "
+                        "matrix.a_bits=[4,3], params.lcq.warmup=false (repeatable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
+    p.add_argument("--force", action="store_true",
+                   help="rerun every cell, replacing the results in OUT (also those of a different matrix)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and skipped combinations, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    sub.add_parser("presets", help="list the matrix presets shipped with the package",
+                   description="List the shipped matrix presets: name and what each one runs.")
+    p = sub.add_parser("methods", help="list the registered base quantizers and cache schemes",
+                       description="List the methods a matrix can name in matrix.base and matrix.cache, with "
+                                   "their parameters ([params.NAME] in a matrix file).")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="also import this module or .py file that registers methods (repeatable)")
 
     for name, (text, issue) in NOT_YET.items():
         sub.add_parser(name, help=f"{text} (not yet available)",
@@ -212,15 +242,67 @@ def cmd_train_tiny(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .matrix import load_matrix
+    from .runner import Runner
+
+    matrix = load_matrix(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if args.dry_run:
+        from .matrix import cell_id
+
+        for cell in matrix.cells:
+            print(f"{cell_id(cell)}  {cell.model} {cell.sampler} {cell.steps} steps  {cell.method} "
+                  f"W{cell.w_bits}A{cell.a_bits} {cell.a_granularity}")
+        for skip in matrix.skipped:
+            print(f"skipped: {skip}")
+        print(f"{len(matrix.cells)} cells, {len(matrix.skipped)} combinations skipped -> {out}")
+        return 0
+    summary = Runner(matrix, out, device=args.device, force=args.force, progress=not args.no_progress,
+                     argv=args.argv).run()
+    print(f"{summary.total} cells: {summary.ran} run, {summary.reused} already finished, "
+          f"{len(summary.failed)} failed, {summary.skipped} invalid combinations skipped, "
+          f"{summary.seconds:.0f} s -> {summary.out / 'results.csv'}")
+    if summary.failed:
+        print(f"modiff-bench: {len(summary.failed)} cell(s) failed: {', '.join(summary.failed)} "
+              f"(errors in the 'error' column and in cells/<id>/error.txt)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .matrix import presets
+
+    for name, description in presets().items():
+        print(f"{name:12s} {description}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import import_plugins, methods
+
+    import_plugins(args.imports)
+    for kind, title in (("base", "base quantizers (matrix.base)"), ("cache", "cache schemes (matrix.cache)")):
+        print(f"{title}:")
+        entries = methods(kind)
+        if kind == "cache":
+            print(f"  {'none':12s} no caching")
+        for name, cls in entries.items():
+            params = ", ".join(f"{k}={v!r}" for k, v in cls.PARAMS.items())
+            print(f"  {name:12s} {cls.summary()}" + (f"  [params: {params}]" if params else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command in NOT_YET:
         text, issue = NOT_YET[args.command]
         print(f"modiff-bench: '{args.command}' is not yet available (issue #{issue}: {text})", file=sys.stderr)
         return 2
-    handler = {"models": cmd_models, "sample": cmd_sample, "quality": cmd_quality,
-               "train-tiny": cmd_train_tiny}[args.command]
+    handler = {"models": cmd_models, "sample": cmd_sample, "quality": cmd_quality, "train-tiny": cmd_train_tiny,
+               "run": cmd_run, "presets": cmd_presets, "methods": cmd_methods}[args.command]
     try:
         return handler(args)
     except BenchError as exc:

@@ -114,15 +114,18 @@ def sample(
     device: torch.device | str = "cpu",
     progress: bool = True,
     on_trajectory_start: Callable[[], None] | None = None,
+    leave: bool = True,
 ) -> torch.Tensor:
-    """Sample ``len(seeds)`` images in batches; returns them on the CPU in seed order."""
+    """Sample ``len(seeds)`` images in batches; returns them on the CPU in seed order.
+    ``leave=False`` clears the progress bar when done (for bars nested in an outer one)."""
     if batch_size < 1:
         raise BenchError(f"batch size must be >= 1, got {batch_size}")
     seeds = list(seeds)
     config.timesteps(schedule)  # validate before any work
     out = []
     batches = [seeds[i: i + batch_size] for i in range(0, len(seeds), batch_size)]
-    for chunk in tqdm(batches, desc=f"{config.name} {config.steps} steps", unit="batch", disable=not progress):
+    for chunk in tqdm(batches, desc=f"{config.name} {config.steps} steps", unit="batch", disable=not progress,
+                      leave=leave):
         out.append(
             sample_batch(denoiser, schedule, config, chunk, image_shape, device, progress, on_trajectory_start).cpu()
         )

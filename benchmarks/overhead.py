@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.measure import peak_rss_bytes, reset_peak_rss
 
 CONFIGS = ("fp", "off", "ec")
 
@@ -77,28 +77,10 @@ def _memory_worker(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_peak_rss()  # imports and loading spike above what sampling needs; start the count here
+        reset_peak_rss()  # imports and loading spike above what sampling needs; start the count here
     _timed_run(unet, model, args.steps, args.batch, args.device)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     return {"peak_bytes": peak, "state_bytes": modiff.state_bytes(unet)}  # state after a full trajectory
-
-
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux: the peak then covers the whole process
-
-
-def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _steps(args, model_name: str) -> int:

@@ -1,0 +1,308 @@
+"""Matrix files: a declared grid of cells, loaded from TOML (a shipped preset or a path).
+
+    [run]                     # settings shared by every cell
+    model = "digits"
+    sampler = "ddim-quad"
+    steps = 100
+    eta = 0.0
+    n_samples = 64
+    seed = 0                  # image i of every cell uses seed SEED + i
+    batch_size = 64
+    metrics = ["psnr_to_fp", "fd_domain", "is_domain"]
+    [matrix]                  # the cartesian product of these lists is the set of cells
+    w_bits = [8]
+    a_bits = [8, 4, 3]
+    base = ["lcq"]
+    a_granularity = ["auto"]  # auto: the base quantizer's own
+    modulation = ["off", "plain", "ec"]
+    cache = ["none"]
+    [params.lcq]              # optional, per method (see 'modiff-bench methods')
+    warmup = true
+    [inception]               # optional: offline Inception weights for fid / is / sfid / prc
+    weights = "/path/to/weights-inception-2015-12-05-6726825d.pth"
+
+``model``, ``sampler``, ``steps`` and ``eta`` may be lists in ``[matrix]`` instead of scalars in
+``[run]``. Values that are invalid on their own (an unknown method, a bit width out of range) are
+rejected before anything runs. Combinations that are invalid only together (modulation at 32-bit
+activations, a granularity that contradicts the base quantizer, 0-bit activations without
+modulation) are skipped, each with its reason, and recorded in ``run.json``. Cells that resolve to
+the same settings (every bit width of the ``fp`` base) are run once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from modiff.config import GRANULARITIES, MODULATIONS, check_bits
+
+from .errors import BenchError
+from .methods import AUTO, CellSpec, base_quantizer, cache_method, import_plugins, methods
+from .metrics import check_metrics
+from .samplers import SAMPLER_NAMES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RUN_DEFAULTS: dict[str, Any] = {
+    "description": "", "model": "digits", "checkpoint": "", "sampler": "ddim-quad", "steps": 100, "eta": 0.0,
+    "n_samples": 64, "seed": 0, "batch_size": 64, "metrics": ["psnr_to_fp"], "imports": [],
+}
+AXES: tuple[str, ...] = ("model", "sampler", "steps", "eta", "w_bits", "a_bits", "base", "a_granularity",
+                         "modulation", "cache")
+AXIS_DEFAULTS: dict[str, list] = {"w_bits": [8], "a_bits": [8], "base": ["lcq"], "a_granularity": [AUTO],
+                                  "modulation": ["off"], "cache": ["none"]}
+INCEPTION_KEYS = {"weights": str, "pytorch_fid_weights": str, "cache_dir": str, "batch_size": int, "download": bool}
+SECTIONS = ("run", "matrix", "params", "inception")
+PRESET_PACKAGE = "bench.presets"
+
+
+def presets() -> dict[str, str]:
+    """Shipped preset names -> their one-line description."""
+    out = {}
+    for entry in sorted(resources.files(PRESET_PACKAGE).iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            data = tomllib.loads(entry.read_text())
+            out[entry.name[:-5]] = str(data.get("run", {}).get("description", ""))
+    return out
+
+
+def load_config(name_or_path: str) -> tuple[dict, str, Path | None]:
+    """Raw TOML of a preset name or a file path; returns (data, source, folder for relative imports)."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise BenchError(f"matrix file {name_or_path!r} not found")
+        text, source, folder = path.read_text(), str(path), path.resolve().parent
+    else:
+        entry = resources.files(PRESET_PACKAGE) / f"{name_or_path}.toml"
+        if not entry.is_file():
+            raise BenchError(f"unknown preset {name_or_path!r}; available: {', '.join(presets())} "
+                             "(or give a path to a .toml file)")
+        text, source, folder = entry.read_text(), f"preset:{name_or_path}", None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"malformed TOML in {source}: {exc}") from None
+    return data, source, folder
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: a string
+
+
+def apply_overrides(data: dict, assignments: list[str]) -> dict:
+    """``--set key=value``: ``run.steps=50``, ``matrix.a_bits=[4,3]``, ``params.lcq.warmup=false``,
+    or a bare key (``steps=50``), looked up in [matrix] then [run]. Values are TOML."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise BenchError(f"--set expects KEY=VALUE, got {assignment!r}")
+        value = _parse_value(text.strip())
+        path = key.split(".")
+        if len(path) == 1:
+            section = "matrix" if key in data.get("matrix", {}) or (key in AXES and key not in RUN_DEFAULTS) else "run"
+            if section == "run" and key not in RUN_DEFAULTS:
+                raise BenchError(f"--set {key}: unknown key; use run.KEY, matrix.KEY, params.METHOD.KEY or "
+                                 "inception.KEY")
+            path = [section, key]
+        if path[0] not in SECTIONS:
+            raise BenchError(f"--set {key}: unknown section {path[0]!r}; sections: {', '.join(SECTIONS)}")
+        if path[0] == "run" and path[-1] in AXES and path[-1] in data.get("matrix", {}):
+            data["matrix"].pop(path[-1])  # a scalar in [run] replaces the axis
+        if path[0] == "matrix" and path[-1] in data.get("run", {}):
+            data["run"].pop(path[-1])
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise BenchError(f"--set {key}: {part!r} is not a table")
+        node[path[-1]] = value
+    return data
+
+
+@dataclass
+class Matrix:
+    """A validated, expanded matrix: the cells to run and the ones skipped, with reasons."""
+
+    source: str
+    run: dict[str, Any]
+    axes: dict[str, list]
+    params: dict[str, dict[str, Any]]
+    inception: dict[str, Any]
+    cells: list[CellSpec]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.run["metrics"])
+
+    @property
+    def matrix_hash(self) -> str:
+        return hashlib.sha256("\n".join(sorted(cell_id(c) for c in self.cells)).encode()).hexdigest()[:16]
+
+    def resolved(self) -> dict[str, Any]:
+        return {"source": self.source, "run": self.run, "matrix": self.axes, "params": self.params,
+                "inception": self.inception}
+
+
+def cell_id(cell: CellSpec) -> str:
+    """Stable id: a hash of every resolved setting the samples depend on."""
+    payload = json.dumps(asdict(cell), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _type_name(expected) -> str:
+    return expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+
+
+def _check_type(where: str, value: Any, expected) -> None:
+    if isinstance(value, bool) and expected in (int, float, (int, float)):
+        raise BenchError(f"{where} must be {_type_name(expected)}, got {value!r}")
+    if not isinstance(value, expected):
+        raise BenchError(f"{where} must be {_type_name(expected)}, got {value!r}")
+
+
+RUN_TYPES: dict[str, Any] = {
+    "description": str, "model": str, "checkpoint": str, "sampler": str, "steps": int, "eta": (int, float),
+    "n_samples": int, "seed": int, "batch_size": int, "metrics": list, "imports": list,
+}
+AXIS_TYPES: dict[str, Any] = {"model": str, "sampler": str, "steps": int, "eta": (int, float), "w_bits": int,
+                              "a_bits": int, "base": str, "a_granularity": str, "modulation": str, "cache": str}
+
+
+def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = None) -> Matrix:
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise BenchError(f"{source}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    raw_run, raw_axes = dict(data.get("run", {})), dict(data.get("matrix", {}))
+    for key in raw_run:
+        if key not in RUN_DEFAULTS:
+            raise BenchError(f"{source}: unknown key run.{key}; allowed: {', '.join(RUN_DEFAULTS)}")
+    for key in raw_axes:
+        if key not in AXES:
+            raise BenchError(f"{source}: unknown key matrix.{key}; allowed: {', '.join(AXES)}")
+    both = sorted(set(raw_run) & set(raw_axes))
+    if both:
+        raise BenchError(f"{source}: {', '.join(both)} given in both [run] and [matrix]; keep one")
+
+    run = {**RUN_DEFAULTS, **raw_run}
+    for key, value in run.items():
+        _check_type(f"run.{key}", value, RUN_TYPES[key])
+    for key in ("metrics", "imports"):
+        for item in run[key]:
+            _check_type(f"run.{key} item", item, str)
+    import_plugins(run["imports"], base_dir)
+
+    axes: dict[str, list] = {}
+    for key in AXES:
+        if key in raw_axes:
+            values = raw_axes[key] if isinstance(raw_axes[key], list) else [raw_axes[key]]
+        elif key in AXIS_DEFAULTS:
+            values = list(AXIS_DEFAULTS[key])
+        else:
+            values = [run[key]]
+        if not values:
+            raise BenchError(f"{source}: the matrix is empty (matrix.{key} = [])")
+        for value in values:
+            _check_type(f"matrix.{key} value", value, AXIS_TYPES[key])
+        axes[key] = list(dict.fromkeys(values))
+    for key in ("model", "sampler", "steps", "eta"):
+        run.pop(key)
+    _validate_axes(axes)
+    for key in ("n_samples", "batch_size"):
+        if run[key] < 1:
+            raise BenchError(f"run.{key} must be >= 1, got {run[key]}")
+    if run["seed"] < 0:
+        raise BenchError(f"run.seed must be >= 0, got {run['seed']}")
+    if not run["metrics"]:
+        raise BenchError("run.metrics is empty; name at least one metric")
+    for model in axes["model"]:
+        check_metrics(run["metrics"], model)
+
+    params = data.get("params", {})
+    _check_type("[params]", params, dict)
+    registered = methods()
+    for name, values in params.items():
+        if name not in registered:
+            raise BenchError(f"[params.{name}]: unknown method; available: {', '.join(registered)}")
+        _check_type(f"[params.{name}]", values, dict)
+    inception = data.get("inception", {})
+    _check_type("[inception]", inception, dict)
+    for key, value in inception.items():
+        if key not in INCEPTION_KEYS:
+            raise BenchError(f"unknown key inception.{key}; allowed: {', '.join(INCEPTION_KEYS)}")
+        _check_type(f"inception.{key}", value, INCEPTION_KEYS[key])
+
+    cells, skipped, seen = [], [], set()
+    for combo in itertools.product(*(axes[k] for k in AXES)):
+        values = dict(zip(AXES, combo, strict=True))
+        cell = CellSpec(checkpoint=run["checkpoint"] or None, n_samples=run["n_samples"], seed=run["seed"],
+                        batch_size=run["batch_size"], eta=float(values.pop("eta")), **values)
+        base = base_quantizer(cell.base, params.get(cell.base))
+        cache = cache_method(cell.cache, params)
+        reason = base.resolve(cell) or (cache.resolve(cell) if cache else None)
+        if reason:
+            skipped.append({**dict(zip(AXES, combo, strict=True)), "reason": reason})
+            continue
+        used = [(cell.base, base)] + ([(cache.name, cache)] if cache else [])
+        cell.params = {name: dict(method.params) for name, method in used if method.params}
+        key = cell_id(cell)
+        if key not in seen:
+            seen.add(key)
+            cells.append(cell)
+    if not cells:
+        reasons = sorted({s["reason"] for s in skipped})
+        raise BenchError(f"{source}: the matrix is empty: every combination is invalid ({'; '.join(reasons)})")
+    return Matrix(source, run, axes, params, inception, cells, skipped)
+
+
+def _validate_axes(axes: dict[str, list]) -> None:
+    from .zoo import MODELS
+
+    for model in axes["model"]:
+        if model not in MODELS:
+            raise BenchError(f"unknown model {model!r}; available: {', '.join(sorted(MODELS))}")
+    for sampler in axes["sampler"]:
+        if sampler not in SAMPLER_NAMES:
+            raise BenchError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLER_NAMES)}")
+    for steps in axes["steps"]:
+        if steps < 1:
+            raise BenchError(f"steps must be >= 1, got {steps}")
+    for eta in axes["eta"]:
+        if not 0.0 <= eta <= 1.0:
+            raise BenchError(f"eta must be in [0, 1], got {eta}")
+    for name, allow_zero in (("w_bits", False), ("a_bits", True)):
+        for bits in axes[name]:
+            try:
+                check_bits(name, bits, allow_zero=allow_zero)
+            except ValueError as exc:
+                raise BenchError(str(exc)) from None
+    for value in axes["a_granularity"]:
+        if value != AUTO and value not in GRANULARITIES:
+            raise BenchError(f"unknown a_granularity {value!r}; available: auto, {', '.join(GRANULARITIES)}")
+    for value in axes["modulation"]:
+        if value not in MODULATIONS:
+            raise BenchError(f"unknown modulation {value!r}; available: {', '.join(MODULATIONS)}")
+    for value in axes["base"]:
+        base_quantizer(value)
+    for value in axes["cache"]:
+        cache_method(value)
+
+
+def load_matrix(name_or_path: str, overrides: list[str] | None = None) -> Matrix:
+    data, source, folder = load_config(name_or_path)
+    return build_matrix(apply_overrides(data, overrides or []), source, folder)

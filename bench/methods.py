@@ -1,0 +1,326 @@
+"""The method registry: base quantizers and caching schemes that compose into one sampled model.
+
+A cell of a matrix names a base quantizer (``fp``, ``ltq``, ``lcq``, ``psq``, ``dynamic``, and the
+baselines as they land), a modulation (``off`` | ``plain`` | ``ec``) and a cache (``none``, ...).
+The base quantizer builds the denoiser for the cell's bit widths and modulation; the cache scheme
+then wraps what the base built. A new method is one module:
+
+    from bench.methods import DynamicQuantizer, register_method
+
+    @register_method("lcq-sym")
+    class SymmetricLCQ(DynamicQuantizer):
+        '''LCQ with a symmetric (zero-point-free) activation grid.'''
+        granularity = "channel"
+        def modiff_options(self):
+            return {**super().modiff_options(), "symmetric": True}
+
+Matrix files load such modules with ``[run] imports = ["my_module"]`` (a module name or a .py
+path); ``modiff-bench methods --import my_module`` lists them.
+
+Each method may declare ``PARAMS`` (name -> default); a matrix sets them in ``[params.<name>]``
+and they become part of the cell's identity.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+import modiff
+from modiff.config import GRANULARITIES, NOT_QUANTIZED
+
+from .errors import BenchError
+from .samplers import Denoiser, SamplerConfig
+from .zoo import ZooModel
+
+AUTO = "auto"  # a_granularity: the base quantizer's own (or channel for the generic one)
+NONE = "none"  # a_granularity of unquantized activations; the empty cache
+
+
+@dataclass
+class CellSpec:
+    """The resolved settings of one cell: everything its samples depend on."""
+
+    model: str
+    checkpoint: str | None
+    sampler: str
+    steps: int
+    eta: float
+    n_samples: int
+    seed: int
+    batch_size: int
+    base: str
+    modulation: str
+    cache: str
+    w_bits: int
+    a_bits: int
+    a_granularity: str
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> its parameters
+
+    @property
+    def method(self) -> str:
+        """Display name: base, then modulation and cache when they are used (``lcq+ec``)."""
+        parts = [self.base]
+        if self.modulation != "off":
+            parts.append(self.modulation)
+        if self.cache != NONE:
+            parts.append(self.cache)
+        return "+".join(parts)
+
+    @property
+    def seeds(self) -> range:
+        return range(self.seed, self.seed + self.n_samples)
+
+
+@dataclass
+class BuildContext:
+    """What a method may use to build its denoiser. ``model`` is full precision and shared by all
+    cells: copy before modifying (``fp_unet_copy``)."""
+
+    model: ZooModel
+    cell: CellSpec
+    sampler: SamplerConfig
+    device: torch.device
+    progress: bool = False
+
+    def fp_unet_copy(self) -> nn.Module:
+        return copy.deepcopy(self.model.unet)
+
+
+@dataclass
+class Prepared:
+    """A built method: the UNet to sample with, an optional wrapper of its denoiser (e.g. a noise
+    correction), callbacks run once per batch before the first step, and facts to record."""
+
+    unet: nn.Module
+    wrap: Callable[[Denoiser], Denoiser] | None = None
+    on_trajectory_start: list[Callable[[], None]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Common part of base quantizers and cache schemes."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    PARAMS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: dict[str, Any] | None = None):
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.PARAMS))
+        if unknown:
+            known = ", ".join(sorted(self.PARAMS)) or "none"
+            raise BenchError(f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))} (known: {known})")
+        self.params = {**self.PARAMS, **params}
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class BaseQuantizer(Method):
+    """Builds the (fake-)quantized denoiser of a cell."""
+
+    kind: ClassVar[str] = "base"
+    granularity: ClassVar[str | None] = None  # the activation granularity the method is defined with
+
+    def resolve(self, cell: CellSpec) -> str | None:
+        """Normalise ``cell`` in place; return why the combination is invalid, or None."""
+        if cell.a_granularity == AUTO:
+            cell.a_granularity = self.granularity or "channel"
+        elif self.granularity and cell.a_granularity != self.granularity:
+            return (f"{self.name} quantizes activations {self.granularity}-wise by definition; "
+                    f"a_granularity={cell.a_granularity} contradicts it")
+        if cell.a_granularity not in GRANULARITIES:
+            return f"a_granularity={cell.a_granularity} is not one of {', '.join(GRANULARITIES)}"
+        if cell.modulation != "off" and cell.a_bits == NOT_QUANTIZED:
+            return "modulation at 32-bit activations is the identity (same samples as modulation=off)"
+        if cell.modulation == "off" and cell.a_bits == 0:
+            return "a_bits=0 means 'reuse the cached output' and needs modulation plain or ec"
+        return None
+
+    def build(self, ctx: BuildContext) -> Prepared:
+        raise NotImplementedError
+
+
+class CacheMethod(Method):
+    """Wraps a built method so that some steps reuse cached features. Matrix values are the
+    registered name alone or followed by ``-<argument>`` (``deepcache-u3``)."""
+
+    kind: ClassVar[str] = "cache"
+
+    def __init__(self, value: str, params: dict[str, Any] | None = None):
+        super().__init__(params)
+        self.value = value
+        self.argument = value[len(self.name) + 1:] if value != self.name else ""
+
+    def resolve(self, cell: CellSpec) -> str | None:
+        return None
+
+    def apply(self, ctx: BuildContext, prepared: Prepared) -> Prepared:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a ``BaseQuantizer`` or ``CacheMethod`` subclass available by ``name``
+    in matrix files and ``modiff-bench methods``."""
+    if not name or not all(ch.isalnum() or ch in "_." for ch in name.replace("-", "_")):
+        raise ValueError(f"method names are letters, digits, '-', '_' and '.'; got {name!r}")
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, (BaseQuantizer, CacheMethod))):
+            raise TypeError(f"@register_method({name!r}) decorates a BaseQuantizer or CacheMethod subclass")
+        existing = REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+# Modules that register the built-in methods; imported on first use of the registry.
+BUILTIN_MODULES = ("bench.methods", "baselines")
+
+
+def _load_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def import_plugins(specs: list[str] | tuple[str, ...], base_dir: Path | None = None) -> None:
+    """Import user modules that register methods: dotted module names or paths to .py files
+    (relative paths are taken from ``base_dir``, the matrix file's folder, then the cwd)."""
+    for spec in specs:
+        if spec.endswith(".py") or "/" in spec or "\\" in spec:
+            path = Path(spec).expanduser()
+            candidates = [path] if path.is_absolute() else [p for p in ((base_dir or Path.cwd()) / path, path)]
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
+                raise BenchError(f"cannot import {spec!r}: no such file")
+            name = f"modiff_bench_plugin_{found.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, found)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as exc:
+                sys.modules.pop(name, None)
+                raise BenchError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from None
+        else:
+            try:
+                importlib.import_module(spec)
+            except ImportError as exc:
+                raise BenchError(f"cannot import module {spec!r}: {exc}") from None
+
+
+def methods(kind: str | None = None) -> dict[str, type[Method]]:
+    _load_builtins()
+    return {n: c for n, c in sorted(REGISTRY.items()) if kind is None or c.kind == kind}
+
+
+def base_quantizer(name: str, params: dict[str, Any] | None = None) -> BaseQuantizer:
+    available = methods("base")
+    if name not in available:
+        raise BenchError(f"unknown base quantizer {name!r}; available: {', '.join(available)} "
+                         "(see 'modiff-bench methods')")
+    return available[name](params)
+
+
+def cache_method(value: str, params_by_method: dict[str, dict[str, Any]] | None = None) -> CacheMethod | None:
+    """The cache scheme named by a matrix value; None for ``none``."""
+    if value == NONE:
+        return None
+    available = methods("cache")
+    for name, cls in available.items():
+        if value == name or value.startswith(name + "-"):
+            return cls(value, (params_by_method or {}).get(name))
+    names = ", ".join(["none", *available]) if available else "none"
+    raise BenchError(f"unknown cache {value!r}; available: {names} (see 'modiff-bench methods')")
+
+
+def build(ctx: BuildContext) -> Prepared:
+    """Build a cell's denoiser: its base quantizer, then its cache scheme."""
+    cell = ctx.cell
+    prepared = base_quantizer(cell.base, cell.params.get(cell.base)).build(ctx)
+    cache = cache_method(cell.cache, cell.params)
+    if cache is not None:
+        prepared = cache.apply(ctx, prepared)
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in base quantizers
+# --------------------------------------------------------------------------------------------
+@register_method("fp")
+class FullPrecision(BaseQuantizer):
+    """The full-precision model: 32-bit weights and activations, nothing wrapped."""
+
+    def resolve(self, cell: CellSpec) -> str | None:
+        cell.w_bits = cell.a_bits = NOT_QUANTIZED
+        cell.modulation, cell.a_granularity = "off", NONE
+        return None
+
+    def build(self, ctx: BuildContext) -> Prepared:
+        return Prepared(unet=ctx.model.unet)
+
+
+@register_method("dynamic")
+class DynamicQuantizer(BaseQuantizer):
+    """Min-max fake quantization with dynamic activation scales at any a_granularity (auto: channel)."""
+
+    PARAMS: ClassVar[dict[str, Any]] = {
+        "symmetric": False, "warmup": True, "weight_method": "minmax", "residual_tolerance": None,
+    }
+
+    def modiff_options(self) -> dict[str, Any]:
+        """Extra ``ModiffConfig`` fields; subclasses override this to vary the quantizer."""
+        return dict(self.params)
+
+    def config(self, cell: CellSpec) -> modiff.ModiffConfig:
+        try:
+            return modiff.ModiffConfig(w_bits=cell.w_bits, a_bits=cell.a_bits, modulation=cell.modulation,
+                                       granularity=cell.a_granularity, **self.modiff_options())
+        except (TypeError, ValueError) as exc:
+            raise BenchError(f"{self.name}: {exc}") from None
+
+    def build(self, ctx: BuildContext) -> Prepared:
+        config = self.config(ctx.cell)
+        unet = modiff.quantize(ctx.fp_unet_copy(), config)
+        return Prepared(unet=unet, on_trajectory_start=[lambda: modiff.reset(unet)],
+                        info={"quantized_layers": len(modiff.quant_layers(unet))})
+
+
+@register_method("ltq")
+class LTQ(DynamicQuantizer):
+    """Layer(tensor)-wise dynamic activation scales: one per layer input for the whole batch (paper's LTQ)."""
+
+    granularity = "tensor"
+
+
+@register_method("lcq")
+class LCQ(DynamicQuantizer):
+    """Channel-wise dynamic activation scales over batch and space (paper's LCQ)."""
+
+    granularity = "channel"
+
+
+@register_method("psq")
+class PSQ(DynamicQuantizer):
+    """Per-sample dynamic activation scales: each image's result is independent of its batch."""
+
+    granularity = "sample"
