@@ -239,13 +239,15 @@ def _weights_file(explicit: str | None, url: str, library: str, option: str,
         path = Path(explicit).expanduser()
         if path.is_file():
             return path, None
-        return None, f"{library} Inception weights not found: InceptionSettings.{option}={explicit} is not a file"
+        return None, (f"{library} Inception weights not found: {explicit} is not a file "
+                      f"([inception] {option} / InceptionSettings.{option})")
     path = _hub_file(url)
     if path.is_file():
         return path, None
     if not download:
         return None, (f"{library} Inception weights not found: looked in {path} (torch hub cache, $TORCH_HOME); "
-                      f"pass InceptionSettings({option}='/path/to/{path.name}') or allow download=True")
+                      f"set [inception] {option} = '/path/to/{path.name}' in the matrix "
+                      f"(InceptionSettings.{option}) or allow download")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(path), progress=False)

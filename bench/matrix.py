@@ -246,6 +246,8 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
         if key not in INCEPTION_KEYS:
             raise BenchError(f"unknown key inception.{key}; allowed: {', '.join(INCEPTION_KEYS)}")
         _check_type(f"inception.{key}", value, INCEPTION_KEYS[key])
+        if key in ("weights", "pytorch_fid_weights") and not Path(value).expanduser().is_file():
+            raise BenchError(f"inception.{key}: {value} is not a file")
 
     cells, skipped, seen = [], [], set()
     for combo in itertools.product(*(axes[k] for k in AXES)):

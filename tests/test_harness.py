@@ -109,6 +109,7 @@ def test_overrides_and_axes_given_as_run_scalars():
     (["run", "smoke", "--set", "bogus=1"], "unknown key"),
     (["run", "smoke", "--device", "tpu"], "device"),
     (["methods", "--import", "no_such_module_xyz"], "cannot import module"),
+    (["run", "smoke", "--set", "inception.weights='/nonexistent/w.pth'"], "is not a file"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, match, capsys, tmp_path):
     out = tmp_path / "out"

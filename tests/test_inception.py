@@ -23,6 +23,7 @@ formulas), so every Inception pass is shared through module-scoped fixtures.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import socket
 import urllib.request
@@ -220,8 +221,9 @@ def test_missing_weights_give_reasons_not_exceptions(tmp_path, monkeypatch):
     assert attempts == [] and reference.calls == 0
     assert values == dict.fromkeys(COLUMNS) and set(missing) == set(COLUMNS)
     for column, reason in missing.items():
-        assert str(tmp_path / "torch-home") in reason and "download=True" in reason, column
-    assert "weights=" in missing["fid"] and "pytorch_fid_weights=" in missing["fid_pytorch_fid"]
+        assert str(tmp_path / "torch-home") in reason and "allow download" in reason, column
+    assert "[inception] weights" in missing["fid"]
+    assert "[inception] pytorch_fid_weights" in missing["fid_pytorch_fid"]
 
 
 def test_download_only_when_allowed_into_the_libraries_cache(tmp_path, monkeypatch):
@@ -259,3 +261,30 @@ def test_requested_metrics_decide_the_columns_and_unknown_names_fail():
                           InceptionSettings())
     assert set(METRIC_COLUMNS) == {"fid", "is", "sfid", "prc"}
     assert [c for cols in METRIC_COLUMNS.values() for c in cols] == list(COLUMNS)
+
+
+def test_the_harness_passes_matrix_inception_settings_through(weights, tmp_path, monkeypatch):
+    """`[inception] weights` of a matrix file reaches the metrics; rows get numbers, offline."""
+    import pandas as pd
+
+    import bench.metrics
+    from bench.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    reference = _Counted(_strokes(N, 16, seed=2))
+    monkeypatch.setattr(bench.metrics, "inception_reference", lambda model: ReferenceSet("strokes16", reference))
+    config = tmp_path / "m.toml"
+    config.write_text(
+        '[run]\nsteps = 3\nn_samples = 12\nbatch_size = 12\nmetrics = ["psnr_to_fp", "fid", "is", "sfid"]\n'
+        '[matrix]\nbase = ["lcq"]\na_bits = [6]\nmodulation = ["off", "ec"]\n'
+        f'[inception]\nweights = "{weights}"\ncache_dir = "{tmp_path / "c"}"\n')
+    with _no_network() as attempts:
+        assert main(["run", str(config), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert attempts == [] and reference.calls == 1  # reference statistics computed once, then cached
+    table = pd.read_csv(tmp_path / "o" / "results.csv")
+    for column in ("fid", "is_mean", "is_std", "sfid"):
+        assert table[column].notna().all() and (table[column] >= 0).all(), column
+    assert table.precision.isna().all()  # not requested
+    # pytorch-fid's file was not given and is not in the (empty) torch hub cache: missing, with the reason
+    assert table.fid_pytorch_fid.isna().all()
+    assert all("pytorch_fid_weights" in json.loads(m)["fid_pytorch_fid"] for m in table.missing_metrics)
