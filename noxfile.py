@@ -2,7 +2,9 @@
 pinned torch stack is ~6 GB, too big to build once per session. It is (re)built only when
 pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
 
-    nox -s demo          # the 'digits' matrix on the embedded model (resumable), write runs/demo/
+    nox -s demo          # the 'digits' matrix on the embedded model (resumable) + its report, runs/demo/
+    nox -s report        # report.html / report.md from run directories ('-- DIR ...')
+    nox -s report-check  # render report.html in headless Chromium, fail on console errors / broken images
     nox -s tests         # the full test suite (what CI runs)
     nox -s lint          # ruff
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
@@ -82,7 +84,30 @@ def demo(session: nox.Session) -> None:
     env = _shared_env(session)
     _run(session, env, "modiff-bench", "sample", "--n", "64", "--out", "runs/demo/grid", "--no-progress")
     _run(session, env, "modiff-bench", "run", "digits", "--out", "runs/demo", *session.posargs)
-    session.log("results: runs/demo/results.{csv,parquet,md}   sample grid: runs/demo/grid/samples.png")
+    _run(session, env, "modiff-bench", "report", "runs/demo")
+    session.log("report: runs/demo/report.html (and report.md)   results: runs/demo/results.{csv,parquet}")
+
+
+@nox.session(venv_backend="none")
+def report(session: nox.Session) -> None:
+    """Tables, figures, report.html and report.md for run directories ('-- DIR [DIR ...] [--out OUT]').
+
+    Default: runs/demo."""
+    env = _shared_env(session)
+    _run(session, env, "modiff-bench", "report", *(session.posargs or ["runs/demo"]))
+
+
+@nox.session(name="report-check", venv_backend="none")
+def report_check(session: nox.Session) -> None:
+    """Render a report.html in headless Chromium: screenshot, fail on console errors or broken images.
+
+    Needs Debian's chromium (apt-get install chromium); skipped without it. Default: runs/demo/report.html."""
+    import shutil as _shutil
+
+    env = _shared_env(session)
+    if not any(_shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        session.skip("Debian's chromium is not installed (apt-get install chromium)")
+    _run(session, env, "python", "-m", "reports.check", *(session.posargs or ["runs/demo/report.html"]))
 
 
 @nox.session(name="train-tiny", venv_backend="none")

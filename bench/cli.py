@@ -14,10 +14,6 @@ from pathlib import Path
 
 from .errors import BenchError
 
-NOT_YET = {
-    "report": ("render paper-style tables and plots from a results directory", 5),
-}
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -116,9 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="also import this module or .py file that registers methods (repeatable)")
 
-    for name, (text, issue) in NOT_YET.items():
-        sub.add_parser(name, help=f"{text} (not yet available)",
-                       description=f"Not yet available: {text}. Tracked in issue #{issue}.")
+    p = sub.add_parser(
+        "report", help="render paper-style tables and figures from run directories (HTML + Markdown)",
+        description="Write report.html (self-contained) and report.md with figures/ from the results of one or "
+                    "more run directories: the paper's Table 1 layout, the error-compensation, warm-up, memory, "
+                    "caching and wall-clock tables, plots, and the papers' published numbers beside matching "
+                    "settings. Several directories are merged (refused if the same cell was measured twice on one "
+                    "device, or cells differ only in hidden settings).")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories written by 'modiff-bench run'")
+    p.add_argument("--out", default=None, help="where to write the report (default: the run directory; required "
+                                               "with several)")
+
     return parser
 
 
@@ -293,16 +297,20 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from reports.render import build_report
+
+    html, md = build_report(args.dirs, args.out)
+    print(f"report: {html}\n        {md}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.command in NOT_YET:
-        text, issue = NOT_YET[args.command]
-        print(f"modiff-bench: '{args.command}' is not yet available (issue #{issue}: {text})", file=sys.stderr)
-        return 2
     handler = {"models": cmd_models, "sample": cmd_sample, "quality": cmd_quality, "train-tiny": cmd_train_tiny,
-               "run": cmd_run, "presets": cmd_presets, "methods": cmd_methods}[args.command]
+               "run": cmd_run, "presets": cmd_presets, "methods": cmd_methods, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except BenchError as exc:

@@ -54,7 +54,8 @@ else:  # pragma: no cover
 
 RUN_DEFAULTS: dict[str, Any] = {
     "description": "", "model": "digits", "checkpoint": "", "sampler": "ddim-quad", "steps": 100, "eta": 0.0,
-    "n_samples": 64, "seed": 0, "batch_size": 64, "metrics": ["psnr_to_fp"], "imports": [],
+    "n_samples": 64, "seed": 0, "batch_size": 64, "metrics": ["psnr_to_fp"], "imports": [], "trace_layer": "",
+    "trace_samples": 16,
 }
 AXES: tuple[str, ...] = ("model", "sampler", "steps", "eta", "w_bits", "a_bits", "base", "a_granularity",
                          "modulation", "cache")
@@ -178,7 +179,8 @@ def _check_type(where: str, value: Any, expected) -> None:
 
 RUN_TYPES: dict[str, Any] = {
     "description": str, "model": str, "checkpoint": str, "sampler": str, "steps": int, "eta": (int, float),
-    "n_samples": int, "seed": int, "batch_size": int, "metrics": list, "imports": list,
+    "n_samples": int, "seed": int, "batch_size": int, "metrics": list, "imports": list, "trace_layer": str,
+    "trace_samples": int,
 }
 AXIS_TYPES: dict[str, Any] = {"model": str, "sampler": str, "steps": int, "eta": (int, float), "w_bits": int,
                               "a_bits": int, "base": str, "a_granularity": str, "modulation": str, "cache": str}
@@ -223,7 +225,7 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     for key in ("model", "sampler", "steps", "eta"):
         run.pop(key)
     _validate_axes(axes)
-    for key in ("n_samples", "batch_size"):
+    for key in ("n_samples", "batch_size", "trace_samples"):
         if run[key] < 1:
             raise BenchError(f"run.{key} must be >= 1, got {run[key]}")
     if run["seed"] < 0:

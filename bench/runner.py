@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 import modiff
+from modiff.layers import QUANTIZABLE, QuantLayer
 
 from .errors import BenchError
 from .matrix import Matrix, cell_id
@@ -45,6 +46,7 @@ from .methods import BuildContext, CellSpec, Prepared, build
 from .metrics import METRICS, MetricInputs, compute_metrics
 from .provenance import git_revision, package_versions, provenance, write_atomic, write_json_atomic
 from .samplers import SamplerConfig, sample
+from .schedules import step_pairs
 from .zoo import ZooModel, load_model, resolve_device
 from .zoo.digits import unet_denoiser
 
@@ -54,7 +56,7 @@ METRIC_COLUMNS = tuple(c for m in METRICS.values() for c in m.columns)
 COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "peak_mem_mb",
                 "peak_rss_mb", "cuda_peak_mb")
 PROVENANCE_COLUMNS = ("device", "torch_version", "git_rev", "modiff_bench_version", "started_utc", "finished_utc",
-                      "samples_file", "params", "missing_metrics", "versions")
+                      "samples_file", "trace_file", "params", "missing_metrics", "versions")
 RESULT_COLUMNS = ("cell_id", "status", "error", *SETTING_COLUMNS, *METRIC_COLUMNS, *COST_COLUMNS,
                   *PROVENANCE_COLUMNS)
 JSON_COLUMNS = ("params", "missing_metrics", "versions")
@@ -142,9 +144,13 @@ class Runner:
                 f"{len(previous.get('cells', []))} cells); use another --out, or --force to replace them")
 
     def _load_models(self) -> None:
+        layer = self.matrix.run.get("trace_layer")
         for cell in self.matrix.cells:
             if cell.model not in self._models:
                 self._models[cell.model] = load_model(cell.model, cell.checkpoint, str(self.device))
+                names = dict(self._models[cell.model].unet.named_modules())
+                if layer and not isinstance(names.get(layer), QUANTIZABLE):
+                    raise BenchError(f"run.trace_layer {layer!r} is not a conv/linear layer of model {cell.model!r}")
             SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta).timesteps(self._models[cell.model].schedule)
 
     @contextmanager
@@ -246,6 +252,10 @@ class Runner:
                 record = self._sample(prepared, model, cell, sampler)
                 write_atomic(directory / "samples.pt", lambda tmp: torch.save(
                     {"images": record.images, "seeds": record.seeds, "cell_id": key}, tmp))
+                trace = self._trace(prepared, model, cell, sampler)
+                if trace is not None:
+                    write_json_atomic(directory / "trace.json", trace)
+                    row["trace_file"] = str((directory / "trace.json").relative_to(self.out))
                 row["samples_file"] = str((directory / "samples.pt").relative_to(self.out))
             row.update(self._costs(cell, model, record))
             values, missing = self._metrics(cell, record.images)
@@ -311,6 +321,35 @@ class Runner:
             raise FloatingPointError(f"samples contain NaN/Inf ({bad} of {len(images)} images)")
         return SampleRecord(images.to(torch.float16), seeds, m.seconds, m.peak_rss_bytes, m.cuda_peak_bytes,
                             modiff.state_bytes(prepared.unet))
+
+    def _trace(self, prepared: Prepared, model: ZooModel, cell: CellSpec, sampler: SamplerConfig) -> dict | None:
+        """Paper Fig. 3: per step, the relative L2 error of one layer's output against the same
+        layer (same, possibly quantized, weights) with float activations on the same input, over
+        an untimed pass on the first ``trace_samples`` seeds. It isolates the activation error
+        that modulation and error compensation act on."""
+        name = self.matrix.run.get("trace_layer")
+        layer = dict(prepared.unet.named_modules()).get(name) if name else None
+        if not isinstance(layer, QuantLayer):
+            return None
+        errors: list[float] = []
+
+        def hook(module, inputs, output):
+            reference = module.linear(inputs[0], bias=True)
+            errors.append(float((output - reference).norm() / reference.norm().clamp_min(1e-12)))
+
+        denoiser = unet_denoiser(prepared.unet)
+        if prepared.wrap is not None:
+            denoiser = prepared.wrap(denoiser)
+        seeds = list(cell.seeds)[: self.matrix.run["trace_samples"]]
+        handle = layer.register_forward_hook(hook)
+        try:
+            sample(denoiser, model.schedule, sampler, seeds, model.image_shape, len(seeds), self.device,
+                   progress=False, on_trajectory_start=lambda: [c() for c in prepared.on_trajectory_start])
+        finally:
+            handle.remove()
+        timesteps = [t for t, _ in step_pairs(sampler.timesteps(model.schedule))]
+        return {"layer": name, "timesteps": timesteps, "rel_l2": errors, "seeds": [seeds[0], seeds[-1]],
+                "reference": "same layer, float activations, same input"}
 
     def _costs(self, cell: CellSpec, model: ZooModel, record: SampleRecord) -> dict:
         from modiff.accounting import count_macs, gbops_honest, gbops_paper

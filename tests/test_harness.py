@@ -301,3 +301,19 @@ def test_sigkill_mid_run_then_rerun_finishes_without_recomputing(tmp_path):
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 9 and table.cell_id.is_unique and (table.status == "ok").all()
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_layer_trace_shows_error_compensation_damping(tmp_path):
+    """Paper Fig. 3 data: per-step relative error of one layer; MoDiff ends lower than plain modulation."""
+    data = _smoke(trace_layer="mid_block.resnets.0.conv1", trace_samples=4, steps=10)
+    data["matrix"].update(modulation=["off", "plain", "ec"], a_bits=[4])
+    _run(build_matrix(data), tmp_path)
+    table = pd.read_csv(tmp_path / "results.csv").set_index("method")
+    assert pd.isna(table.loc["fp", "trace_file"])  # nothing quantized, nothing to trace
+    traces = {m: json.loads((tmp_path / table.loc[m, "trace_file"]).read_text()) for m in ("lcq", "lcq+plain",
+                                                                                          "lcq+ec")}
+    for trace in traces.values():
+        assert trace["layer"] == "mid_block.resnets.0.conv1" and len(trace["rel_l2"]) == len(trace["timesteps"]) == 10
+    assert traces["lcq+ec"]["rel_l2"][0] == traces["lcq+plain"]["rel_l2"][0] == 0.0  # full-precision warm-up step
+    assert traces["lcq"]["rel_l2"][0] > 0
+    assert traces["lcq+ec"]["rel_l2"][-1] < traces["lcq+plain"]["rel_l2"][-1]

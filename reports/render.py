@@ -1,0 +1,183 @@
+"""``modiff-bench report DIR [DIR ...]``: tables, figures, ``report.html`` and ``report.md``.
+
+Everything comes from the run directories' results tables, ``run.json`` and the files the
+cells saved (samples, traces); nothing is sampled here. Several directories are merged into one
+report, e.g. a new method's run next to the baselines' run, or a CPU run next to a GPU run.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import BenchError
+from bench.provenance import package_versions, write_atomic
+
+from .tables import MODULATION_LABELS, Table, all_tables
+
+# The settings a reader sees in a report; cells alike in these but with different ids differ in
+# something hidden (the checkpoint) and must not be merged.
+VISIBLE = ["model", "sampler", "steps", "eta", "n_samples", "seed", "batch_size", "base", "modulation", "cache",
+           "w_bits", "a_bits", "a_granularity", "params", "device"]
+
+
+@dataclass
+class Run:
+    directory: Path
+    label: str
+    info: dict
+    frame: pd.DataFrame
+
+
+def load_run(directory: str | Path) -> Run:
+    directory = Path(directory)
+    results = directory / "results.parquet"
+    if not results.is_file():
+        raise BenchError(f"{directory} is not a run directory (no results.parquet; run 'modiff-bench run' first)")
+    try:
+        info = json.loads((directory / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read {directory / 'run.json'}: {exc}") from None
+    frame = pd.read_parquet(results)
+    frame["run_dir"] = str(directory)
+    return Run(directory, directory.name or str(directory), info, frame)
+
+
+def merge(runs: list[Run]) -> pd.DataFrame:
+    """One table from several runs. The same cell measured twice on one device is refused, and so
+    are cells that look the same but differ in hidden settings."""
+    frame = pd.concat([r.frame for r in runs], ignore_index=True)
+    twice = frame[frame.duplicated(["cell_id", "device"], keep=False)]
+    if len(runs) > 1 and not twice.empty:
+        cell = twice.iloc[0]
+        dirs = ", ".join(sorted(set(twice[twice.cell_id == cell.cell_id].run_dir)))
+        raise BenchError(f"cell {cell.cell_id} ({cell.method} W{cell.w_bits}A{cell.a_bits}) was measured on "
+                         f"{cell.device} in more than one run ({dirs}); merge runs of different cells or devices")
+    visible = frame[VISIBLE].astype(str).agg("|".join, axis=1)
+    ids = frame.groupby(visible).cell_id.nunique()
+    if (ids > 1).any():
+        key = ids[ids > 1].index[0]
+        rows = frame[visible == key]
+        raise BenchError(f"{rows.iloc[0].method} W{rows.iloc[0].w_bits}A{rows.iloc[0].a_bits} appears in "
+                         f"{', '.join(sorted(set(rows.run_dir)))} with the same visible settings but different hidden "
+                         "ones (checkpoint); they cannot share a table")
+    return frame
+
+
+def _meta(run: Run) -> list[tuple[str, str]]:
+    frame, info = run.frame, run.info
+    prov = info.get("provenance", {})
+    versions = prov.get("versions", {})
+    revisions = sorted(set(frame.git_rev.dropna()))
+    seeds = sorted({(int(s), int(s) + int(n) - 1) for s, n in zip(frame.seed, frame.n_samples, strict=True)})
+    status = frame.status.value_counts().to_dict()
+    return [
+        ("matrix", f"{info.get('source', '?')} (hash {info.get('matrix_hash', '?')})"),
+        ("cells", ", ".join(f"{n} {s}" for s, n in status.items()) + f"; {len(info.get('skipped', []))} "
+         "invalid combinations skipped"),
+        ("model", ", ".join(sorted(set(frame.model)))),
+        ("sampler / steps / eta", ", ".join(sorted({f"{a} / {b} / {c}" for a, b, c in
+                                                    zip(frame.sampler, frame.steps, frame.eta, strict=True)}))),
+        ("samples per cell / seeds", ", ".join(f"{b - a + 1} / {a}-{b}" for a, b in seeds)),
+        ("batch size", ", ".join(sorted({str(int(b)) for b in frame.batch_size}))),
+        ("device", ", ".join(sorted(set(frame.device))) + (f" — {prov['device']}" if prov.get("device") else "")),
+        ("git revision", ", ".join(revisions) or "unknown"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)),
+        ("started", info.get("invocations", [{}])[0].get("started_utc", "?")),
+    ]
+
+
+def _notes(runs: list[Run], frame: pd.DataFrame) -> list[str]:
+    notes = []
+    reasons: dict[tuple[str, str], int] = {}
+    for missing in frame.missing_metrics.dropna():
+        for column, reason in json.loads(missing).items():
+            reasons[column, reason] = reasons.get((column, reason), 0) + 1
+    for (column, reason), count in sorted(reasons.items()):
+        notes.append(f"{column} not computed for {count} cell(s): {reason}")
+    for _, cell in frame[frame.status != "ok"].iterrows():
+        notes.append(f"cell {cell.cell_id} ({cell.method} W{cell.w_bits}A{cell.a_bits}) failed: {cell.error}")
+    for run in runs:
+        for skip in run.info.get("skipped", []):
+            notes.append(f"{run.label}: skipped {skip.get('base')} {skip.get('modulation')} "
+                         f"W{skip.get('w_bits')}A{skip.get('a_bits')}: {skip.get('reason')}")
+        if frame[frame.run_dir == str(run.directory)].git_rev.nunique() > 1:
+            notes.append(f"{run.label}: cells were measured at different git revisions (the run was resumed "
+                         "after a code change); each row records its own")
+    measured = [m for m in ("fid", "fd_domain", "psnr_to_fp") if m in frame and frame[m].notna().any()]
+    if not measured:
+        notes.append("no quality metric was measured: the tables show costs only")
+    return notes
+
+
+def _traces(frame: pd.DataFrame) -> dict[str, dict]:
+    """Fig. 3 data: the traces of one base and bit setting, with every modulation the run has."""
+    rows = frame[frame.trace_file.notna() & (frame.status == "ok")] if "trace_file" in frame else frame.iloc[:0]
+    if rows.empty:
+        return {}
+    quantized = rows[rows.a_bits < 32]
+    bits = sorted(set(quantized.a_bits)) if not quantized.empty else []
+    a_bits = 4 if 4 in bits else (bits[len(bits) // 2] if bits else None)
+    chosen = rows[(rows.a_bits == a_bits) & (rows.w_bits == rows.w_bits.max())] if a_bits else rows
+    base = "lcq" if (chosen.base == "lcq").any() else chosen.base.iloc[0]
+    out = {}
+    for _, cell in chosen[chosen.base == base].iterrows():
+        data = json.loads((Path(cell.run_dir) / cell.trace_file).read_text())
+        out[f"{base.upper()} W{cell.w_bits}A{cell.a_bits} {MODULATION_LABELS[cell.modulation]}"] = data
+    return out
+
+
+def build_report(directories: list[str | Path], out: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` (+ ``figures/``) into ``out``
+    (default: the only run directory). Returns their paths."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from .plots import all_figures
+
+    if not directories:
+        raise BenchError("name at least one run directory")
+    runs = [load_run(d) for d in directories]
+    if out is None:
+        if len(runs) > 1:
+            raise BenchError("several run directories: say where the merged report goes with --out")
+        out = runs[0].directory
+    out = Path(out)
+    frame = merge(runs)
+    tables: list[Table] = all_tables(frame)
+    figures_dir = out / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures = all_figures(frame, {str(r.directory): r.directory for r in runs}, figures_dir, _traces(frame))
+    notes = _notes(runs, frame)
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    title = "MoDiff benchmark report: " + ", ".join(r.label for r in runs)
+    env = Environment(loader=PackageLoader("reports", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(
+        title=title, created=created, version=package_versions()["modiff-bench"],
+        runs=[{"label": r.label, "meta": _meta(r)} for r in runs], notes=notes, tables=tables,
+        figures=[{"name": f.name, "title": f.title, "caption": f.caption, "svg_name": Path(f.svg).name,
+                  "data": base64.b64encode(Path(f.png).read_bytes()).decode()} for f in figures])
+    html_path, md_path = out / "report.html", out / "report.md"
+    write_atomic(html_path, lambda tmp: tmp.write_text(html))
+    write_atomic(md_path, lambda tmp: tmp.write_text(_markdown(title, created, runs, notes, tables, figures, out)))
+    return html_path, md_path
+
+
+def _markdown(title, created, runs, notes, tables, figures, out: Path) -> str:
+    lines = [f"# {title}", "", f"Generated {created}. Numbers labelled \"(paper)\" are the papers' published values; "
+             "all others were measured by the run(s) below.", ""]
+    for run in runs:
+        lines += [f"## Run: {run.label}", ""] + [f"- **{k}**: {v}" for k, v in _meta(run)] + [""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    for table in tables:
+        lines += [f"## {table.title}", "", table.caption, "", table.to_markdown(), ""]
+    if figures:
+        lines += ["## Figures", ""]
+        for f in figures:
+            lines += [f"![{f.title}]({Path(f.png).relative_to(out)})", "", f"*{f.title}.* {f.caption}", ""]
+    return "\n".join(lines)

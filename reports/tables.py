@@ -1,0 +1,337 @@
+"""Paper-style tables from a results table (``bench.runner``'s one row per cell).
+
+Each builder returns a :class:`Table` of formatted strings, or None when the run holds nothing
+for it. Values never measured render as an em dash, never as 0 or NaN. Published numbers
+(``reports/data/*.csv``, copied from the papers) appear in their own columns labelled
+"(paper)", and only where the run's setting matches the paper's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+import pandas as pd
+
+MISSING = "—"
+METRIC_LABELS = {
+    "fid": ("FID", "lower"), "sfid": ("sFID", "lower"), "is_mean": ("IS", "higher"),
+    "fd_domain": ("FD (domain)", "lower"), "is_domain": ("IS (domain)", "higher"),
+    "psnr_to_fp": ("PSNR to FP (dB)", "higher"), "mse_to_fp": ("MSE to FP", "lower"),
+    "precision": ("precision", "higher"), "recall": ("recall", "higher"),
+}
+QUALITY_ORDER = ("fid", "sfid", "is_mean", "fd_domain", "is_domain", "psnr_to_fp")
+MODULATION_LABELS = {"off": "alone", "plain": "+ plain mod.", "ec": "+ MoDiff"}
+# zoo model name -> (dataset, model) in the papers' tables; the paper-scale zoo (issue #7) uses these names
+PAPER_MODELS = {
+    "ddpm-cifar10": ("cifar10", "ddpm-cifar10"),
+    "ldm-lsun-church": ("lsun-church", "ldm-8"),
+    "ldm-lsun-bedroom": ("lsun-bedroom", "ldm-4"),
+}
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    caption: str
+    columns: list[tuple[str, str]]  # (group, label); group "" for row headers
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def groups(self) -> list[tuple[str, int]]:
+        """Consecutive column groups and their spans, for a two-level header."""
+        out: list[tuple[str, int]] = []
+        for group, _ in self.columns:
+            if out and out[-1][0] == group:
+                out[-1] = (group, out[-1][1] + 1)
+            else:
+                out.append((group, 1))
+        return out
+
+    def to_markdown(self) -> str:
+        header = [f"{g} {c}".strip() for g, c in self.columns]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def fmt(value, digits: int = 2) -> str:
+    """A table cell: em dash for missing, fixed decimals for ordinary values."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    if isinstance(value, int | bool):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.{min(digits, 1)}f}"
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}"
+
+
+def quality_metrics(frame: pd.DataFrame) -> list[str]:
+    """The quality columns the run measured, in the papers' order."""
+    return [m for m in QUALITY_ORDER if m in frame and frame[m].notna().any()]
+
+
+def ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame.status == "ok"]
+
+
+def bits_label(w: int, a: int) -> str:
+    return f"W{w}A{a}" if (w, a) != (32, 32) else "FP (W32A32)"
+
+
+def _ordered_bits(frame: pd.DataFrame) -> list[tuple[int, int]]:
+    pairs = {(int(w), int(a)) for w, a in zip(frame.w_bits, frame.a_bits, strict=True)}
+    return sorted(pairs, key=lambda p: (-(p == (32, 32)), -p[0], -p[1]))
+
+
+def _bases(frame: pd.DataFrame) -> list[str]:
+    return [b for b in dict.fromkeys(frame.base) if b != "fp"]
+
+
+# --------------------------------------------------------------------------------------------
+# published numbers
+# --------------------------------------------------------------------------------------------
+@cache
+def paper_data(name: str) -> pd.DataFrame:
+    with resources.files("reports.data").joinpath(name).open() as f:
+        return pd.read_csv(f, comment="#")
+
+
+def paper_table1_value(model: str, sampler: str, steps: int, w: int, a: int, base: str, modulation: str,
+                       metric: str) -> float | None:
+    """MoDiff Table 1/2/3/14 number for exactly this setting, or None."""
+    if model not in PAPER_MODELS or metric not in ("fid", "sfid", "is_mean"):
+        return None
+    dataset, paper_model = PAPER_MODELS[model]
+    for name in ("paper_cifar10_ddim100.csv", "paper_lsun_ldm.csv"):
+        data = paper_data(name)
+        if metric not in data:
+            continue
+        sel = data[(data.dataset == dataset) & (data.model == paper_model) & (data.w_bits == w) & (data.a_bits == a)
+                   & (data.base == ("fp-act" if base == "fp" else base)) & (data.modulation == modulation)]
+        if "steps" in data:
+            sel = sel[(sel.steps == steps) & (sel.sampler == sampler)]
+        else:
+            sel = sel[sel.sampler == sampler.split("-")[0]]
+        values = sel[metric].dropna()
+        if len(values):
+            return float(values.iloc[0])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+def _setting_groups(frame: pd.DataFrame):
+    keys = ["model", "sampler", "steps"]
+    for values, group in frame.groupby(keys, sort=False):
+        yield dict(zip(keys, values, strict=True)), group
+
+
+def _value(group: pd.DataFrame, metric: str, **match) -> float | None:
+    sel = group
+    for key, value in match.items():
+        sel = sel[sel[key] == value]
+    values = sel[metric].dropna() if metric in sel else []
+    return float(values.iloc[0]) if len(values) else None
+
+
+def table1(frame: pd.DataFrame) -> list[Table]:
+    """Paper Table 1: rows = W/A bits with GBops; column groups = base x {alone, + MoDiff}."""
+    frame = ok_rows(frame)
+    frame = frame[frame.cache == "none"]
+    metrics = quality_metrics(frame)
+    tables = []
+    for setting, group in _setting_groups(frame):
+        bases = _bases(group)
+        if not bases or not metrics:
+            continue
+        variants = [m for m in ("off", "ec") if (group.modulation == m).any()]
+        columns = [("", "W/A"), ("", "GBops")]
+        paper_cols: set[tuple[str, str, str]] = set()
+        for base in bases:
+            for mod in variants:
+                for metric in metrics:
+                    columns.append((f"{base.upper()} {MODULATION_LABELS[mod]}", METRIC_LABELS[metric][0]))
+                    if any(paper_table1_value(setting["model"], setting["sampler"], setting["steps"], w, a, base, mod,
+                                              metric) is not None for w, a in _ordered_bits(group)):
+                        paper_cols.add((base, mod, metric))
+                        columns.append((f"{base.upper()} {MODULATION_LABELS[mod]}",
+                                        f"{METRIC_LABELS[metric][0]} (paper)"))
+        rows = []
+        for w, a in _ordered_bits(group):
+            cells = group[(group.w_bits == w) & (group.a_bits == a)]
+            row = [bits_label(w, a), fmt(cells.gbops.dropna().iloc[0] if cells.gbops.notna().any() else None)]
+            for base in bases:
+                for mod in variants:
+                    for metric in metrics:
+                        if (w, a) == (32, 32):
+                            value = _value(cells, metric, base="fp") if mod == "off" else None
+                        else:
+                            value = _value(cells, metric, base=base, modulation=mod)
+                        row.append(fmt(value))
+                        if (base, mod, metric) in paper_cols:
+                            row.append(fmt(paper_table1_value(setting["model"], setting["sampler"],
+                                                              setting["steps"], w, a, base, mod, metric)))
+            rows.append(row)
+        arrows = ", ".join(f"{METRIC_LABELS[m][0]} {'↓' if METRIC_LABELS[m][1] == 'lower' else '↑'}" for m in metrics)
+        tables.append(Table(
+            name=f"table1-{setting['model']}-{setting['sampler']}-{setting['steps']}",
+            title=f"Quantization results: {setting['model']}, {setting['sampler']} {setting['steps']} steps",
+            caption=f"Paper Table 1 layout. GBops per image per step, paper convention. {arrows}. "
+                    "The FP row is the unquantized model, shown under each base's 'alone' columns.",
+            columns=columns, rows=rows))
+    return tables
+
+
+def ablation_ec(frame: pd.DataFrame) -> list[Table]:
+    """Paper Table 4: PTQ vs modulation without / with error compensation."""
+    frame = ok_rows(frame)
+    frame = frame[(frame.cache == "none") & (frame.base != "fp")]
+    metrics = quality_metrics(frame)
+    if frame.empty or not metrics or frame.modulation.nunique() < 2:
+        return []
+    metric = metrics[0]
+    tables = []
+    for setting, group in _setting_groups(frame):
+        mods = [m for m in ("off", "plain", "ec") if (group.modulation == m).any()]
+        columns = [("", "base"), ("", "W/A")] + [(METRIC_LABELS[metric][0], MODULATION_LABELS[m]) for m in mods]
+        rows = []
+        for base in _bases(group):
+            for w, a in _ordered_bits(group[group.base == base]):
+                rows.append([base.upper(), bits_label(w, a)] + [
+                    fmt(_value(group, metric, base=base, modulation=m, w_bits=w, a_bits=a)) for m in mods])
+        tables.append(Table(
+            name=f"ablation-ec-{setting['model']}-{setting['steps']}",
+            title=f"Error compensation ablation: {setting['model']}, {setting['sampler']} {setting['steps']} steps",
+            caption=f"Paper Table 4 layout: {METRIC_LABELS[metric][0]} "
+                    f"({METRIC_LABELS[metric][1]} is better) of plain PTQ, modulation against the true previous "
+                    "input (no compensation) and MoDiff (error-compensated).",
+            columns=columns, rows=rows))
+    return tables
+
+
+def _param(params: str | None, key: str):
+    try:
+        decoded = json.loads(params) if isinstance(params, str) else {}
+    except ValueError:
+        return None
+    for values in decoded.values():
+        if key in values:
+            return values[key]
+    return None
+
+
+def warmup_table(frame: pd.DataFrame) -> list[Table]:
+    """Paper Table 18: the same cells with and without the full-precision warm-up step."""
+    frame = ok_rows(frame)
+    frame = frame[frame.base != "fp"].copy()
+    if frame.empty or "params" not in frame:
+        return []
+    frame["warmup"] = [_param(p, "warmup") for p in frame.params]
+    if not ((frame.warmup == False).any() and (frame.warmup == True).any()):  # noqa: E712 (object column)
+        return []
+    metrics = quality_metrics(frame)
+    if not metrics:
+        return []
+    metric = metrics[0]
+    rows = []
+    for (base, mod, w, a), group in frame.groupby(["base", "modulation", "w_bits", "a_bits"], sort=False):
+        rows.append([base.upper(), MODULATION_LABELS[mod], bits_label(int(w), int(a)),
+                     fmt(_value(group, metric, warmup=True)), fmt(_value(group, metric, warmup=False))])
+    return [Table("warmup", "Warm-up ablation", f"Paper Table 18 layout: {METRIC_LABELS[metric][0]} with the first "
+                  "step in full precision (warm-up on) or quantized (off).",
+                  [("", "base"), ("", "variant"), ("", "W/A"), (METRIC_LABELS[metric][0], "warm-up on"),
+                   (METRIC_LABELS[metric][0], "warm-up off")], rows)]
+
+
+def memory_table(frame: pd.DataFrame) -> list[Table]:
+    """Paper Table 6: MoDiff's state memory and compute per batch, one row per method and batch size.
+
+    Fake quantization keeps float32 tensors, so memory does not depend on the bit width: each row
+    shows the method at its widest quantized setting (W8A8 in the paper's table) and FP."""
+    frame = ok_rows(frame)
+    frame = frame[frame.cache == "none"]
+    if frame.empty:
+        return []
+    rows = []
+    for (method, bs), group in frame.groupby(["method", "batch_size"], sort=False):
+        cell = group.sort_values(["w_bits", "a_bits"], ascending=False).iloc[0]
+        gbops_batch = cell.gbops * bs if pd.notna(cell.gbops) else None
+        rows.append([method, bits_label(int(cell.w_bits), int(cell.a_bits)), str(int(bs)), fmt(cell.state_mb, 1),
+                     fmt(cell.peak_mem_mb, 0), fmt(gbops_batch, 1), str(cell.device)])
+    return [Table("memory", "Memory and compute per batch",
+                  "Paper Table 6 layout, one row per method and batch size at its widest bit setting (memory does "
+                  "not depend on the bit width in fake quantization). State: MoDiff's kept reconstructions and "
+                  "outputs at the end of a batch. Peak: CUDA max allocated on a GPU, else the process's peak RSS "
+                  "during sampling (includes the libraries). GBops per denoising step for the whole batch, paper "
+                  "convention.",
+                  [("", "method"), ("", "W/A"), ("", "batch"), ("", "state MB"), ("", "peak MB"),
+                   ("", "GBops / step"), ("", "device")], rows)]
+
+
+def cache_table(frame: pd.DataFrame) -> list[Table]:
+    """DeepCache Table 2 layout: cache interval vs MACs, speed-up and quality."""
+    frame = ok_rows(frame)
+    cached = frame[frame.cache != "none"]
+    if cached.empty:
+        return []
+    metrics = quality_metrics(frame)
+    metric = metrics[0] if metrics else None
+    keys = ["model", "sampler", "steps", "base", "modulation", "w_bits", "a_bits", "device"]
+    rows = []
+    for _, cell in cached.iterrows():
+        base = frame[(frame.cache == "none")]
+        for key in keys:
+            base = base[base[key] == cell[key]]
+        speedup = cell.img_per_s / base.img_per_s.iloc[0] if len(base) and base.img_per_s.iloc[0] else None
+        rows.append([cell.method, bits_label(int(cell.w_bits), int(cell.a_bits)), fmt(cell.macs_g, 2),
+                     fmt(speedup), fmt(cell[metric]) if metric else MISSING])
+    label = METRIC_LABELS[metric][0] if metric else "quality"
+    return [Table("caching", "Caching: speed-up and quality",
+                  "DeepCache Table 2 layout: MACs per image per step, speed-up against the same method without "
+                  "caching on the same device, and quality.",
+                  [("", "method"), ("", "W/A"), ("", "MACs (G)"), ("", "speed-up"), ("", label)], rows)]
+
+
+def wallclock_table(frame: pd.DataFrame) -> list[Table]:
+    """Images per second and the ratio to full precision measured in the same run and device,
+    one row per method (mean over its bit settings, with the range)."""
+    frame = ok_rows(frame)
+    if frame.empty:
+        return []
+    rows = []
+    for (device, model, sampler, steps), group in frame.groupby(["device", "model", "sampler", "steps"], sort=False):
+        fp = group[(group.base == "fp") & (group.cache == "none")]
+        fp_rate = float(fp.img_per_s.iloc[0]) if len(fp) else None
+        for method, cells in group.groupby("method", sort=False):
+            rate = cells.img_per_s
+            ratio = rate / fp_rate if fp_rate else None
+            rows.append([str(device), f"{model} {sampler} {steps}", method, str(len(cells)), fmt(rate.mean(), 1),
+                         f"{fmt(rate.min(), 1)}–{fmt(rate.max(), 1)}",
+                         fmt(ratio.mean()) if ratio is not None else MISSING])
+    return [Table("wallclock", "Wall-clock",
+                  "Sampling throughput (warm-up excluded; CUDA synchronised on a GPU), averaged over each method's "
+                  "bit settings, and its ratio to full precision on the same device. Fake quantization computes in "
+                  "float32, so a ratio below 1 is the simulation's overhead, not the speed of integer kernels.",
+                  [("", "device"), ("", "setting"), ("", "method"), ("", "cells"), ("", "images/s"),
+                   ("", "range"), ("", "x FP")], rows)]
+
+
+def all_tables(frame: pd.DataFrame) -> list[Table]:
+    out: list[Table] = []
+    for builder in (table1, ablation_ec, warmup_table, memory_table, cache_table, wallclock_table):
+        out.extend(builder(frame))
+    return out

@@ -1,0 +1,97 @@
+"""Report tables on small synthetic results tables, and merging runs."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from bench.errors import BenchError
+from reports.render import Run, merge
+from reports.tables import MISSING, ablation_ec, cache_table, fmt, paper_table1_value, table1, wallclock_table
+
+
+def _row(base, modulation, w, a, model="digits", **extra):
+    row = {"cell_id": f"{model}-{base}-{modulation}-{w}-{a}", "status": "ok", "error": "", "model": model,
+           "checkpoint": None, "sampler": "ddim-quad", "steps": 100, "eta": 0.0, "n_samples": 64, "seed": 0,
+           "batch_size": 64, "base": base, "modulation": modulation, "cache": "none", "w_bits": w, "a_bits": a,
+           "a_granularity": "channel", "fd_domain": float(w + a), "fid": float("nan"), "sfid": float("nan"),
+           "is_mean": float("nan"), "gbops": 6.05 * w * a, "macs_g": 6.05, "img_per_s": 100.0 / (1 + (a < 32)),
+           "wall_s": 1.0, "state_mb": 0.0, "peak_mem_mb": 10.0, "device": "cpu", "params": "{}",
+           "missing_metrics": "{}", "git_rev": "abc"}
+    row["method"] = base + ("" if modulation == "off" else f"+{modulation}")
+    row.update(extra)
+    return row
+
+
+def _frame(rows):
+    return pd.DataFrame(rows)
+
+
+def test_table1_layout_rows_columns_and_missing_cells():
+    frame = _frame([_row("fp", "off", 32, 32), _row("lcq", "off", 8, 8), _row("lcq", "ec", 8, 8),
+                    _row("lcq", "off", 8, 4), _row("ltq", "off", 8, 4),
+                    _row("ltq", "ec", 8, 4, fd_domain=float("nan"))])
+    (table,) = table1(frame)
+    labels = [f"{g}|{c}" for g, c in table.columns]
+    assert labels == ["|W/A", "|GBops", "LCQ alone|FD (domain)", "LCQ + MoDiff|FD (domain)",
+                      "LTQ alone|FD (domain)", "LTQ + MoDiff|FD (domain)"]
+    rows = {r[0]: r for r in table.rows}
+    assert list(rows) == ["FP (W32A32)", "W8A8", "W8A4"]
+    assert rows["FP (W32A32)"][2] == "64.00" and rows["FP (W32A32)"][3] == MISSING
+    assert rows["W8A8"][2:4] == ["16.00", "16.00"] and rows["W8A8"][4:] == [MISSING, MISSING]  # ltq not run at A8
+    assert rows["W8A4"][5] == MISSING  # measured as NaN: a dash, never 'nan' or 0
+    assert rows["W8A4"][1] == fmt(6.05 * 32)
+    assert not any("paper" in c for _, c in table.columns)  # digits matches no paper setting
+    assert all("nan" not in cell.lower() for row in table.rows for cell in row)
+
+
+def test_paper_columns_appear_only_for_matching_settings():
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "lcq", "ec", "fid") is not None
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 50, 8, 4, "lcq", "ec", "fid") is None  # steps differ
+    assert paper_table1_value("ddpm-cifar10", "ddim-uniform", 100, 8, 4, "lcq", "ec", "fid") is None
+    assert paper_table1_value("digits", "ddim-quad", 100, 8, 4, "lcq", "ec", "fid") is None
+    rows = [_row("fp", "off", 32, 32, model="ddpm-cifar10", fid=4.3), _row("lcq", "off", 8, 4, model="ddpm-cifar10",
+            fid=30.0), _row("lcq", "ec", 8, 4, model="ddpm-cifar10", fid=5.0)]
+    (table,) = table1(_frame(rows))
+    header = [f"{g}|{c}" for g, c in table.columns]
+    assert "LCQ + MoDiff|FID (paper)" in header and "LCQ alone|FID (paper)" in header
+    row = {r[0]: r for r in table.rows}["W8A4"]
+    paper = fmt(paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "lcq", "ec", "fid"))
+    assert row[header.index("LCQ + MoDiff|FID (paper)")] == paper
+    assert row[header.index("LCQ + MoDiff|FID")] == "5.00"
+
+
+def test_ablation_and_wallclock_tables():
+    frame = _frame([_row("fp", "off", 32, 32), *[_row("lcq", m, 8, 3) for m in ("off", "plain", "ec")]])
+    (ablation,) = ablation_ec(frame)
+    assert [c for _, c in ablation.columns] == ["base", "W/A", "alone", "+ plain mod.", "+ MoDiff"]
+    (wall,) = wallclock_table(frame)
+    ratios = {r[2]: r[6] for r in wall.rows}
+    assert ratios["fp"] == "1.00" and ratios["lcq+ec"] == "0.50"
+    assert cache_table(frame) == []  # no cached cells: no table
+
+
+def test_fmt_never_prints_nan_or_zero_for_missing():
+    assert fmt(float("nan")) == fmt(None) == MISSING
+    assert fmt(float("inf")) == "∞" and fmt(1006841.4) == "1,006,841" and fmt(0.0003) == "3.00e-04"
+
+
+def _run(rows, name):
+    frame = _frame(rows)
+    frame["run_dir"] = name
+    return Run(directory=name, label=name, info={}, frame=frame)
+
+
+def test_merge_refuses_duplicates_and_hidden_differences():
+    a = _run([_row("lcq", "ec", 8, 4)], "a")
+    b = _run([_row("ltq", "ec", 8, 4)], "b")
+    assert len(merge([a, b])) == 2
+    gpu = _run([_row("lcq", "ec", 8, 4, device="cuda")], "gpu")
+    assert len(merge([a, gpu])) == 2  # the same cell on another device is a timing comparison
+    with pytest.raises(BenchError, match="more than one run"):
+        merge([a, _run([_row("lcq", "ec", 8, 4)], "again")])
+    hidden = _run([_row("lcq", "ec", 8, 4, cell_id="other-checkpoint")], "c")
+    with pytest.raises(BenchError, match="hidden"):
+        merge([a, hidden])
+    warm = _run([_row("lcq", "ec", 8, 4, cell_id="no-warmup", params=json.dumps({"lcq": {"warmup": False}}))], "w")
+    assert len(merge([a, warm])) == 2  # method parameters are visible: a warm-up ablation merges
