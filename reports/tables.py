@@ -131,6 +131,35 @@ def paper_table1_value(model: str, sampler: str, steps: int, w: int, a: int, bas
     return None
 
 
+T4_VARIANTS = {"off": "lcq", "plain": "modulated-no-ec", "ec": "modulated-ec"}  # paper Table 4, LCQ only
+
+
+def paper_ablation_value(model: str, sampler: str, steps: int, w: int, a: int, base: str, modulation: str,
+                         metric: str) -> float | None:
+    """MoDiff Table 4 (CIFAR-10, DDIM quad 100 steps, LCQ) number for exactly this setting, or None."""
+    if (PAPER_MODELS.get(model, ("",))[0] != "cifar10" or (sampler, steps) != ("ddim-quad", 100) or base != "lcq"
+            or metric != "fid"):
+        return None
+    data = paper_data("paper_ablations.csv")
+    sel = data[(data.table == "t4") & (data.w_bits == w) & (data.a_bits == a)
+               & (data.variant == T4_VARIANTS[modulation]) & (data.metric == metric)]
+    return float(sel.value.iloc[0]) if len(sel) else None
+
+
+def paper_deepcache_row(model: str, sampler: str, steps: int, cache: str, base: str) -> pd.Series | None:
+    """DeepCache Table 2 (CIFAR-10 DDPM, DDIM quad 100 steps, uniform 1:N) row for ``deepcache-u<N>``."""
+    if (PAPER_MODELS.get(model, ("",))[0] != "cifar10" or (sampler, steps) != ("ddim-quad", 100) or base != "fp"
+            or not cache.startswith("deepcache-u")):
+        return None
+    try:
+        interval = int(cache.removeprefix("deepcache-u"))
+    except ValueError:
+        return None
+    data = paper_data("deepcache_cifar10.csv")
+    sel = data[data.interval_n == interval]
+    return sel.iloc[0] if len(sel) else None
+
+
 # --------------------------------------------------------------------------------------------
 # tables
 # --------------------------------------------------------------------------------------------
@@ -207,12 +236,24 @@ def ablation_ec(frame: pd.DataFrame) -> list[Table]:
     tables = []
     for setting, group in _setting_groups(frame):
         mods = [m for m in ("off", "plain", "ec") if (group.modulation == m).any()]
-        columns = [("", "base"), ("", "W/A")] + [(METRIC_LABELS[metric][0], MODULATION_LABELS[m]) for m in mods]
+        paper = {(b, w, a, m): paper_ablation_value(setting["model"], setting["sampler"], setting["steps"], w, a, b,
+                                                    m, metric)
+                 for b in _bases(group) for w, a in _ordered_bits(group) for m in mods}
+        with_paper = any(v is not None for v in paper.values())
+        columns = [("", "base"), ("", "W/A")]
+        for m in mods:
+            columns.append((METRIC_LABELS[metric][0], MODULATION_LABELS[m]))
+            if with_paper:
+                columns.append((METRIC_LABELS[metric][0], f"{MODULATION_LABELS[m]} (paper)"))
         rows = []
         for base in _bases(group):
             for w, a in _ordered_bits(group[group.base == base]):
-                rows.append([base.upper(), bits_label(w, a)] + [
-                    fmt(_value(group, metric, base=base, modulation=m, w_bits=w, a_bits=a)) for m in mods])
+                row = [base.upper(), bits_label(w, a)]
+                for m in mods:
+                    row.append(fmt(_value(group, metric, base=base, modulation=m, w_bits=w, a_bits=a)))
+                    if with_paper:
+                        row.append(fmt(paper[base, w, a, m]))
+                rows.append(row)
         tables.append(Table(
             name=f"ablation-ec-{setting['model']}-{setting['steps']}",
             title=f"Error compensation ablation: {setting['model']}, {setting['sampler']} {setting['steps']} steps",
@@ -291,7 +332,7 @@ def cache_table(frame: pd.DataFrame) -> list[Table]:
     metrics = quality_metrics(frame)
     metric = metrics[0] if metrics else None
     keys = ["model", "sampler", "steps", "base", "modulation", "w_bits", "a_bits", "device"]
-    rows = []
+    rows, papers = [], []
     for _, cell in cached.iterrows():
         base = frame[(frame.cache == "none")]
         for key in keys:
@@ -299,11 +340,17 @@ def cache_table(frame: pd.DataFrame) -> list[Table]:
         speedup = cell.img_per_s / base.img_per_s.iloc[0] if len(base) and base.img_per_s.iloc[0] else None
         rows.append([cell.method, bits_label(int(cell.w_bits), int(cell.a_bits)), fmt(cell.macs_g, 2),
                      fmt(speedup), fmt(cell[metric]) if metric else MISSING])
+        papers.append(paper_deepcache_row(cell.model, cell.sampler, cell.steps, cell.cache, cell.base))
     label = METRIC_LABELS[metric][0] if metric else "quality"
+    columns = [("", "method"), ("", "W/A"), ("", "MACs (G)"), ("", "speed-up"), ("", label)]
+    if any(p is not None for p in papers):
+        columns += [("DeepCache (paper)", "MACs (G)"), ("DeepCache (paper)", "speed-up (paper)"),
+                    ("DeepCache (paper)", "FID (paper)")]
+        rows = [row + ([fmt(p.macs_g), fmt(p.speedup), fmt(p.fid)] if p is not None else [MISSING] * 3)
+                for row, p in zip(rows, papers, strict=True)]
     return [Table("caching", "Caching: speed-up and quality",
                   "DeepCache Table 2 layout: MACs per image per step, speed-up against the same method without "
-                  "caching on the same device, and quality.",
-                  [("", "method"), ("", "W/A"), ("", "MACs (G)"), ("", "speed-up"), ("", label)], rows)]
+                  "caching on the same device, and quality.", columns, rows)]
 
 
 def wallclock_table(frame: pd.DataFrame) -> list[Table]:

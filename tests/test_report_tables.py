@@ -95,3 +95,21 @@ def test_merge_refuses_duplicates_and_hidden_differences():
         merge([a, hidden])
     warm = _run([_row("lcq", "ec", 8, 4, cell_id="no-warmup", params=json.dumps({"lcq": {"warmup": False}}))], "w")
     assert len(merge([a, warm])) == 2  # method parameters are visible: a warm-up ablation merges
+
+
+def test_ablation_and_cache_tables_show_paper_numbers_only_where_they_match():
+    rows = [_row("lcq", m, 8, 4, model="ddpm-cifar10", fid=f) for m, f in (("off", 30.0), ("plain", 20.0),
+                                                                          ("ec", 5.0))]
+    (ablation,) = ablation_ec(_frame(rows))
+    header = [c for _, c in ablation.columns]
+    assert header[-1] == "+ MoDiff (paper)"
+    assert ablation.rows[0][header.index("+ MoDiff (paper)")] == "4.38"  # Table 4, W8A4 modulated-ec
+    (digits,) = ablation_ec(_frame([_row("lcq", m, 8, 4) for m in ("off", "ec")]))
+    assert not any("paper" in c for _, c in digits.columns)
+    cached = [_row("fp", "off", 32, 32, model="ddpm-cifar10", fid=4.2),
+              _row("fp", "off", 32, 32, model="ddpm-cifar10", fid=4.4, cache="deepcache-u3", cell_id="c3",
+                   method="fp+deepcache-u3", img_per_s=160.0)]
+    (table,) = cache_table(_frame(cached))
+    header = [c for _, c in table.columns]
+    row = table.rows[0]
+    assert row[header.index("speed-up")] == "1.60" and row[header.index("FID (paper)")] == "4.70"
