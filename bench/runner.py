@@ -304,14 +304,15 @@ class Runner:
             for callback in prepared.on_trajectory_start:
                 callback()
 
-        # untimed warm-up: one denoiser call at the batch size (allocator, kernel selection)
+        # untimed warm-up: two denoiser calls at the batch size (allocator, kernel selection, caches)
         n = min(cell.batch_size, cell.n_samples)
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((n, *model.image_shape), generator=generator).to(self.device)
         t = torch.full((n,), sampler.timesteps(model.schedule)[-1], dtype=torch.long, device=self.device)
         trajectory_start()
         with torch.no_grad():
-            denoiser(x, t)
+            for _ in range(2):
+                denoiser(x, t)
         seeds = list(cell.seeds)
         images, m = measured(lambda: sample(denoiser, model.schedule, sampler, seeds, model.image_shape,
                                             cell.batch_size, self.device, progress=self.progress,

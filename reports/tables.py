@@ -372,7 +372,9 @@ def wallclock_table(frame: pd.DataFrame) -> list[Table]:
     return [Table("wallclock", "Wall-clock",
                   "Sampling throughput (warm-up excluded; CUDA synchronised on a GPU), averaged over each method's "
                   "bit settings, and its ratio to full precision on the same device. Fake quantization computes in "
-                  "float32, so a ratio below 1 is the simulation's overhead, not the speed of integer kernels.",
+                  "float32, so a ratio below 1 is the simulation's overhead, not the speed of integer kernels. "
+                  "Each cell is timed once, in turn, so machine noise moves single ratios by 10-20% on a shared "
+                  "CPU; for overhead ratios use 'nox -s bench', which interleaves repeated timings.",
                   [("", "device"), ("", "setting"), ("", "method"), ("", "cells"), ("", "images/s"),
                    ("", "range"), ("", "x FP")], rows)]
 
