@@ -122,12 +122,14 @@ def train_tiny(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Time and memory of fake-quant and MoDiff vs full precision (runs/bench/overhead.json).
+    """Time and memory of fake-quant and MoDiff vs full precision (runs/bench/overhead.json), and
+    DeepCache's speed-ups for N = 2, 3, 5, 10 beside the paper's (runs/bench/deepcache.json).
 
-    Digits model and the CIFAR-10 architecture at batch 64; extra arguments go to
-    benchmarks/overhead.py (e.g. '-- --device cuda')."""
+    Digits model and the CIFAR-10 architecture; extra arguments go to both scripts
+    (e.g. '-- --device cuda')."""
     env = _shared_env(session)
     _run(session, env, "python", "benchmarks/overhead.py", *session.posargs)
+    _run(session, env, "python", "benchmarks/deepcache_speedup.py", *session.posargs)
 
 
 @nox.session(name="psnr-table", venv_backend="none")

@@ -22,7 +22,10 @@
     weights = "/path/to/weights-inception-2015-12-05-6726825d.pth"
 
 ``model``, ``sampler``, ``steps`` and ``eta`` may be lists in ``[matrix]`` instead of scalars in
-``[run]``. Values that are invalid on their own (an unknown method, a bit width out of range) are
+``[run]``. Several ``[[matrix]]`` blocks give the union of their products (e.g. a caching block
+next to the quantization grid); ``--set matrix.KEY=...`` then sets KEY in every block.
+
+Values that are invalid on their own (an unknown method, a bit width out of range) are
 rejected before anything runs. Combinations that are invalid only together (modulation at 32-bit
 activations, a granularity that contradicts the base quantizer, 0-bit activations without
 modulation) are skipped, each with its reason, and recorded in ``run.json``. Cells that resolve to
@@ -114,18 +117,27 @@ def apply_overrides(data: dict, assignments: list[str]) -> dict:
             raise BenchError(f"--set expects KEY=VALUE, got {assignment!r}")
         value = _parse_value(text.strip())
         path = key.split(".")
+        blocks = _blocks(data)
         if len(path) == 1:
-            section = "matrix" if key in data.get("matrix", {}) or (key in AXES and key not in RUN_DEFAULTS) else "run"
+            in_matrix = any(key in block for block in blocks)
+            section = "matrix" if in_matrix or (key in AXES and key not in RUN_DEFAULTS) else "run"
             if section == "run" and key not in RUN_DEFAULTS:
                 raise BenchError(f"--set {key}: unknown key; use run.KEY, matrix.KEY, params.METHOD.KEY or "
                                  "inception.KEY")
             path = [section, key]
         if path[0] not in SECTIONS:
             raise BenchError(f"--set {key}: unknown section {path[0]!r}; sections: {', '.join(SECTIONS)}")
-        if path[0] == "run" and path[-1] in AXES and path[-1] in data.get("matrix", {}):
-            data["matrix"].pop(path[-1])  # a scalar in [run] replaces the axis
+        if path[0] == "run" and path[-1] in AXES:
+            for block in blocks:
+                block.pop(path[-1], None)  # a scalar in [run] replaces the axis
         if path[0] == "matrix" and path[-1] in data.get("run", {}):
             data["run"].pop(path[-1])
+        if path[0] == "matrix" and isinstance(data.get("matrix"), list):
+            if len(path) != 2:
+                raise BenchError(f"--set {key}: expected matrix.KEY")
+            for block in blocks:  # every [[matrix]] block
+                block[path[1]] = value
+            continue
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -135,13 +147,19 @@ def apply_overrides(data: dict, assignments: list[str]) -> dict:
     return data
 
 
+def _blocks(data: dict) -> list[dict]:
+    """The [matrix] table, or every [[matrix]] block (cells are the union of their products)."""
+    raw = data.get("matrix", {})
+    return raw if isinstance(raw, list) else [raw]
+
+
 @dataclass
 class Matrix:
     """A validated, expanded matrix: the cells to run and the ones skipped, with reasons."""
 
     source: str
     run: dict[str, Any]
-    axes: dict[str, list]
+    axes: list[dict[str, list]]  # one product per [[matrix]] block
     params: dict[str, dict[str, Any]]
     inception: dict[str, Any]
     cells: list[CellSpec]
@@ -156,7 +174,8 @@ class Matrix:
         return hashlib.sha256("\n".join(sorted(cell_id(c) for c in self.cells)).encode()).hexdigest()[:16]
 
     def resolved(self) -> dict[str, Any]:
-        return {"source": self.source, "run": self.run, "matrix": self.axes, "params": self.params,
+        return {"source": self.source, "run": self.run,
+                "matrix": self.axes[0] if len(self.axes) == 1 else self.axes, "params": self.params,
                 "inception": self.inception}
 
 
@@ -190,16 +209,20 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise BenchError(f"{source}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
-    raw_run, raw_axes = dict(data.get("run", {})), dict(data.get("matrix", {}))
+    raw_run = dict(data.get("run", {}))
+    raw_blocks = _blocks(data)
+    if not raw_blocks or not all(isinstance(b, dict) for b in raw_blocks):
+        raise BenchError(f"{source}: [matrix] must be a table or a list of [[matrix]] tables")
     for key in raw_run:
         if key not in RUN_DEFAULTS:
             raise BenchError(f"{source}: unknown key run.{key}; allowed: {', '.join(RUN_DEFAULTS)}")
-    for key in raw_axes:
-        if key not in AXES:
-            raise BenchError(f"{source}: unknown key matrix.{key}; allowed: {', '.join(AXES)}")
-    both = sorted(set(raw_run) & set(raw_axes))
-    if both:
-        raise BenchError(f"{source}: {', '.join(both)} given in both [run] and [matrix]; keep one")
+    for raw_axes in raw_blocks:
+        for key in raw_axes:
+            if key not in AXES:
+                raise BenchError(f"{source}: unknown key matrix.{key}; allowed: {', '.join(AXES)}")
+        both = sorted(set(raw_run) & set(raw_axes))
+        if both:
+            raise BenchError(f"{source}: {', '.join(both)} given in both [run] and [matrix]; keep one")
 
     run = {**RUN_DEFAULTS, **raw_run}
     for key, value in run.items():
@@ -209,22 +232,11 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
             _check_type(f"run.{key} item", item, str)
     import_plugins(run["imports"], base_dir)
 
-    axes: dict[str, list] = {}
-    for key in AXES:
-        if key in raw_axes:
-            values = raw_axes[key] if isinstance(raw_axes[key], list) else [raw_axes[key]]
-        elif key in AXIS_DEFAULTS:
-            values = list(AXIS_DEFAULTS[key])
-        else:
-            values = [run[key]]
-        if not values:
-            raise BenchError(f"{source}: the matrix is empty (matrix.{key} = [])")
-        for value in values:
-            _check_type(f"matrix.{key} value", value, AXIS_TYPES[key])
-        axes[key] = list(dict.fromkeys(values))
+    blocks = [_block_axes(raw_axes, run, source) for raw_axes in raw_blocks]
     for key in ("model", "sampler", "steps", "eta"):
         run.pop(key)
-    _validate_axes(axes)
+    for axes in blocks:
+        _validate_axes(axes)
     for key in ("n_samples", "batch_size", "trace_samples"):
         if run[key] < 1:
             raise BenchError(f"run.{key} must be >= 1, got {run[key]}")
@@ -232,7 +244,7 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
         raise BenchError(f"run.seed must be >= 0, got {run['seed']}")
     if not run["metrics"]:
         raise BenchError("run.metrics is empty; name at least one metric")
-    for model in axes["model"]:
+    for model in {m for axes in blocks for m in axes["model"]}:
         check_metrics(run["metrics"], model)
 
     params = data.get("params", {})
@@ -252,7 +264,8 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
             raise BenchError(f"inception.{key}: {value} is not a file")
 
     cells, skipped, seen = [], [], set()
-    for combo in itertools.product(*(axes[k] for k in AXES)):
+    combos = [combo for axes in blocks for combo in itertools.product(*(axes[k] for k in AXES))]
+    for combo in combos:
         values = dict(zip(AXES, combo, strict=True))
         cell = CellSpec(checkpoint=run["checkpoint"] or None, n_samples=run["n_samples"], seed=run["seed"],
                         batch_size=run["batch_size"], eta=float(values.pop("eta")), **values)
@@ -271,7 +284,24 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     if not cells:
         reasons = sorted({s["reason"] for s in skipped})
         raise BenchError(f"{source}: the matrix is empty: every combination is invalid ({'; '.join(reasons)})")
-    return Matrix(source, run, axes, params, inception, cells, skipped)
+    return Matrix(source, run, blocks, params, inception, cells, skipped)
+
+
+def _block_axes(raw_axes: dict, run: dict, source: str) -> dict[str, list]:
+    axes: dict[str, list] = {}
+    for key in AXES:
+        if key in raw_axes:
+            values = raw_axes[key] if isinstance(raw_axes[key], list) else [raw_axes[key]]
+        elif key in AXIS_DEFAULTS:
+            values = list(AXIS_DEFAULTS[key])
+        else:
+            values = [run[key]]
+        if not values:
+            raise BenchError(f"{source}: the matrix is empty (matrix.{key} = [])")
+        for value in values:
+            _check_type(f"matrix.{key} value", value, AXIS_TYPES[key])
+        axes[key] = list(dict.fromkeys(values))
+    return axes
 
 
 def _validate_axes(axes: dict[str, list]) -> None:

@@ -105,6 +105,7 @@ class Prepared:
     wrap: Callable[[Denoiser], Denoiser] | None = None
     on_trajectory_start: list[Callable[[], None]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    mac_fraction: float = 1.0  # share of the full UNet's MACs one step runs on average (caching < 1)
 
 
 class Method:

@@ -56,10 +56,10 @@ METRIC_COLUMNS = tuple(c for m in METRICS.values() for c in m.columns)
 COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "peak_mem_mb",
                 "peak_rss_mb", "cuda_peak_mb")
 PROVENANCE_COLUMNS = ("device", "torch_version", "git_rev", "modiff_bench_version", "started_utc", "finished_utc",
-                      "samples_file", "trace_file", "params", "missing_metrics", "versions")
+                      "samples_file", "trace_file", "params", "method_info", "missing_metrics", "versions")
 RESULT_COLUMNS = ("cell_id", "status", "error", *SETTING_COLUMNS, *METRIC_COLUMNS, *COST_COLUMNS,
                   *PROVENANCE_COLUMNS)
-JSON_COLUMNS = ("params", "missing_metrics", "versions")
+JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions")
 
 
 def _now() -> str:
@@ -257,7 +257,10 @@ class Runner:
                     write_json_atomic(directory / "trace.json", trace)
                     row["trace_file"] = str((directory / "trace.json").relative_to(self.out))
                 row["samples_file"] = str((directory / "samples.pt").relative_to(self.out))
-            row.update(self._costs(cell, model, record))
+            row.update(self._costs(cell, model, record, 1.0 if cell.base == "fp" and cell.cache == "none"
+                                   else prepared.mac_fraction))
+            if cell.base != "fp" or cell.cache != "none":
+                row["method_info"] = prepared.info
             values, missing = self._metrics(cell, record.images)
             row.update(values)
             row["missing_metrics"] = missing
@@ -332,41 +335,55 @@ class Runner:
         layer = dict(prepared.unet.named_modules()).get(name) if name else None
         if not isinstance(layer, QuantLayer):
             return None
-        errors: list[float] = []
+        timesteps = [t for t, _ in step_pairs(sampler.timesteps(model.schedule))]
+        errors: list[float | None] = [None] * len(timesteps)  # None: the layer did not run (caching)
+        step = {"index": -1}
 
         def hook(module, inputs, output):
             reference = module.linear(inputs[0], bias=True)
-            errors.append(float((output - reference).norm() / reference.norm().clamp_min(1e-12)))
+            errors[step["index"]] = float((output - reference).norm() / reference.norm().clamp_min(1e-12))
 
-        denoiser = unet_denoiser(prepared.unet)
+        inner = unet_denoiser(prepared.unet)
         if prepared.wrap is not None:
-            denoiser = prepared.wrap(denoiser)
+            inner = prepared.wrap(inner)
+
+        def denoiser(x, t):
+            step["index"] += 1
+            return inner(x, t)
+
+        def start() -> None:
+            step["index"] = -1
+            for callback in prepared.on_trajectory_start:
+                callback()
+
         seeds = list(cell.seeds)[: self.matrix.run["trace_samples"]]
         handle = layer.register_forward_hook(hook)
         try:
             sample(denoiser, model.schedule, sampler, seeds, model.image_shape, len(seeds), self.device,
-                   progress=False, on_trajectory_start=lambda: [c() for c in prepared.on_trajectory_start])
+                   progress=False, on_trajectory_start=start)
         finally:
             handle.remove()
-        timesteps = [t for t, _ in step_pairs(sampler.timesteps(model.schedule))]
         return {"layer": name, "timesteps": timesteps, "rel_l2": errors, "seeds": [seeds[0], seeds[-1]],
                 "reference": "same layer, float activations, same input"}
 
-    def _costs(self, cell: CellSpec, model: ZooModel, record: SampleRecord) -> dict:
+    def _costs(self, cell: CellSpec, model: ZooModel, record: SampleRecord, mac_fraction: float = 1.0) -> dict:
+        """Wall-clock, memory and compute. ``mac_fraction`` (caching) scales the MACs and GBops of the
+        full UNet to the average step actually run."""
         from modiff.accounting import count_macs, gbops_honest, gbops_paper
 
         if cell.model not in self._macs:
             x = torch.zeros((1, *model.image_shape), device=self.device)
             self._macs[cell.model] = count_macs(model.unet, x, torch.zeros(1, dtype=torch.long, device=self.device))
         report = self._macs[cell.model]
-        out = {"macs_g": report.total_macs / 1e9, "wall_s": record.seconds,
+        out = {"macs_g": mac_fraction * report.total_macs / 1e9, "wall_s": record.seconds,
                "img_per_s": cell.n_samples / record.seconds if record.seconds > 0 else None,
                "peak_rss_mb": record.peak_rss_bytes / 2**20, "state_mb": record.state_bytes / 2**20,
                "cuda_peak_mb": None if record.cuda_peak_bytes is None else record.cuda_peak_bytes / 2**20}
         out["peak_mem_mb"] = out["cuda_peak_mb"] if out["cuda_peak_mb"] is not None else out["peak_rss_mb"]
         try:  # 0-bit activations (pure caching) have no paper convention
-            out["gbops"] = gbops_paper(report, cell.w_bits, cell.a_bits)
-            out["gbops_honest"] = gbops_honest(report, cell.w_bits, cell.a_bits, cell.steps, cell.modulation)
+            out["gbops"] = mac_fraction * gbops_paper(report, cell.w_bits, cell.a_bits)
+            out["gbops_honest"] = mac_fraction * gbops_honest(report, cell.w_bits, cell.a_bits, cell.steps,
+                                                              cell.modulation)
         except ValueError:
             out["gbops"] = out["gbops_honest"] = None
         return out

@@ -117,7 +117,9 @@ def _notes(runs: list[Run], frame: pd.DataFrame) -> list[str]:
 
 def _traces(frame: pd.DataFrame) -> dict[str, dict]:
     """Fig. 3 data: the traces of one base and bit setting, with every modulation the run has."""
-    rows = frame[frame.trace_file.notna() & (frame.status == "ok")] if "trace_file" in frame else frame.iloc[:0]
+    if "trace_file" not in frame:
+        return {}
+    rows = frame[frame.trace_file.notna() & (frame.status == "ok") & (frame.cache == "none")]
     if rows.empty:
         return {}
     quantized = rows[rows.a_bits < 32]
@@ -151,8 +153,12 @@ def build_report(directories: list[str | Path], out: str | Path | None = None) -
     tables: list[Table] = all_tables(frame)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    figures = all_figures(frame, {str(r.directory): r.directory for r in runs}, figures_dir, _traces(frame))
     notes = _notes(runs, frame)
+    try:
+        figures = all_figures(frame, {str(r.directory): r.directory for r in runs}, figures_dir, _traces(frame))
+    except (OSError, ValueError, KeyError) as exc:  # a bad trace or sample file costs the figures, not the tables
+        figures = []
+        notes.append(f"figures could not be drawn: {type(exc).__name__}: {exc}")
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     title = "MoDiff benchmark report: " + ", ".join(r.label for r in runs)
     env = Environment(loader=PackageLoader("reports", "templates"), autoescape=select_autoescape(["html", "j2"]))

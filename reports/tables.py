@@ -338,7 +338,8 @@ def cache_table(frame: pd.DataFrame) -> list[Table]:
         for key in keys:
             base = base[base[key] == cell[key]]
         speedup = cell.img_per_s / base.img_per_s.iloc[0] if len(base) and base.img_per_s.iloc[0] else None
-        rows.append([cell.method, bits_label(int(cell.w_bits), int(cell.a_bits)), fmt(cell.macs_g, 2),
+        macs = f"{cell.macs_g:.3g}" if pd.notna(cell.macs_g) else MISSING
+        rows.append([cell.method, bits_label(int(cell.w_bits), int(cell.a_bits)), macs,
                      fmt(speedup), fmt(cell[metric]) if metric else MISSING])
         papers.append(paper_deepcache_row(cell.model, cell.sampler, cell.steps, cell.cache, cell.base))
     label = METRIC_LABELS[metric][0] if metric else "quality"

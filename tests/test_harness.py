@@ -46,9 +46,12 @@ def _run(matrix, out, **kwargs):
 def test_presets_ship_and_the_digits_preset_is_the_issue_matrix():
     assert {"digits", "smoke"} <= set(presets())
     matrix = load_matrix("digits")
-    cells = matrix.cells
+    cells = [c for c in matrix.cells if c.cache == "none"]
     # FP once + {ltq, lcq} x {off, plain, ec} x W{8, 4} x A{8, 6, 4, 3, 2}
     assert len(cells) == 1 + 2 * 3 * 2 * 5 and not matrix.skipped
+    cached = sorted(c.method for c in matrix.cells if c.cache != "none")
+    assert cached == ["fp+deepcache-u2", "fp+deepcache-u3", "fp+deepcache-u5", "lcq+deepcache-u3",
+                      "lcq+deepcache-u3", "lcq+ec+deepcache-u3", "lcq+ec+deepcache-u3"]
     assert sum(c.base == "fp" for c in cells) == 1
     assert {(c.base, c.a_granularity) for c in cells if c.base != "fp"} == {("ltq", "tensor"), ("lcq", "channel")}
     assert {c.a_bits for c in cells if c.base != "fp"} == {8, 6, 4, 3, 2}
@@ -96,7 +99,8 @@ def test_overrides_and_axes_given_as_run_scalars():
 @pytest.mark.parametrize("argv,match", [
     (["run", "nosuchpreset"], "unknown preset 'nosuchpreset'"),
     (["run", "smoke", "--set", "matrix.base=['qdiff9']"], "unknown base quantizer 'qdiff9'"),
-    (["run", "smoke", "--set", "matrix.cache=['deepcache-x']"], "unknown cache 'deepcache-x'"),
+    (["run", "smoke", "--set", "matrix.cache=['bogus-x']"], "unknown cache 'bogus-x'"),
+    (["run", "smoke", "--set", "matrix.cache=['deepcache-x3']"], "expected deepcache-u<N>"),
     (["run", "smoke", "--set", "model=cifar99"], "unknown model 'cifar99'"),
     (["run", "smoke", "--set", "run.metrics=['fid2']"], "unknown metric 'fid2'"),
     (["run", "smoke", "--set", "matrix.a_bits=[1]"], "a_bits must be 2..16"),
@@ -317,3 +321,15 @@ def test_layer_trace_shows_error_compensation_damping(tmp_path):
     assert traces["lcq+ec"]["rel_l2"][0] == traces["lcq+plain"]["rel_l2"][0] == 0.0  # full-precision warm-up step
     assert traces["lcq"]["rel_l2"][0] > 0
     assert traces["lcq+ec"]["rel_l2"][-1] < traces["lcq+plain"]["rel_l2"][-1]
+
+
+def test_several_matrix_blocks_give_the_union_of_their_products(tmp_path):
+    config = tmp_path / "m.toml"
+    config.write_text('[run]\nsteps = 4\n[[matrix]]\nbase = ["fp", "lcq"]\na_bits = [8, 4]\n'
+                      '[[matrix]]\nbase = ["fp"]\ncache = ["deepcache-u2"]\n')
+    matrix = load_matrix(str(config))
+    assert sorted(c.method for c in matrix.cells) == ["fp", "fp+deepcache-u2", "lcq", "lcq"]
+    assert len(matrix.resolved()["matrix"]) == 2
+    changed = load_matrix(str(config), ["matrix.steps=[3]"])  # --set reaches every block
+    assert {c.steps for c in changed.cells} == {3}
+    assert len(changed.cells) == len(matrix.cells)

@@ -1,0 +1,95 @@
+"""``cache = "deepcache-u<N>"`` / ``"deepcache-nu<N>"`` in matrix files: DeepCache on top of any
+base quantizer (with ``fp`` it is DeepCache alone; with a modulated base it is MoDiff + caching)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from bench.errors import BenchError
+from bench.methods import BuildContext, CacheMethod, CellSpec, Prepared, register_method
+
+from . import DeepCache, nonuniform_full_steps, uniform_full_steps
+
+
+@register_method("deepcache")
+class DeepCacheMethod(CacheMethod):
+    """DeepCache (CVPR 2024): partial steps reuse the feature entering up block U_branch (u<N>: uniform 1:N, nu<N>: non-uniform)."""  # noqa: E501
+
+    PARAMS: ClassVar[dict[str, Any]] = {"branch": 0, "center": None, "power": 1.4}
+
+    def __init__(self, value: str, params: dict[str, Any] | None = None):
+        super().__init__(value, params)
+        arg = self.argument
+        kind = "nu" if arg.startswith("nu") else "u" if arg.startswith("u") else None
+        try:
+            self.interval = int(arg[len(kind):]) if kind else 0
+        except ValueError:
+            self.interval = 0
+        if self.interval < 1:
+            raise BenchError(f"cache {value!r}: expected deepcache-u<N> or deepcache-nu<N> with N >= 1")
+        self.uniform = kind == "u"
+
+    def full_steps(self, steps: int) -> list[int]:
+        if self.uniform:
+            return uniform_full_steps(steps, self.interval)
+        return nonuniform_full_steps(steps, self.interval, self.params["center"], self.params["power"])
+
+    def resolve(self, cell: CellSpec) -> str | None:
+        if self.params["center"] is not None and not 0 <= self.params["center"] < cell.steps:
+            return f"deepcache center {self.params['center']} is not a step index for {cell.steps} steps"
+        return None
+
+    def apply(self, ctx: BuildContext, prepared: Prepared) -> Prepared:
+        unet = prepared.unet
+        if unet is ctx.model.unet:  # never hook the shared full-precision model
+            unet = prepared.unet = ctx.fp_unet_copy()
+        try:
+            cache = DeepCache(unet, self.params["branch"])
+        except (TypeError, ValueError) as exc:
+            raise BenchError(f"{self.value}: {exc}") from None
+        full = set(self.full_steps(ctx.cell.steps))
+        step = {"index": 0}
+        inner_wrap = prepared.wrap
+
+        def wrap(denoiser):
+            inner = inner_wrap(denoiser) if inner_wrap is not None else denoiser
+
+            def call(x, t):
+                index = step["index"]
+                step["index"] += 1
+                if index in full:
+                    return inner(x, t)
+                with cache.partial():
+                    return inner(x, t)
+
+            return call
+
+        def start() -> None:
+            step["index"] = 0
+            cache.reset()
+
+        prepared.wrap = wrap
+        prepared.on_trajectory_start = [*prepared.on_trajectory_start, start]
+        full_macs, partial_macs = macs_full_and_partial(unet, cache, ctx.model.image_shape, ctx.device)
+        n_full = len(full)
+        prepared.mac_fraction = (n_full * full_macs + (ctx.cell.steps - n_full) * partial_macs) / (
+            ctx.cell.steps * full_macs)
+        prepared.info.update({"deepcache_full_steps": sorted(full), "deepcache_branch": self.params["branch"],
+                              "macs_full_g": full_macs / 1e9, "macs_partial_g": partial_macs / 1e9})
+        return prepared
+
+
+def macs_full_and_partial(unet, cache: DeepCache, image_shape, device) -> tuple[int, int]:
+    """MACs per image of a full and of a partial step, counted on real forward passes."""
+    from modiff.accounting import count_macs
+
+    x = torch.zeros((1, *image_shape), device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    cache.reset()
+    full = count_macs(unet, x, t).total_macs
+    with cache.partial():
+        partial = count_macs(unet, x, t).total_macs
+    cache.reset()
+    return full, partial
