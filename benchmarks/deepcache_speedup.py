@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from bench.errors import BenchError
+from _common import run_script, write_table
 
 INTERVALS = (2, 3, 5, 10)
 PAPER = Path(__file__).resolve().parent.parent / "reports" / "data" / "deepcache_cifar10.csv"
@@ -82,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from bench.provenance import provenance, write_json_atomic
-
     paper = pd.read_csv(PAPER, comment="#").set_index("interval_n")
     results, lines = {}, []
     for name in args.models:
@@ -119,16 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "speedup": speedup, "macs_per_step_g": macs,
                                        "full_steps": prepared.info["deepcache_full_steps"]}
         lines.append("")
-    print("\n".join(lines))
-    write_json_atomic(args.out, {"settings": vars(args), "results": results, "table": lines,
-                                 "provenance": provenance(args.device)})
-    print(f"-> {args.out}")
+    write_table(args, results, lines)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (ValueError, BenchError) as exc:
-        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script(main, __file__)

@@ -21,9 +21,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from bench.errors import BenchError
+from _common import run_script, write_table
+
 from bench.measure import peak_rss_bytes, reset_peak_rss
 
 CONFIGS = ("fp", "off", "ec")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_memory_worker(args)))
         return 0
 
-    from bench.provenance import provenance, write_json_atomic
+    from bench.provenance import provenance
 
     results = {}
     for model in args.models:
@@ -151,16 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {model} | {config} | {steps} | {r['seconds']:.2f} | {r['ratio_to_fp']:.2f} | "
                          f"{r['peak_bytes'] / 2**20:.0f} | {(r['peak_bytes'] - fp['peak_bytes']) / 2**20:+.0f} | "
                          f"{r['state_bytes'] / 2**20:.1f} |")
-    print("\n".join(lines))
-    write_json_atomic(args.out, {"settings": vars(args), "results": results, "table": lines,
-                                 "provenance": provenance(args.device)})
-    print(f"-> {args.out}")
+    write_table(args, results, lines)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (ValueError, BenchError) as exc:  # bad bits / names: one line, not a traceback
-        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script(main, __file__)

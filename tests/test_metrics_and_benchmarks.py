@@ -55,9 +55,25 @@ def test_overhead_benchmark_end_to_end(tmp_path):
     assert "| digits | ec | 3 |" in done.stdout
 
 
+def test_deepcache_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "deepcache.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "deepcache_speedup.py"), "--models", "digits", "--batch-digits",
+         "4", "--steps-digits", "10", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [len(results[f"digits/u{n}"]["full_steps"]) for n in (2, 3, 5, 10)] == [5, 4, 2, 1]
+    macs = [results[f"digits/u{n}"]["macs_per_step_g"] for n in (2, 3, 5, 10)]
+    assert macs == sorted(macs, reverse=True) and all(r["speedup"] > 0 for r in results.values())
+    assert "| 10 |" in done.stdout
+
+
 @pytest.mark.parametrize("script,args", [
     ("psnr_table.py", ["--a-bits", "1"]), ("psnr_table.py", ["--granularity", "pixel"]),
     ("overhead.py", ["--models", "digits", "--a-bits", "40"]),
+    ("deepcache_speedup.py", ["--models", "digits", "--steps-digits", "0"]),
 ])
 def test_benchmarks_reject_bad_settings_in_one_line(script, args, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(tmp_path / "o")],
