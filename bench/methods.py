@@ -107,6 +107,18 @@ class Prepared:
     info: dict[str, Any] = field(default_factory=dict)
     mac_fraction: float = 1.0  # share of the full UNet's MACs one step runs on average (caching < 1)
 
+    def denoiser(self) -> Denoiser:
+        """The UNet as a sampler's denoiser, with the method's wrapper applied."""
+        from .zoo.digits import unet_denoiser
+
+        denoiser = unet_denoiser(self.unet)
+        return self.wrap(denoiser) if self.wrap is not None else denoiser
+
+    def start_trajectory(self) -> None:
+        """Run the per-trajectory callbacks: once per batch, before its first step."""
+        for callback in self.on_trajectory_start:
+            callback()
+
 
 class Method:
     """Common part of base quantizers and cache schemes."""

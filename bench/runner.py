@@ -43,16 +43,15 @@ from .errors import BenchError
 from .matrix import Matrix, cell_id
 from .measure import measured
 from .methods import BuildContext, CellSpec, Prepared, build
-from .metrics import METRICS, MetricInputs, compute_metrics
+from .metrics import ALL_COLUMNS, INCEPTION_METRICS, METRICS, MetricInputs, compute_metrics
 from .provenance import git_revision, package_versions, provenance, write_atomic, write_json_atomic
 from .samplers import SamplerConfig, sample
 from .schedules import step_pairs
 from .zoo import ZooModel, load_model, resolve_device
-from .zoo.digits import unet_denoiser
 
 SETTING_COLUMNS = ("model", "checkpoint", "sampler", "steps", "eta", "n_samples", "seed", "batch_size", "method",
                    "base", "modulation", "cache", "w_bits", "a_bits", "a_granularity")
-METRIC_COLUMNS = tuple(c for m in METRICS.values() for c in m.columns)
+METRIC_COLUMNS = ALL_COLUMNS
 COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "peak_mem_mb",
                 "peak_rss_mb", "cuda_peak_mb")
 PROVENANCE_COLUMNS = ("device", "torch_version", "git_rev", "modiff_bench_version", "started_utc", "finished_utc",
@@ -299,27 +298,21 @@ class Runner:
         return record
 
     def _sample(self, prepared: Prepared, model: ZooModel, cell: CellSpec, sampler: SamplerConfig) -> SampleRecord:
-        denoiser = unet_denoiser(prepared.unet)
-        if prepared.wrap is not None:
-            denoiser = prepared.wrap(denoiser)
-
-        def trajectory_start() -> None:
-            for callback in prepared.on_trajectory_start:
-                callback()
-
+        denoiser = prepared.denoiser()
         # untimed warm-up: two denoiser calls at the batch size (allocator, kernel selection, caches)
         n = min(cell.batch_size, cell.n_samples)
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((n, *model.image_shape), generator=generator).to(self.device)
         t = torch.full((n,), sampler.timesteps(model.schedule)[-1], dtype=torch.long, device=self.device)
-        trajectory_start()
+        prepared.start_trajectory()
         with torch.no_grad():
             for _ in range(2):
                 denoiser(x, t)
         seeds = list(cell.seeds)
         images, m = measured(lambda: sample(denoiser, model.schedule, sampler, seeds, model.image_shape,
                                             cell.batch_size, self.device, progress=self.progress,
-                                            on_trajectory_start=trajectory_start, leave=False), self.device)
+                                            on_trajectory_start=prepared.start_trajectory, leave=False),
+                                self.device)
         bad = int((~images.isfinite().flatten(1).all(dim=1)).sum())
         if bad:
             raise FloatingPointError(f"samples contain NaN/Inf ({bad} of {len(images)} images)")
@@ -343,9 +336,7 @@ class Runner:
             reference = module.linear(inputs[0], bias=True)
             errors[step["index"]] = float((output - reference).norm() / reference.norm().clamp_min(1e-12))
 
-        inner = unet_denoiser(prepared.unet)
-        if prepared.wrap is not None:
-            inner = prepared.wrap(inner)
+        inner = prepared.denoiser()
 
         def denoiser(x, t):
             step["index"] += 1
@@ -353,8 +344,7 @@ class Runner:
 
         def start() -> None:
             step["index"] = -1
-            for callback in prepared.on_trajectory_start:
-                callback()
+            prepared.start_trajectory()
 
         seeds = list(cell.seeds)[: self.matrix.run["trace_samples"]]
         handle = layer.register_forward_hook(hook)
@@ -394,7 +384,7 @@ class Runner:
         if any(METRICS[n].needs_fp_reference for n in names):
             reference = self._reference(cell).images.float()
         inception = None
-        if any(n in ("fid", "is", "sfid", "prc") for n in names):
+        if any(n in INCEPTION_METRICS for n in names):
             from .inception import InceptionSettings
 
             inception = InceptionSettings(device=str(self.device), **self.matrix.inception)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 from _common import run_script, write_table
@@ -48,23 +47,14 @@ def _prepare(model, cache: str, steps: int, batch: int, device: str):
 
 
 def _time(model, prepared, sampler, batch: int, device: str) -> float:
-    import torch
-
+    from bench.measure import measured
     from bench.samplers import sample
-    from bench.zoo.digits import unet_denoiser
 
-    denoiser = unet_denoiser(prepared.unet)
-    if prepared.wrap is not None:
-        denoiser = prepared.wrap(denoiser)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    sample(denoiser, model.schedule, sampler, range(batch), model.image_shape, batch, device, progress=False,
-           on_trajectory_start=lambda: [c() for c in prepared.on_trajectory_start])
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    denoiser = prepared.denoiser()
+    _, measurement = measured(lambda: sample(denoiser, model.schedule, sampler, range(batch), model.image_shape,
+                                             batch, device, progress=False,
+                                             on_trajectory_start=prepared.start_trajectory), device)
+    return measurement.seconds
 
 
 def main(argv: list[str] | None = None) -> int:

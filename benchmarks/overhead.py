@@ -20,11 +20,10 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 from _common import run_script, write_table
 
-from bench.measure import peak_rss_bytes, reset_peak_rss
+from bench.measure import Measurement, measured
 
 CONFIGS = ("fp", "off", "ec")
 
@@ -47,39 +46,26 @@ def _setup(model_name: str, device: str, a_bits: int, configs) -> tuple[object, 
     return model, unets
 
 
-def _timed_run(unet, model, steps: int, batch: int, device: str) -> float:
-    import torch
-
+def _timed_run(unet, model, steps: int, batch: int, device: str) -> Measurement:
+    """One sampling run: wall-clock (CUDA synchronised) and peak memory over the run alone."""
     from bench.quantized import sample_unet
     from bench.samplers import SamplerConfig
 
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    sample_unet(unet, model, SamplerConfig.from_name("ddim-quad", steps), range(batch), batch, device)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    config = SamplerConfig.from_name("ddim-quad", steps)
+    return measured(lambda: sample_unet(unet, model, config, range(batch), batch, device), device)[1]
 
 
 def _memory_worker(args) -> dict:
     """One configuration alone in this process: peak memory of one sampling run and MoDiff state."""
-    import torch
-
     import modiff
 
     model, unets = _setup(args.model, args.device, args.a_bits, [args.config])
     unet = unets[args.config]
     if args.config != "fp":
         del model.unet  # keep only the copy that samples, as a user would
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()  # imports and loading spike above what sampling needs; start the count here
-    _timed_run(unet, model, args.steps, args.batch, args.device)
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    # the peak is counted over sampling alone: imports and loading spike above what sampling needs
+    run = _timed_run(unet, model, args.steps, args.batch, args.device)
+    peak = run.cuda_peak_bytes if run.cuda_peak_bytes is not None else run.peak_rss_bytes
     return {"peak_bytes": peak, "state_bytes": modiff.state_bytes(unet)}  # state after a full trajectory
 
 
@@ -92,7 +78,7 @@ def _timings(args, model_name: str, steps: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
     for round_ in range(args.repeats + 1):
         for config in CONFIGS:
-            seconds = _timed_run(unets[config], model, steps, args.batch, args.device)
+            seconds = _timed_run(unets[config], model, steps, args.batch, args.device).seconds
             if round_:  # round 0 warms up allocator and kernels
                 times[config].append(seconds)
     return times

@@ -26,11 +26,11 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from .tables import METRIC_LABELS
+
 DPI = 120
 
-QUALITY_METRICS = {"fid": ("FID", "lower"), "fd_domain": ("FD (domain)", "lower"),
-                   "psnr_to_fp": ("PSNR to FP (dB)", "higher"), "sfid": ("sFID", "lower"),
-                   "is_mean": ("IS", "higher"), "is_domain": ("IS (domain)", "higher")}
+QUALITY_METRICS = {m: METRIC_LABELS[m] for m in ("fid", "fd_domain", "psnr_to_fp", "sfid", "is_mean", "is_domain")}
 PRIMARY_ORDER = ("fid", "fd_domain", "psnr_to_fp", "sfid")
 
 # A figure compares methods within one experiment. These settings also change a metric's value, so a
@@ -285,11 +285,17 @@ def _panel_grid(fig: MplFigure, n: int, ncols_max: int = 3) -> list:
     return axes[:n]
 
 
-def _legend_handles(bases: list[str], modulations: list[str], colours: dict[str, str]) -> list:
+def _legend(fig: MplFigure, bases: Iterable[str], modulations: Iterable[str], colours: dict[str, str],
+            *extra: Line2D) -> None:
+    """Colour = base, marker = modulation (FP first, modulations in their usual order), then ``extra``,
+    to the right of the panels."""
+    bases = sorted(set(bases), key=lambda b: (b != "fp", b))
+    modulations = sorted(set(modulations), key=lambda m: _sort_key(("", m, "none")))
     handles = [Line2D([], [], color=colours[b], marker="o", linestyle="", label=method_label(b)) for b in bases]
     handles += [Line2D([], [], color="0.3", marker=_style(m)[1], linestyle="", label=MODULATION_NAME.get(m, m))
                 for m in modulations]
-    return handles
+    fig.legend(handles=[*handles, *extra], loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False)
 
 
 # -- public API ----------------------------------------------------------------------------------
@@ -430,15 +436,12 @@ def quality_vs_gbops(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure 
         ax.grid(True, which="both", alpha=0.25)
         series[panel] = [(x, y, tags[i]) for i, (x, y) in enumerate(points)]
         series[f"{panel} | Pareto front"] = [(points[i][0], points[i][1], tags[i]) for i in front]
-    bases = sorted(set(usable["base"]), key=lambda b: (b != "fp", b))
-    modulations = sorted(set(usable["modulation"]), key=lambda m: _sort_key(("", m, "none")))
-    handles = _legend_handles(bases, modulations, colours)
-    handles.append(Line2D([], [], color="0.35", linewidth=1.2, marker="o", markersize=10, markerfacecolor="none",
-                          label="Pareto front"))
+    extra = [Line2D([], [], color="0.35", linewidth=1.2, marker="o", markersize=10, markerfacecolor="none",
+                    label="Pareto front")]
     if any_cache:
-        handles.append(Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="",
-                              label="hollow: with cache"))
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+        extra.append(Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="",
+                            label="hollow: with cache"))
+    _legend(fig, usable["base"], usable["modulation"], colours, *extra)
     title = f"{label} vs. compute (GBOPs)"
     fig.suptitle(title, fontsize=11)
     caption = (f"{label} (column `{metric}`; {direction} is better) against the paper's bit-operation count "
@@ -505,12 +508,9 @@ def cache_speedup_vs_quality(frame: pd.DataFrame, metric: str, out_dir: Path) ->
         ax.set_ylabel(_axis_label(metric))
         ax.set_title(panel_text, fontsize=9)
         ax.grid(True, alpha=0.25)
-    bases = sorted({p[2] for p in points}, key=lambda b: (b != "fp", b))
-    modulations = sorted({p[3] for p in points}, key=lambda m: _sort_key(("", m, "none")))
-    handles = _legend_handles(bases, modulations, colours)
-    handles.append(Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="",
-                          label="hollow: same method, no cache"))
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    _legend(fig, (p[2] for p in points), (p[3] for p in points), colours,
+            Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="",
+                   label="hollow: same method, no cache"))
     title = f"{label} vs. cache speed-up"
     fig.suptitle(title, fontsize=11)
     caption = (f"Each cached cell at its speed-up (its `img_per_s` over that of the same model, sampler, steps, "
