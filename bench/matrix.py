@@ -271,12 +271,13 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
                         batch_size=run["batch_size"], eta=float(values.pop("eta")), **values)
         base = base_quantizer(cell.base, params.get(cell.base))
         cache = cache_method(cell.cache, params)
+        used = [(cell.base, base)] + ([(cache.name, cache)] if cache else [])
+        used += [(name, base_quantizer(name, params.get(name))) for name in base.depends_on()]
+        cell.params = {name: dict(method.params) for name, method in used if method.params}
         reason = base.resolve(cell) or (cache.resolve(cell) if cache else None)
         if reason:
             skipped.append({**dict(zip(AXES, combo, strict=True)), "reason": reason})
             continue
-        used = [(cell.base, base)] + ([(cache.name, cache)] if cache else [])
-        cell.params = {name: dict(method.params) for name, method in used if method.params}
         key = cell_id(cell)
         if key not in seen:
             seen.add(key)

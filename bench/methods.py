@@ -39,7 +39,7 @@ import modiff
 from modiff.config import GRANULARITIES, NOT_QUANTIZED
 
 from .errors import BenchError
-from .samplers import Denoiser, SamplerConfig
+from .samplers import Denoiser, NoiseStd, SamplerConfig
 from .zoo import ZooModel
 
 AUTO = "auto"  # a_granularity: the base quantizer's own (or channel for the generic one)
@@ -84,13 +84,16 @@ class CellSpec:
 @dataclass
 class BuildContext:
     """What a method may use to build its denoiser. ``model`` is full precision and shared by all
-    cells: copy before modifying (``fp_unet_copy``)."""
+    cells: copy before modifying (``fp_unet_copy``). ``cache_dir`` (None: no disk cache) is where
+    expensive, reusable preparation (calibration data, calibrated models) may be kept; a method
+    keys what it stores there by everything the stored result depends on."""
 
     model: ZooModel
     cell: CellSpec
     sampler: SamplerConfig
     device: torch.device
     progress: bool = False
+    cache_dir: Path | None = None
 
     def fp_unet_copy(self) -> nn.Module:
         return copy.deepcopy(self.model.unet)
@@ -99,13 +102,15 @@ class BuildContext:
 @dataclass
 class Prepared:
     """A built method: the UNet to sample with, an optional wrapper of its denoiser (e.g. a noise
-    correction), callbacks run once per batch before the first step, and facts to record."""
+    correction), callbacks run once per batch before the first step, an optional replacement of the
+    sampler's fresh-noise std (``bench.samplers.NoiseStd``), and facts to record."""
 
     unet: nn.Module
     wrap: Callable[[Denoiser], Denoiser] | None = None
     on_trajectory_start: list[Callable[[], None]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     mac_fraction: float = 1.0  # share of the full UNet's MACs one step runs on average (caching < 1)
+    noise_std: NoiseStd | None = None
 
     def denoiser(self) -> Denoiser:
         """The UNet as a sampler's denoiser, with the method's wrapper applied."""
@@ -134,6 +139,11 @@ class Method:
             known = ", ".join(sorted(self.PARAMS)) or "none"
             raise BenchError(f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))} (known: {known})")
         self.params = {**self.PARAMS, **params}
+
+    def depends_on(self) -> tuple[str, ...]:
+        """Other registered methods this one builds on: their ``[params.<name>]`` become part of
+        each cell's parameters (and so of its identity)."""
+        return ()
 
     @classmethod
     def summary(cls) -> str:

@@ -9,6 +9,8 @@ Layout of an output directory::
     DIR/cells/<cell_id>/samples.pt    its samples (float16 in [-1, 1]) and seeds
     DIR/reference/<key>.pt        full-precision samples shared by every cell with the same
                                   model, sampler, steps, eta, seeds and batch size
+    DIR/cache/                    calibration data and calibrated models methods keep for reuse
+                                  (keyed by what they depend on; safe to delete)
     DIR/run.log                   what each invocation did
 
 Every file is written to a temporary name and renamed, and ``result.json`` is written last, so a
@@ -246,7 +248,8 @@ class Runner:
                 row["samples_file"] = str(self.reference_path(cell).relative_to(self.out))
             else:
                 t0 = time.perf_counter()
-                prepared = build(BuildContext(model, cell, sampler, self.device, self.progress))
+                prepared = build(BuildContext(model, cell, sampler, self.device, self.progress,
+                                              self.out / "cache"))
                 row["prepare_s"] = time.perf_counter() - t0
                 record = self._sample(prepared, model, cell, sampler)
                 write_atomic(directory / "samples.pt", lambda tmp: torch.save(
@@ -311,7 +314,8 @@ class Runner:
         seeds = list(cell.seeds)
         images, m = measured(lambda: sample(denoiser, model.schedule, sampler, seeds, model.image_shape,
                                             cell.batch_size, self.device, progress=self.progress,
-                                            on_trajectory_start=prepared.start_trajectory, leave=False),
+                                            on_trajectory_start=prepared.start_trajectory, leave=False,
+                                            noise_std=prepared.noise_std),
                                 self.device)
         bad = int((~images.isfinite().flatten(1).all(dim=1)).sum())
         if bad:
@@ -350,7 +354,7 @@ class Runner:
         handle = layer.register_forward_hook(hook)
         try:
             sample(denoiser, model.schedule, sampler, seeds, model.image_shape, len(seeds), self.device,
-                   progress=False, on_trajectory_start=start)
+                   progress=False, on_trajectory_start=start, noise_std=prepared.noise_std)
         finally:
             handle.remove()
         return {"layer": name, "timesteps": timesteps, "rel_l2": errors, "seeds": [seeds[0], seeds[-1]],

@@ -19,6 +19,9 @@ from .errors import BenchError
 from .schedules import SPACINGS, NoiseSchedule, step_pairs, timestep_sequence
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (step index, sigma_t, coefficient of eps in x_{t-1}) -> the std of the fresh noise to add instead
+# of sigma_t (PTQD's variance schedule calibration); the deterministic part keeps sigma_t.
+NoiseStd = Callable[[int, float, float], float]
 ALGORITHMS = ("ddim", "ddpm")
 SAMPLER_NAMES = tuple(f"{a}-{s}" for a in ALGORITHMS for s in SPACINGS)
 
@@ -61,22 +64,29 @@ class PerSampleNoise:
 
 def _step(
     algorithm: str, x: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float, eta: float,
-    noise: PerSampleNoise,
+    noise: PerSampleNoise, noise_std: Callable[[float, float], float] | None = None,
 ) -> torch.Tensor:
+    """One update. ``noise_std(sigma_t, eps_coefficient)`` may replace the std of the fresh noise."""
     if algorithm == "ddim":
         x0 = (x - eps * math.sqrt(1.0 - ab_t)) / math.sqrt(ab_t)
         c1 = eta * math.sqrt((1.0 - ab_t / ab_prev) * (1.0 - ab_prev) / (1.0 - ab_t))
         c2 = math.sqrt(1.0 - ab_prev - c1**2)
         out = math.sqrt(ab_prev) * x0 + c2 * eps
         if c1 > 0:
-            out = out + c1 * noise.randn(x.shape[1:])
+            std = c1 if noise_std is None else noise_std(c1, c2 - math.sqrt(ab_prev * (1.0 - ab_t) / ab_t))
+            out = out + std * noise.randn(x.shape[1:])
         return out
     # DDPM ancestral step (posterior mean with x0 clipped, variance beta_t)
     beta_t = 1.0 - ab_t / ab_prev
     x0 = (math.sqrt(1.0 / ab_t) * x - math.sqrt(1.0 / ab_t - 1.0) * eps).clamp(-1.0, 1.0)
     mean = (math.sqrt(ab_prev) * beta_t * x0 + math.sqrt(1.0 - beta_t) * (1.0 - ab_prev) * x) / (1.0 - ab_t)
     z = noise.randn(x.shape[1:])  # drawn at every step, so the stream does not depend on t
-    return mean + math.sqrt(beta_t) * z if ab_prev < 1.0 else mean
+    if ab_prev >= 1.0:
+        return mean
+    std = math.sqrt(beta_t)
+    if noise_std is not None:  # eps enters the mean through x0 (clipping ignored)
+        std = noise_std(std, -math.sqrt(ab_prev) * beta_t / (1.0 - ab_t) * math.sqrt(1.0 / ab_t - 1.0))
+    return mean + std * z
 
 
 @torch.no_grad()
@@ -89,18 +99,22 @@ def sample_batch(
     device: torch.device | str = "cpu",
     progress: bool = False,
     on_trajectory_start: Callable[[], None] | None = None,
+    noise_std: NoiseStd | None = None,
 ) -> torch.Tensor:
     """Sample one batch, one image per seed. ``on_trajectory_start`` runs once, before step 1
-    (per-trajectory state such as MoDiff's must be reset there, never per step)."""
+    (per-trajectory state such as MoDiff's must be reset there, never per step). ``noise_std``
+    (step index, sigma_t, eps coefficient) -> std replaces the std of each step's fresh noise."""
     noise = PerSampleNoise(seeds, device)
     x = noise.randn(image_shape)
     pairs = step_pairs(config.timesteps(schedule))
     if on_trajectory_start is not None:
         on_trajectory_start()
-    for t, t_prev in tqdm(pairs, desc="steps", leave=False, disable=not progress):
+    for index, (t, t_prev) in enumerate(tqdm(pairs, desc="steps", leave=False, disable=not progress)):
         t_batch = torch.full((len(seeds),), t, device=device, dtype=torch.long)
         eps = denoiser(x, t_batch)
-        x = _step(config.algorithm, x, eps, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), config.eta, noise)
+        std = None if noise_std is None else (lambda sigma, coef, i=index: noise_std(i, sigma, coef))
+        x = _step(config.algorithm, x, eps, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), config.eta, noise,
+                  std)
     return x
 
 
@@ -115,6 +129,7 @@ def sample(
     progress: bool = True,
     on_trajectory_start: Callable[[], None] | None = None,
     leave: bool = True,
+    noise_std: NoiseStd | None = None,
 ) -> torch.Tensor:
     """Sample ``len(seeds)`` images in batches; returns them on the CPU in seed order.
     ``leave=False`` clears the progress bar when done (for bars nested in an outer one)."""
@@ -127,6 +142,7 @@ def sample(
     for chunk in tqdm(batches, desc=f"{config.name} {config.steps} steps", unit="batch", disable=not progress,
                       leave=leave):
         out.append(
-            sample_batch(denoiser, schedule, config, chunk, image_shape, device, progress, on_trajectory_start).cpu()
+            sample_batch(denoiser, schedule, config, chunk, image_shape, device, progress, on_trajectory_start,
+                         noise_std).cpu()
         )
     return torch.cat(out) if out else torch.empty((0, *image_shape))

@@ -25,7 +25,13 @@ MAX_OBSERVED = 1 << 16  # values kept per calibration call and layer for the MSE
 
 
 class QuantLayer(nn.Module):
-    def __init__(self, layer: nn.Module, config: ModiffConfig, name: str = ""):
+    """``weight_quantized=True``: the weight is already on its ``w_bits`` grid (e.g. AdaRound's) and
+    is left as it is. ``act_quantizer``: a module ``x -> Q(x)`` that replaces the built-in activation
+    quantizer (e.g. Q-Diffusion's learned static step sizes); in the modulated modes it quantizes
+    the residuals."""
+
+    def __init__(self, layer: nn.Module, config: ModiffConfig, name: str = "", weight_quantized: bool = False,
+                 act_quantizer: nn.Module | None = None):
         super().__init__()
         if not isinstance(layer, QUANTIZABLE):
             raise TypeError(f"QuantLayer wraps Conv1d/Conv2d/Linear, not {type(layer).__name__}")
@@ -33,8 +39,10 @@ class QuantLayer(nn.Module):
         self.config = config
         self.name = name
         self.channel_axis = -1 if isinstance(layer, nn.Linear) else 1
-        with torch.no_grad():
-            layer.weight.copy_(quantize_weight(layer.weight, config.w_bits, config.weight_method))
+        if not weight_quantized:
+            with torch.no_grad():
+                layer.weight.copy_(quantize_weight(layer.weight, config.w_bits, config.weight_method))
+        self.act_quantizer = act_quantizer
         self.register_buffer("static_scale", None)
         self.register_buffer("static_zero_point", None)
         self._observed: list[torch.Tensor] | None = None
@@ -71,6 +79,8 @@ class QuantLayer(nn.Module):
         c = self.config
         if c.a_bits == NOT_QUANTIZED:
             return x
+        if self.act_quantizer is not None:
+            return self.act_quantizer(x)
         if c.act_scale == "static":
             if self.static_scale is None:
                 raise RuntimeError(f"layer {self.name!r} uses static scales but was never calibrated "

@@ -51,7 +51,8 @@ _OTHER_STYLE = ("-.", "D")
 # bases that arrive later take the remaining palette colours in name order.
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
             "#7f7f7f")
-_KNOWN_COLOURS = {"ltq": "#1f77b4", "lcq": "#ff7f0e", "psq": "#2ca02c", "dynamic": "#9467bd"}
+_KNOWN_COLOURS = {"ltq": "#1f77b4", "lcq": "#ff7f0e", "psq": "#2ca02c", "dynamic": "#9467bd", "qdiff": "#d62728",
+                  "ptqd": "#8c564b"}
 _FP_COLOUR = "black"
 LOG_SPAN = 100.0  # a y axis turns logarithmic when its values span more than this factor (two decades)
 

@@ -1,0 +1,148 @@
+"""``base = "ptqd"`` in matrix files: PTQD's noise correction on top of another base quantizer.
+
+    [matrix]
+    base = ["ptqd"]
+    [params.ptqd]
+    base = "qdiff"          # the quantizer whose error is corrected
+    calib_samples = 256     # full-precision calibration trajectories
+    correct_variance = true # variance schedule calibration (matters only with eta > 0 or DDPM)
+
+Building a cell builds the base quantizer for the cell's bit widths, with the base's own parameters
+(``cell.params[<base>]``, so that it shares that base's calibration cache), then runs
+``calib_samples`` full-precision trajectories with the cell's sampler (seeds ``10_000_000 + seed``
+onwards, disjoint from any evaluation seeds), calling the quantized denoiser on the same ``x_t`` at
+each step, and turns the errors into per-step statistics (``baselines.ptqd.collect_statistics``).
+Those are kept in ``<cache_dir>/ptqd/<key>.pt``, keyed by everything they depend on, and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar
+
+import torch
+
+from bench.errors import BenchError
+from bench.methods import BaseQuantizer, BuildContext, CellSpec, Prepared, base_quantizer, register_method
+from bench.provenance import write_atomic
+from bench.zoo.digits import unet_denoiser
+from modiff.config import NOT_QUANTIZED
+
+from . import PTQDCorrection, PTQDStats, collect_statistics
+
+CALIB_SEED_OFFSET = 10_000_000  # calibration seeds start here (+ the cell's seed)
+STATS_FORMAT = 1  # bump when the statistics' definition changes (invalidates cached files)
+
+
+@register_method("ptqd")
+class PTQD(BaseQuantizer):
+    """PTQD (NeurIPS 2023): corrects a base quantizer's correlated noise, bias and added variance per step."""
+
+    PARAMS: ClassVar[dict[str, Any]] = {"base": "qdiff", "calib_samples": 256, "correct_variance": True}
+
+    # -- parameters and the base ----------------------------------------------------------------
+    def _check_params(self) -> None:
+        base, n, variance = self.params["base"], self.params["calib_samples"], self.params["correct_variance"]
+        if not isinstance(base, str) or not base:
+            raise BenchError(f"ptqd: base must be the name of a base quantizer, got {base!r}")
+        if base == self.name:
+            raise BenchError("ptqd: base cannot be ptqd itself")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise BenchError(f"ptqd: calib_samples must be an integer >= 1, got {n!r}")
+        if not isinstance(variance, bool):
+            raise BenchError(f"ptqd: correct_variance must be true or false, got {variance!r}")
+
+    def depends_on(self) -> tuple[str, ...]:
+        self._check_params()
+        return (self.params["base"],)
+
+    def base(self, cell: CellSpec) -> BaseQuantizer:
+        """The quantizer being corrected, with its own parameters from ``cell.params[base]``."""
+        self._check_params()
+        name = self.params["base"]
+        base = base_quantizer(name, cell.params.get(name))  # BenchError for an unknown name
+        if isinstance(base, PTQD):
+            raise BenchError(f"ptqd: base {name!r} is itself a PTQD correction")
+        return base
+
+    def resolve(self, cell: CellSpec) -> str | None:
+        reason = self.base(cell).resolve(cell)
+        if reason:
+            return reason
+        if cell.modulation != "off":
+            return ("PTQD models the error of plain PTQ as a function of x_t; with modulation the error "
+                    "depends on the trajectory (use modulation=off)")
+        if cell.w_bits == NOT_QUANTIZED and cell.a_bits == NOT_QUANTIZED:
+            return "PTQD at W32A32 has no quantization error to correct"
+        return None
+
+    # -- build ----------------------------------------------------------------------------------
+    def build(self, ctx: BuildContext) -> Prepared:
+        base = self.base(ctx.cell)
+        prepared = base.build(ctx)
+        stats, cached = self.statistics(ctx, base, prepared)
+        correction = PTQDCorrection(stats)
+        inner_wrap = prepared.wrap
+
+        def wrap(denoiser):
+            return correction.wrap(inner_wrap(denoiser) if inner_wrap is not None else denoiser)
+
+        prepared.wrap = wrap
+        prepared.on_trajectory_start = [*prepared.on_trajectory_start, correction.reset]
+        if self.params["correct_variance"]:
+            prepared.noise_std = correction.noise_std
+        prepared.info.update({
+            "ptqd_base": base.name,
+            "ptqd_calib_samples": stats.n_samples,
+            "ptqd_timesteps": list(stats.timesteps),
+            "ptqd_k": _rounded(stats.k),
+            "ptqd_mean_abs_bias": _rounded(stats.bias.abs().mean(dim=1)),
+            "ptqd_residual_std": _rounded(stats.residual_std),
+            "ptqd_correct_variance": bool(self.params["correct_variance"]),
+            "ptqd_stats_from_cache": cached,
+        })
+        return prepared
+
+    def cache_key(self, ctx: BuildContext, base: BaseQuantizer) -> str:
+        """sha256 of everything the statistics depend on."""
+        cell = ctx.cell
+        payload = {
+            "format": STATS_FORMAT, "model": cell.model, "checkpoint": cell.checkpoint, "model_info": ctx.model.info,
+            "sampler": cell.sampler, "steps": cell.steps, "eta": cell.eta, "w_bits": cell.w_bits,
+            "a_bits": cell.a_bits, "a_granularity": cell.a_granularity, "modulation": cell.modulation,
+            "base": base.name, "base_params": base.params, "calib_samples": self.params["calib_samples"],
+            "calib_seed": CALIB_SEED_OFFSET + cell.seed, "batch_size": self._batch_size(cell),
+            "device": ctx.device.type,
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _batch_size(self, cell: CellSpec) -> int:
+        # batch-wise activation scales (tensor / channel granularity) make the error depend on the batch
+        return min(cell.batch_size, self.params["calib_samples"])
+
+    def statistics(self, ctx: BuildContext, base: BaseQuantizer, prepared: Prepared) -> tuple[PTQDStats, bool]:
+        """The cell's statistics and whether they came from the cache."""
+        path = None
+        if ctx.cache_dir is not None:
+            path = ctx.cache_dir / "ptqd" / f"{self.cache_key(ctx, base)}.pt"
+            if path.is_file():
+                try:
+                    return PTQDStats.from_dict(torch.load(path, map_location="cpu", weights_only=True)), True
+                except Exception:  # unreadable or inconsistent (e.g. a truncated copy): collect again
+                    pass
+        cell = ctx.cell
+        start = CALIB_SEED_OFFSET + cell.seed
+        stats = collect_statistics(
+            unet_denoiser(ctx.model.unet), prepared.denoiser(), ctx.model.schedule, ctx.sampler,
+            range(start, start + self.params["calib_samples"]), ctx.model.image_shape, self._batch_size(cell),
+            ctx.device, on_trajectory_start=prepared.start_trajectory, progress=ctx.progress)
+        if path is not None:
+            data = stats.to_dict()
+            write_atomic(path, lambda tmp: torch.save(data, tmp))
+        return stats, False
+
+
+def _rounded(values: torch.Tensor, digits: int = 6) -> list[float]:
+    return [float(f"{float(v):.{digits}g}") for v in values]

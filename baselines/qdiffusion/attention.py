@@ -1,0 +1,80 @@
+"""Quantized attention matmuls (Q-Diffusion): q, k and v at the activation bit width before the
+matmuls, the softmax output at ``sm_abit``.
+
+diffusers' ``Attention`` delegates its computation to a processor. :class:`QuantAttnProcessor` is
+the plain (non-fused) computation with the four quantizers inserted; the quantizers live in an
+:class:`AttentionQuantizers` submodule of the ``Attention`` module, so they are part of the model's
+``state_dict`` (the processor itself is a plain object: ``Attention.forward`` inspects the
+processor's ``__call__`` signature to decide which keyword arguments it accepts).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quantizers import ActQuantizer
+
+QUANTIZERS_ATTR = "qdiff_attention_quantizers"
+
+
+class AttentionQuantizers(nn.Module):
+    def __init__(self, a_bits: int, sm_bits: int, p: float = 2.4):
+        super().__init__()
+        self.query = ActQuantizer(a_bits, p)
+        self.key = ActQuantizer(a_bits, p)
+        self.value = ActQuantizer(a_bits, p)
+        self.probs = ActQuantizer(sm_bits, p)
+
+
+class QuantAttnProcessor:
+    """Self- or cross-attention with quantized q, k, v and attention probabilities."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        quant: AttentionQuantizers = getattr(attn, QUANTIZERS_ATTR)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_shape = None
+        if hidden_states.ndim == 4:  # (B, C, H, W) -> (B, HW, C)
+            image_shape = hidden_states.shape
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, tokens = context.shape[:2]
+        attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+
+        query = quant.query(attn.head_to_batch_dim(attn.to_q(hidden_states)))
+        key = quant.key(attn.head_to_batch_dim(attn.to_k(context)))
+        value = quant.value(attn.head_to_batch_dim(attn.to_v(context)))
+        probs = quant.probs(attn.get_attention_scores(query, key, attention_mask))
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
+
+        if image_shape is not None:
+            hidden_states = hidden_states.transpose(1, 2).reshape(image_shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from diffusers.models.attention_processor import Attention
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+
+
+def quantize_attention(model: nn.Module, a_bits: int, sm_bits: int, p: float = 2.4) -> int:
+    """Give every diffusers ``Attention`` of ``model`` the quantizers and the processor; returns
+    how many there were."""
+    modules = attention_modules(model)
+    for _, attn in modules:
+        attn.add_module(QUANTIZERS_ATTR, AttentionQuantizers(a_bits, sm_bits, p))
+        attn.set_processor(QuantAttnProcessor())
+    return len(modules)

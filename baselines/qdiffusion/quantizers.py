@@ -1,0 +1,157 @@
+"""Q-Diffusion's two learnable quantizers: AdaRound for weights, LSQ-style static step sizes for
+activations (with the two-part variant used by shortcut splitting).
+
+AdaRound (Nagel et al. 2020) keeps the per-output-channel grid of the weight fixed and learns, for
+every element, whether it rounds down or up: ``W_q = s * (clamp(floor(W / s) + h(alpha) + z, 0,
+2^b - 1) - z)`` with the rectified sigmoid ``h = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)``
+(gamma = -0.1, zeta = 1.1). ``alpha`` starts where ``h`` equals the fractional part of ``W / s``, so
+the first hard rounding (``alpha >= 0``) is round-to-nearest. The regulariser
+``sum(1 - |2h - 1|^beta)`` pushes every ``h`` to 0 or 1 as ``beta`` is annealed from 20 to 2.
+
+The activation quantizer is one static scale per tensor (asymmetric, zero point fixed after
+initialisation); only the scale is learned, through a straight-through estimator of the rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from modiff.config import NOT_QUANTIZED
+from modiff.quant import fake_quant, grid, search_range
+
+GAMMA, ZETA = -0.1, 1.1
+MAX_OBSERVED = 1 << 16  # values kept per call, and in all, for the initial range's MSE search
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """``|pred - target|^p`` summed over each sample's elements, averaged over the batch (BRECQ's
+    reduction, which the rounding regulariser's weight of 0.01 is calibrated against)."""
+    return (pred - target).abs().pow(p).flatten(1).sum(1).mean()
+
+
+class AdaRoundWeight(nn.Module):
+    """Learned rounding of one weight tensor on its per-output-channel asymmetric grid."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, init: str = "minmax", p: float = 2.4):
+        super().__init__()
+        w = weight.detach().float()
+        dims = tuple(range(1, w.dim()))
+        scale, zero_point = search_range(w, bits, False, dims, init, p=p)
+        self.bits = bits
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        scaled = w / scale
+        self.register_buffer("floor", torch.floor(scaled))
+        rest = (scaled - self.floor).clamp(1e-6, 1 - 1e-6)  # where h(alpha) = rest
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.soft = True
+
+    def h(self) -> torch.Tensor:
+        return (torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def forward(self) -> torch.Tensor:
+        h = self.h() if self.soft else (self.alpha >= 0).to(self.floor.dtype)
+        qmin, qmax = grid(self.bits, False)
+        q = (self.floor + h + self.zero_point).clamp(qmin, qmax)
+        return (q - self.zero_point) * self.scale
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+class ActQuantizer(nn.Module):
+    """Static per-tensor activation quantizer; the step size is learnable, the zero point fixed.
+
+    ``observe()`` makes it pass values through unchanged while recording an evenly spaced subsample
+    of each call, then ``initialize(method)`` fits the range by min-max (exact extremes) or by the
+    MSE search with the Lp loss (``p``), Q-Diffusion's initialisation, and switches it on.
+    ``enabled`` (off until initialised) switches it off during weight reconstruction.
+    """
+
+    def __init__(self, bits: int, p: float = 2.4):
+        super().__init__()
+        self.bits = bits
+        self.p = p
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.enabled = False
+        self._observed: list[torch.Tensor] | None = None
+        self._extremes: tuple[float, float] | None = None
+
+    def observe(self) -> None:
+        self._observed, self._extremes = [], None
+
+    def initialize(self, method: str) -> None:
+        if not self._observed:
+            raise RuntimeError("activation quantizer saw no data while observing")
+        values = torch.cat(self._observed)
+        if values.numel() > MAX_OBSERVED:  # an evenly spaced subsample of everything observed
+            values = values[torch.linspace(0, values.numel() - 1, MAX_OBSERVED).long()]
+        lo, hi = self._extremes
+        if method == "minmax":
+            values = torch.tensor([lo, hi])
+        elif values.numel() and (values.min() > lo or values.max() < hi):  # keep the true extremes
+            values = torch.cat([values, torch.tensor([lo, hi])])
+        scale, zero_point = search_range(values.view(1, -1), self.bits, False, (1,), method, p=self.p)
+        with torch.no_grad():
+            self.scale.copy_(scale.view(()))
+            self.zero_point.copy_(zero_point.view(()))
+            self.initialized.fill_(True)
+        self._observed = self._extremes = None
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observed is not None:
+            flat = x.detach().float().flatten()
+            lo, hi = float(flat.min()), float(flat.max())
+            self._extremes = (lo, hi) if self._extremes is None else (min(lo, self._extremes[0]),
+                                                                     max(hi, self._extremes[1]))
+            if flat.numel() > MAX_OBSERVED:
+                flat = flat[torch.linspace(0, flat.numel() - 1, MAX_OBSERVED, device=flat.device).long()]
+            self._observed.append(flat.cpu())
+            return x
+        if not self.enabled or self.bits >= NOT_QUANTIZED:
+            return x
+        if not bool(self.initialized):
+            raise RuntimeError("activation quantizer used before its range was initialised")
+        if not torch.is_grad_enabled():  # sampling: the library's in-place chain, same arithmetic
+            return fake_quant(x, self.scale.detach(), self.zero_point, self.bits, False)
+        qmin, qmax = grid(self.bits, False)
+        q = (round_ste(x / self.scale) + self.zero_point).clamp(qmin, qmax)
+        return (q - self.zero_point) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={float(self.scale.detach()):.4g}, zero_point={float(self.zero_point):g}"
+
+
+class SplitActQuantizer(nn.Module):
+    """Shortcut splitting: the channels ``[:split]`` (the deep feature) and ``[split:]`` (the skip
+    feature) of a concatenated input get one quantizer each."""
+
+    def __init__(self, split: int, bits: int, p: float = 2.4):
+        super().__init__()
+        self.split = split
+        self.deep = ActQuantizer(bits, p)
+        self.skip = ActQuantizer(bits, p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.deep(x[:, : self.split]), self.skip(x[:, self.split:])], dim=1)
+
+
+def beta_schedule(iteration: int, iterations: int, warmup: float, start: float, end: float) -> float | None:
+    """AdaRound's temperature: None (no rounding loss) during the warm-up fraction, then linear
+    from ``start`` down to ``end``."""
+    warm = int(math.ceil(warmup * iterations))
+    if iteration < warm:
+        return None
+    progress = (iteration - warm) / max(1, iterations - warm)
+    return end + (start - end) * max(0.0, 1.0 - progress)

@@ -1,0 +1,444 @@
+"""BRECQ-style reconstruction as Q-Diffusion uses it, on the module structure of a diffusers UNet.
+
+Units: every residual block (``ResnetBlock2D``), attention block (``Attention``) and transformer
+block (``BasicTransformerBlock``) is reconstructed as one unit; every other conv / linear layer
+(``conv_in``, ``conv_out``, the time-embedding MLP, down/up-sampling convs, ``proj_in``/``proj_out``)
+is a unit of its own. Units are visited in the order the forward pass runs them.
+
+For each unit, its input is taken from the partly quantized model (units before it already
+quantized) and its target output from the full-precision model on the same calibration input
+(BRECQ's asymmetric reconstruction), and the unit's quantization parameters are optimised to match
+the target:
+
+1. weight phase (activations in float): AdaRound's rounding variables, Adam, loss
+   ``||out - target||^2 + round_weight * sum(1 - |2h - 1|^beta)``, beta annealed 20 -> 2 after a
+   20% warm-up without the rounding term; then rounding is made hard and written into the weight;
+2. activation phase (weights fixed): every activation quantizer of the unit is initialised by
+   min-max or the MSE search on the unit's inputs, then its step size alone is learned, Adam with
+   a cosine learning-rate schedule, loss ``||out - target||_p^p`` with p = 2.4.
+
+Shortcut splitting: the 1x1 shortcut conv of a decoder residual block reads
+``concat([h_deep, h_skip])``; its input gets one activation quantizer per part and its weight one
+AdaRound grid per part (split along input channels). The split point is measured on a forward
+pass: ``channels(input) - channels(skip tensor the up block pops for that resnet)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from modiff.config import NOT_QUANTIZED
+from modiff.layers import QUANTIZABLE
+
+from .attention import quantize_attention
+from .quantizers import ActQuantizer, AdaRoundWeight, SplitActQuantizer, beta_schedule, lp_loss
+
+BLOCK_TYPES = ("ResnetBlock2D", "ResnetBlockCondNorm2D", "Attention", "BasicTransformerBlock")
+EVAL_SAMPLES = 256  # calibration samples the before/after reconstruction losses are measured on
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """Q-Diffusion's knobs (paper values as defaults; small iteration counts for CPU presets)."""
+
+    w_bits: int
+    a_bits: int
+    sm_abit: int = 8
+    quant_attention: bool = True
+    split_shortcut: bool = True
+    weight_init: str = "minmax"  # minmax | mse (80 shrinking ranges, Lp loss with p)
+    weight_iters: int = 20000
+    weight_lr: float = 1e-3
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    beta_warmup: float = 0.2
+    act_init: str = "mse"  # minmax | mse
+    act_iters: int = 5000
+    act_lr: float = 4e-4
+    p: float = 2.4
+    batch_size: int = 32
+    seed: int = 0
+
+
+class ReconLayer(nn.Module):
+    """A conv / linear under reconstruction: AdaRound weight grid(s) and static input quantizer(s)."""
+
+    def __init__(self, layer: nn.Module, name: str, w_bits: int, a_bits: int, split: int = 0, p: float = 2.4):
+        super().__init__()
+        self.layer = layer
+        self.name = name
+        self.w_bits = w_bits
+        self.split = split
+        self.weight_quantizers = nn.ModuleList()
+        if a_bits >= NOT_QUANTIZED:
+            self.act = None
+        else:
+            self.act = SplitActQuantizer(split, a_bits, p) if split else ActQuantizer(a_bits, p)
+
+    def start_adaround(self, init: str, p: float) -> None:
+        """Put the weight on its grid with learnable rounding (initially round-to-nearest)."""
+        if self.w_bits >= NOT_QUANTIZED:
+            return
+        w = self.layer.weight
+        parts = [w[:, : self.split], w[:, self.split:]] if self.split else [w]
+        self.weight_quantizers = nn.ModuleList(AdaRoundWeight(part, self.w_bits, init, p) for part in parts)
+
+    def weight(self) -> torch.Tensor:
+        if not len(self.weight_quantizers):
+            return self.layer.weight
+        return torch.cat([q() for q in self.weight_quantizers], dim=1)
+
+    def set_soft(self, soft: bool) -> None:
+        for q in self.weight_quantizers:
+            q.soft = soft
+
+    def harden(self) -> None:
+        """Write the hard-rounded weight into the layer and drop the rounding variables."""
+        if not len(self.weight_quantizers):
+            return
+        self.set_soft(False)
+        with torch.no_grad():
+            self.layer.weight.copy_(self.weight().to(self.layer.weight.dtype))
+        self.weight_quantizers = nn.ModuleList()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        w, b = self.weight(), self.layer.bias
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, b)
+        return self.layer._conv_forward(x, w, b)
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the forward pass is not needed."""
+
+
+def _call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
+    try:
+        model(x, t)
+    except _Stop:
+        pass
+
+
+def shortcut_splits(unet: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, int]:
+    """Name of each decoder shortcut conv that reads ``concat([deep, skip])`` -> channels of ``deep``."""
+    splits: dict[str, int] = {}
+    handles = []
+    for i, block in enumerate(getattr(unet, "up_blocks", [])):
+        def hook(module, args, kwargs, prefix=f"up_blocks.{i}"):
+            skips = args[1] if len(args) > 1 else kwargs.get("res_hidden_states_tuple")
+            if skips is None:
+                return
+            channels = [s.shape[1] for s in reversed(tuple(skips))]  # the block pops from the end
+            for j, resnet in enumerate(getattr(module, "resnets", [])):
+                shortcut = getattr(resnet, "conv_shortcut", None)
+                if shortcut is not None and j < len(channels) and 0 < resnet.in_channels - channels[j]:
+                    splits[f"{prefix}.resnets.{j}.conv_shortcut"] = resnet.in_channels - channels[j]
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            unet(x, t)
+    finally:
+        for h in handles:
+            h.remove()
+    return splits
+
+
+def prepare(fp_unet: nn.Module, config: ReconConfig, example: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
+    """A copy of ``fp_unet`` with every conv / linear in a :class:`ReconLayer` (and quantized
+    attention matmuls when ``quant_attention``)."""
+    unet = copy.deepcopy(fp_unet).requires_grad_(False)
+    splits = shortcut_splits(unet, *example) if config.split_shortcut else {}
+    targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, QUANTIZABLE) and n]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, ReconLayer(module, name, config.w_bits, config.a_bits, splits.get(name, 0), config.p))
+    if config.quant_attention and config.a_bits < NOT_QUANTIZED:
+        quantize_attention(unet, config.a_bits, config.sm_abit, config.p)
+    return unet
+
+
+def recon_layers(model: nn.Module) -> list[ReconLayer]:
+    return [m for m in model.modules() if isinstance(m, ReconLayer)]
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer) and m.bits < NOT_QUANTIZED]
+
+
+def units(model: nn.Module, example: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[str, nn.Module]]:
+    """Reconstruction units in execution order (outermost block types, then lone layers)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue
+        if type(module).__name__ in BLOCK_TYPES or isinstance(module, ReconLayer):
+            found.append((name, module))
+    order: list[str] = []
+    calls: dict[str, int] = {}
+
+    def hook(module, args, name):
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] == 1:
+            order.append(name)
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in found]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    repeated = sorted(n for n, c in calls.items() if c > 1)
+    if repeated:
+        raise ValueError(f"reconstruction units called more than once per forward pass: {', '.join(repeated)}")
+    by_name = dict(found)
+    return [(n, by_name[n]) for n in order]
+
+
+# -- data plumbing -------------------------------------------------------------------------------
+def _map(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    return value
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "sample"):
+        return output.sample
+    return next(o for o in output if isinstance(o, torch.Tensor))
+
+
+@dataclass
+class UnitData:
+    """A unit's captured inputs (positional and keyword, batch-first tensors concatenated) on the CPU."""
+
+    args: tuple
+    kwargs: dict
+    n: int
+
+    def take(self, index: torch.Tensor | slice, device: torch.device) -> tuple[tuple, dict]:
+        def pick(v: torch.Tensor) -> torch.Tensor:
+            return v[index].to(device) if v.dim() and v.shape[0] == self.n else v.to(device)
+
+        return _map(self.args, pick), _map(self.kwargs, pick)
+
+
+def _collate(parts: list[Any], n_parts: list[int]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() and all(p.shape[0] == k for p, k in zip(parts, n_parts, strict=True)):
+            return torch.cat(parts)
+        return first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_collate([p[i] for p in parts], n_parts) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _collate([p[k] for p in parts], n_parts) for k in first}
+    return first
+
+
+def _batches(xs: torch.Tensor, ts: torch.Tensor, batch_size: int):
+    for i in range(0, len(xs), batch_size):
+        yield xs[i: i + batch_size], ts[i: i + batch_size]
+
+
+def capture_inputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: torch.Tensor, batch_size: int,
+                   device: torch.device) -> UnitData:
+    store: list[tuple[tuple, dict]] = []
+
+    def hook(mod, args, kwargs):
+        store.append((_map(args, lambda v: v.detach().cpu()), _map(kwargs, lambda v: v.detach().cpu())))
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    sizes = []
+    try:
+        with torch.no_grad():
+            for x, t in _batches(xs, ts, batch_size):
+                sizes.append(len(x))
+                _call_model(model, x.to(device), t.to(device))
+    finally:
+        handle.remove()
+    return UnitData(_collate([a for a, _ in store], sizes), _collate([k for _, k in store], sizes), len(xs))
+
+
+def capture_outputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: torch.Tensor, batch_size: int,
+                    device: torch.device) -> torch.Tensor:
+    store: list[torch.Tensor] = []
+
+    def hook(mod, args, output):
+        store.append(_first_tensor(output).detach().cpu())
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for x, t in _batches(xs, ts, batch_size):
+                _call_model(model, x.to(device), t.to(device))
+    finally:
+        handle.remove()
+    return torch.cat(store)
+
+
+def _unit_loss(unit: nn.Module, data: UnitData, target: torch.Tensor, p: float, device: torch.device,
+               batch_size: int) -> float:
+    """Mean per-sample Lp error of the unit on (up to EVAL_SAMPLES of) its calibration inputs."""
+    n = min(data.n, EVAL_SAMPLES)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            index = slice(i, min(n, i + batch_size))
+            args, kwargs = data.take(index, device)
+            out = _first_tensor(unit(*args, **kwargs))
+            total += float(lp_loss(out, target[index].to(device), p)) * (index.stop - index.start)
+    return total / n
+
+
+# -- the two phases --------------------------------------------------------------------------------
+def _optimize(unit, data, target, params, loss_fn, iterations, lr, cosine, config, device, generator):
+    optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0) if cosine \
+        else None
+    with torch.enable_grad():
+        for it in range(iterations):
+            index = torch.randint(data.n, (min(config.batch_size, data.n),), generator=generator)
+            args, kwargs = data.take(index, device)
+            out = _first_tensor(unit(*args, **kwargs))
+            loss = loss_fn(out, target[index].to(device), it)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+
+
+def reconstruct_weights(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor, ts: torch.Tensor,
+                        config: ReconConfig, device: torch.device, progress: bool = False) -> list[dict]:
+    """Weight phase over every unit (activations in float). Returns per-unit losses (squared error
+    per sample) with round-to-nearest and after reconstruction."""
+    for q in act_quantizers(qmodel):
+        q.enabled = False
+    generator = torch.Generator().manual_seed(config.seed)
+    fp_modules = dict(fp_model.named_modules())
+    report = []
+    example = (xs[:2].to(device), ts[:2].to(device))
+    for name, unit in tqdm(units(qmodel, example), desc=f"AdaRound W{config.w_bits}", leave=False,
+                           disable=not progress):
+        layers = [unit] if isinstance(unit, ReconLayer) else recon_layers(unit)
+        for layer in layers:
+            layer.start_adaround(config.weight_init, config.p)
+        params = [q.alpha for layer in layers for q in layer.weight_quantizers]
+        if not params:
+            continue
+        data = capture_inputs(qmodel, unit, xs, ts, config.batch_size, device)
+        target = capture_outputs(fp_model, fp_modules[name], xs, ts, config.batch_size, device)
+        for layer in layers:
+            layer.set_soft(False)
+        before = _unit_loss(unit, data, target, 2.0, device, config.batch_size)
+        for layer in layers:
+            layer.set_soft(True)
+        quantizers = [q for layer in layers for q in layer.weight_quantizers]
+
+        def loss_fn(out, tgt, it, quantizers=quantizers):
+            loss = lp_loss(out, tgt, 2.0)
+            beta = beta_schedule(it, config.weight_iters, config.beta_warmup, config.beta_start, config.beta_end)
+            if beta is not None:
+                loss = loss + config.round_weight * sum(q.regularizer(beta) for q in quantizers)
+            return loss
+
+        _optimize(unit, data, target, params, loss_fn, config.weight_iters, config.weight_lr, False, config, device,
+                  generator)
+        soft = [q.h().detach() for q in quantizers]
+        hard_fraction = float(sum(((h < 1e-3) | (h > 1 - 1e-3)).sum() for h in soft) / sum(h.numel() for h in soft))
+        for layer in layers:
+            layer.set_soft(False)
+        after = _unit_loss(unit, data, target, 2.0, device, config.batch_size)
+        for layer in layers:
+            layer.harden()
+        report.append({"unit": name, "nearest": before, "adaround": after, "hard_fraction": hard_fraction})
+    return report
+
+
+def reconstruct_activations(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor, ts: torch.Tensor,
+                            config: ReconConfig, device: torch.device, progress: bool = False) -> list[dict]:
+    """Activation phase over every unit (weights already quantized): initialise each activation
+    quantizer's range on the unit's inputs, then learn the step sizes. Returns per-unit Lp losses
+    after initialisation and after learning."""
+    for q in act_quantizers(qmodel):
+        q.enabled = False
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    fp_modules = dict(fp_model.named_modules())
+    report = []
+    example = (xs[:2].to(device), ts[:2].to(device))
+    for name, unit in tqdm(units(qmodel, example), desc=f"step sizes A{config.a_bits}", leave=False,
+                           disable=not progress):
+        quantizers = act_quantizers(unit)
+        if not quantizers:
+            continue
+        data = capture_inputs(qmodel, unit, xs, ts, config.batch_size, device)
+        target = capture_outputs(fp_model, fp_modules[name], xs, ts, config.batch_size, device)
+        for q in quantizers:
+            q.observe()
+        with torch.no_grad():
+            for i in range(0, data.n, config.batch_size):
+                args, kwargs = data.take(slice(i, i + config.batch_size), device)
+                unit(*args, **kwargs)
+        for q in quantizers:
+            q.initialize(config.act_init)
+        before = _unit_loss(unit, data, target, config.p, device, config.batch_size)
+        _optimize(unit, data, target, [q.scale for q in quantizers],
+                  lambda out, tgt, it: lp_loss(out, tgt, config.p), config.act_iters, config.act_lr, True, config,
+                  device, generator)
+        with torch.no_grad():  # a step size driven to (or below) zero would divide by zero
+            for q in quantizers:
+                q.scale.clamp_(min=1e-8)
+        after = _unit_loss(unit, data, target, config.p, device, config.batch_size)
+        report.append({"unit": name, "initial": before, "learned": after})
+    return report
+
+
+# -- what gets cached -------------------------------------------------------------------------------
+def weight_state(qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    return {layer.name: layer.layer.weight.detach().cpu().clone() for layer in recon_layers(qmodel)}
+
+
+def load_weight_state(qmodel: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    layers = {layer.name: layer for layer in recon_layers(qmodel)}
+    if set(layers) != set(state):
+        raise ValueError("cached quantized weights do not match the model's layers")
+    with torch.no_grad():
+        for name, weight in state.items():
+            layers[name].layer.weight.copy_(weight)
+
+
+def act_state(qmodel: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+            for name, m in qmodel.named_modules() if isinstance(m, ActQuantizer) and m.bits < NOT_QUANTIZED}
+
+
+def load_act_state(qmodel: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    modules = {name: m for name, m in qmodel.named_modules() if isinstance(m, ActQuantizer) and m.bits < NOT_QUANTIZED}
+    if set(modules) != set(state):
+        raise ValueError("cached activation step sizes do not match the model's quantizers")
+    for name, values in state.items():
+        modules[name].load_state_dict(values)
+        modules[name].enabled = True
