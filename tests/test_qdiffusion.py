@@ -276,6 +276,8 @@ def test_resolve_and_parameter_errors():
     assert "cali_st" in QDiffusion(cell.params["qdiff"]).resolve(cell)
     with pytest.raises(BenchError, match="weight_init"):
         QDiffusion({"weight_init": "kmeans"})._check_params()
+    with pytest.raises(BenchError, match="cali_st"):  # at load time, before any cell runs
+        load_matrix("smoke", ["matrix.base=['qdiff']", "params.qdiff.cali_st='5'"])
 
 
 def test_qdiff_and_ptqd_run_in_the_harness(tmp_path):

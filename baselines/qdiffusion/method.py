@@ -66,6 +66,7 @@ class QDiffusion(BaseQuantizer):
     }
 
     def resolve(self, cell: CellSpec) -> str | None:
+        self._check_params()  # a bad parameter stops the matrix before anything runs
         reason = super().resolve(cell)
         if reason:
             return reason
@@ -81,7 +82,7 @@ class QDiffusion(BaseQuantizer):
                               ("residual_scale", ("minmax", "mse")), ("quant_attention", (AUTO, True, False))):
             if p[name] not in choices:
                 raise BenchError(f"qdiff: {name} must be one of {', '.join(map(str, choices))}; got {p[name]!r}")
-        for name in ("cali_n", "batch_size"):
+        for name in ("cali_st", "cali_n", "batch_size"):
             if not isinstance(p[name], int) or p[name] < 1:
                 raise BenchError(f"qdiff: {name} must be a positive integer; got {p[name]!r}")
         for name in ("weight_iters", "act_iters"):
@@ -135,7 +136,7 @@ class QDiffusion(BaseQuantizer):
         return calibration.CalibrationData.from_dict(self._cached(ctx, "data", self._data_key(ctx), make, info))
 
     def build(self, ctx: BuildContext) -> Prepared:
-        self._check_params()
+        self._check_params()  # also here: build() may be called without resolve()
         cell, p = ctx.cell, self.params
         config = self.recon_config(cell)
         info: dict[str, Any] = {}
