@@ -100,10 +100,14 @@ def sample_batch(
     progress: bool = False,
     on_trajectory_start: Callable[[], None] | None = None,
     noise_std: NoiseStd | None = None,
+    on_batch: Callable[[Sequence[int]], None] | None = None,
 ) -> torch.Tensor:
     """Sample one batch, one image per seed. ``on_trajectory_start`` runs once, before step 1
     (per-trajectory state such as MoDiff's must be reset there, never per step). ``noise_std``
-    (step index, sigma_t, eps coefficient) -> std replaces the std of each step's fresh noise."""
+    (step index, sigma_t, eps coefficient) -> std replaces the std of each step's fresh noise.
+    ``on_batch(seeds)`` runs first (per-batch conditioning, e.g. a zoo model's prompts)."""
+    if on_batch is not None:
+        on_batch(list(seeds))
     noise = PerSampleNoise(seeds, device)
     x = noise.randn(image_shape)
     pairs = step_pairs(config.timesteps(schedule))
@@ -130,6 +134,7 @@ def sample(
     on_trajectory_start: Callable[[], None] | None = None,
     leave: bool = True,
     noise_std: NoiseStd | None = None,
+    on_batch: Callable[[Sequence[int]], None] | None = None,
 ) -> torch.Tensor:
     """Sample ``len(seeds)`` images in batches; returns them on the CPU in seed order.
     ``leave=False`` clears the progress bar when done (for bars nested in an outer one)."""
@@ -143,6 +148,6 @@ def sample(
                       leave=leave):
         out.append(
             sample_batch(denoiser, schedule, config, chunk, image_shape, device, progress, on_trajectory_start,
-                         noise_std).cpu()
+                         noise_std, on_batch).cpu()
         )
     return torch.cat(out) if out else torch.empty((0, *image_shape))

@@ -1,32 +1,70 @@
-"""Model zoo: a name -> a loaded denoiser with its schedule and the sampler settings it uses."""
+"""Model zoo: a name -> a loaded denoiser with its schedule and the sampler settings it uses.
+
+A :class:`ZooModel` is what the samplers, methods and runner need from a model:
+- ``unet``: the denoiser network that quantization applies to (only it: a latent model's autoencoder
+  and a text encoder stay in full precision, as in the papers);
+- ``schedule`` and ``image_shape``, the shape the sampler works in (latents for latent models);
+- ``denoiser(unet)``: that network as the samplers' ``(x_t, t) -> eps`` callable (classifier-free
+  guidance for text-conditioned models is applied there);
+- ``decode(x)``: sampler output -> images in [-1, 1] (identity for pixel-space models);
+- ``start_batch(seeds)``: per-batch conditioning chosen from the seeds (prompts), run before a batch's
+  first step; None for unconditional models.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import BenchError
 from ..samplers import Denoiser
 from ..schedules import NoiseSchedule
 
 
+def unet_denoiser(unet: nn.Module) -> Denoiser:
+    """Adapt an unconditional diffusers UNet to the samplers' ``(x_t, t) -> eps`` interface."""
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x, t).sample
+
+    return denoise
+
+
 @dataclass
 class ZooModel:
     name: str
-    unet: torch.nn.Module
+    unet: nn.Module
     schedule: NoiseSchedule
-    image_shape: tuple[int, ...]
+    image_shape: tuple[int, ...]  # what the sampler draws and returns (latents for latent models)
     default_sampler: str
     default_steps: int
     info: dict = field(default_factory=dict)
+    # optional model-specific parts (see the module docstring)
+    make_denoiser: Callable[[nn.Module], Denoiser] | None = None
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    start_batch: Callable[[Sequence[int]], None] | None = None
+    output_shape: tuple[int, ...] | None = None  # decoded image shape; None: image_shape
+    default_eta: float = 0.0
+    default_batch_size: int = 64
+    parts: dict[str, nn.Module] = field(default_factory=dict)  # full-precision companions (autoencoder, text encoder)
 
-    def denoiser(self) -> Denoiser:
-        from .digits import unet_denoiser
+    def denoiser(self, unet: nn.Module | None = None) -> Denoiser:
+        """``unet`` (default: this model's, full precision) as a sampler's denoiser."""
+        unet = self.unet if unet is None else unet
+        return self.make_denoiser(unet) if self.make_denoiser is not None else unet_denoiser(unet)
 
-        return unet_denoiser(self.unet)
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampler output -> images in [-1, 1] on the same device (identity in pixel space)."""
+        return x if self.decoder is None else self.decoder(x)
+
+    @property
+    def image_output_shape(self) -> tuple[int, ...]:
+        return self.output_shape or self.image_shape
 
 
 def _load_digits(checkpoint: Path | None) -> ZooModel:
@@ -40,7 +78,27 @@ def _load_digits(checkpoint: Path | None) -> ZooModel:
     )
 
 
-MODELS: dict[str, Callable[[Path | None], ZooModel]] = {"digits": _load_digits}
+def _lazy(module: str, function: str) -> Callable[[Path | None], ZooModel]:
+    """A loader living in ``bench.zoo.<module>``, imported only when the model is asked for."""
+
+    def load(checkpoint: Path | None) -> ZooModel:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(checkpoint)
+
+    load.__qualname__ = f"{module}.{function}"
+    return load
+
+
+# name -> loader(checkpoint or None) -> ZooModel. The paper-scale entries need their weights (see the
+# README's "Model zoo"): a missing checkpoint is a one-line BenchError saying what to get and where.
+MODELS: dict[str, Callable[[Path | None], ZooModel]] = {
+    "digits": _load_digits,
+    "ddpm-cifar10": _lazy("ddpm_cifar10", "load"),
+    "ldm-church": _lazy("ldm", "load_church"),
+    "ldm-bedroom": _lazy("ldm", "load_bedroom"),
+    "sd-v1-4": _lazy("sd", "load"),
+}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -61,4 +119,6 @@ def load_model(name: str, checkpoint: str | Path | None = None, device: str = "c
     dev = resolve_device(device)
     model = MODELS[name](Path(checkpoint) if checkpoint else None)
     model.unet.to(dev)
+    for part in model.parts.values():
+        part.to(dev)
     return model

@@ -70,10 +70,6 @@ def load_classifier(checkpoint: Path | None = None) -> DigitClassifier:
     return model.eval().requires_grad_(False)
 
 
-def unet_denoiser(unet: torch.nn.Module):
-    """Adapt a diffusers UNet to the samplers' ``(x_t, t) -> eps`` interface."""
+from . import unet_denoiser  # noqa: E402  (re-exported: its historical home)
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(x, t).sample
-
-    return denoise
+__all__ = ["unet_denoiser"]
