@@ -10,6 +10,9 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
     nox -s bench         # wall-clock / memory of fake-quant and MoDiff vs full precision
     nox -s psnr-table    # PSNR to FP on digits: modulation x activation bits x granularity
+    nox -s reproduce-cifar10 [-- --nproc 8 --set run.checkpoint=...]   # paper-scale presets (GPU), and
+        reproduce-cifar10-quick, reproduce-cifar10-ablations, reproduce-cifar10-deepcache,
+        reproduce-lsun-church, reproduce-lsun-bedroom
 """
 
 from __future__ import annotations
@@ -139,6 +142,70 @@ def psnr_table(session: nox.Session) -> None:
     Writes runs/bench/psnr_table.{csv,md,json}."""
     env = _shared_env(session)
     _run(session, env, "python", "benchmarks/psnr_table.py", *session.posargs)
+
+
+def _reproduce(session: nox.Session, preset: str) -> None:
+    """Run a paper-scale preset into runs/<preset>/ and render its report.
+
+    Extra arguments go to 'modiff-bench run' (--set run.checkpoint=PATH, --set inception.weights=PATH,
+    --device cuda, --estimate, ...). '--nproc N' starts N processes on this node through torchrun (one per
+    GPU); every cell's seed chunks are shared among them."""
+    env = _shared_env(session)
+    args, nproc = list(session.posargs), 1
+    for i, arg in enumerate(list(args)):
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            if not value.isdigit() or int(value) < 1:
+                session.error(f"--nproc needs a positive integer, got {value!r}")
+            nproc = int(value)
+            del args[i: i + (1 if "=" in arg else 2)]
+            break
+    out = f"runs/{preset}"
+    command = ["run", preset, "--out", out, *args]
+    if nproc > 1:
+        _run(session, env, "python", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+             "-m", "bench", *command)
+    else:
+        _run(session, env, "modiff-bench", *command)
+    if "--estimate" not in args and "--dry-run" not in args:
+        _run(session, env, "modiff-bench", "report", out)
+        session.log(f"report: {out}/report.html (and report.md)   results: {out}/results.{{csv,parquet}}")
+
+
+@nox.session(name="reproduce-cifar10", venv_backend="none")
+def reproduce_cifar10(session: nox.Session) -> None:
+    """MoDiff Table 1 on DDPM CIFAR-10: 61 cells x 50,000 images (GPU; prints its estimate first)."""
+    _reproduce(session, "cifar10-paper")
+
+
+@nox.session(name="reproduce-cifar10-quick", venv_backend="none")
+def reproduce_cifar10_quick(session: nox.Session) -> None:
+    """Table 1's cells with 5,000 images each: a tenth of the cost, FID biased upwards."""
+    _reproduce(session, "cifar10-quick")
+
+
+@nox.session(name="reproduce-cifar10-ablations", venv_backend="none")
+def reproduce_cifar10_ablations(session: nox.Session) -> None:
+    """The CIFAR-10 ablations: error compensation, warm-up, DPM-Solver++ 20 steps, DDIM 20 steps."""
+    _reproduce(session, "cifar10-ablations")
+
+
+@nox.session(name="reproduce-cifar10-deepcache", venv_backend="none")
+def reproduce_cifar10_deepcache(session: nox.Session) -> None:
+    """DeepCache N = 2, 3, 5, 10 on CIFAR-10, and MoDiff + caching."""
+    _reproduce(session, "cifar10-deepcache")
+
+
+@nox.session(name="reproduce-lsun-church", venv_backend="none")
+def reproduce_lsun_church(session: nox.Session) -> None:
+    """MoDiff Table 2 on LDM-8 LSUN-Churches (needs --set run.checkpoint=... and reference statistics)."""
+    _reproduce(session, "lsun-church-paper")
+
+
+@nox.session(name="reproduce-lsun-bedroom", venv_backend="none")
+def reproduce_lsun_bedroom(session: nox.Session) -> None:
+    """MoDiff Table 3 on LDM-4 LSUN-Bedrooms (needs --set run.checkpoint=... and reference statistics)."""
+    _reproduce(session, "lsun-bedroom-paper")
 
 
 @nox.session(venv_backend="none")

@@ -51,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    sub.add_parser("models", help="list the model zoo", description="List the models the zoo can load.")
+    p = sub.add_parser("models", help="list the model zoo, or load one and show what was loaded",
+                       description="List the models the zoo can load. With --check NAME, load that model (from "
+                                   "--checkpoint, or its default source) and print what was loaded: source, "
+                                   "files and their SHA-256, and for DDPM CIFAR-10 whether the weights are the "
+                                   "EMA ones the papers used. run.json records the same for every run.")
+    p.add_argument("--check", metavar="NAME", default=None, help="load this model and print its provenance")
+    p.add_argument("--checkpoint", default=None, help="with --check: a local path or hub id to load from")
 
     p = sub.add_parser("sample", help="sample images with a full-precision model and save a PNG grid",
                        description="Sample images from a zoo model in full precision. Writes OUT/samples.png, "
@@ -102,7 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="rerun every cell, replacing the results in OUT (also those of a different matrix)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and skipped combinations, run nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="measure throughput on the device, print the estimated device-hours of the pending "
+                        "cells, run nothing (the estimate is also printed before every run)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g = p.add_argument_group(
+        "scale-out", "Several GPUs or nodes: start the command under torchrun (torchrun --nproc_per_node=8 -m "
+                     "bench run ...); every rank samples its share of each cell's seed chunks. A SLURM cluster: "
+                     "--launcher submitit submits the pending cells as a job array sharing OUT.")
+    g.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                   help="local: run here (default); submitit: submit a SLURM job array and return")
+    g.add_argument("--slurm-partition", default=None, help="SLURM partition (required with submitit on SLURM)")
+    g.add_argument("--slurm-time", type=_positive_int, default=24 * 60, metavar="MIN",
+                   help="time limit per task in minutes (default: 1440)")
+    g.add_argument("--gpus-per-task", type=_positive_int, default=1,
+                   help="GPUs (= processes sharding each cell) per array task, on one node (default: 1)")
+    g.add_argument("--cpus-per-task", type=_positive_int, default=8, help="CPUs per process (default: 8)")
+    g.add_argument("--cells-per-task", type=_positive_int, default=1, help="cells per array task (default: 1)")
+    g.add_argument("--array-parallelism", type=_positive_int, default=64,
+                   help="array tasks running at once (default: 64)")
+    g.add_argument("--slurm-account", default=None, help="SLURM account")
+    g.add_argument("--slurm-qos", default=None, help="SLURM QOS")
+    g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other submitit SLURM parameter, e.g. constraint=a100 (repeatable)")
+    g.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default=None,
+                   help="submitit executor (default: SLURM when sbatch is available); local runs the tasks as "
+                        "processes on this machine")
+    g.add_argument("--wait", action="store_true", help="with submitit: wait for the array, then rebuild the tables")
 
     sub.add_parser("presets", help="list the matrix presets shipped with the package",
                    description="List the shipped matrix presets: name and what each one runs.")
@@ -133,6 +165,8 @@ def _version() -> str:
 
 
 def _sample_fp(args):
+    import torch
+
     from .samplers import SamplerConfig, sample
     from .zoo import load_model
 
@@ -142,21 +176,35 @@ def _sample_fp(args):
     seeds = list(range(args.seed, args.seed + args.n))
     start = time.perf_counter()
     images = sample(model.denoiser(), model.schedule, config, seeds, model.image_shape, args.batch_size,
-                    args.device, progress=not args.no_progress)
+                    args.device, progress=not args.no_progress, on_batch=model.start_batch)
     seconds = time.perf_counter() - start
+    if model.decoder is not None:  # latent models: decode in batches, in full precision
+        images = torch.cat([model.decode(images[i: i + args.batch_size].to(args.device)).cpu()
+                            for i in range(0, len(images), args.batch_size)])
     if not images.isfinite().all():
         raise BenchError(f"sampling produced non-finite values ({args.model}, {config.name}, {args.steps} steps)")
-    settings = {"model": args.model, "checkpoint": model.info.get("checkpoint"), "sampler": config.name,
+    settings = {"model": args.model, "checkpoint": model.info.get("checkpoint"), "model_info": model.info,
+                "sampler": config.name,
                 "steps": config.steps, "eta": config.eta, "n": args.n, "seeds": [seeds[0], seeds[-1]],
                 "batch_size": args.batch_size, "device": args.device}
     return model, images, seeds, settings, seconds
 
 
 def cmd_models(args) -> int:
-    from .zoo import MODELS
+    import json
 
-    for name in sorted(MODELS):
-        print(name)
+    from .zoo import DESCRIPTIONS, MODELS, load_model
+
+    if args.check is None:
+        for name in MODELS:
+            print(f"{name:13s} {DESCRIPTIONS.get(name, '')}")
+        return 0
+    model = load_model(args.check, args.checkpoint, "cpu")
+    print(json.dumps({"model": model.name, "image_shape": list(model.image_shape),
+                      "output_shape": list(model.image_output_shape), "default_sampler": model.default_sampler,
+                      "default_steps": model.default_steps,
+                      "parameters": sum(p.numel() for p in model.unet.parameters()), "info": model.info},
+                     indent=2, default=str))
     return 0
 
 
@@ -247,6 +295,7 @@ def cmd_train_tiny(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .distributed import init_from_env, shutdown
     from .matrix import load_matrix
     from .runner import Runner
 
@@ -262,8 +311,33 @@ def cmd_run(args) -> int:
             print(f"skipped: {skip}")
         print(f"{len(matrix.cells)} cells, {len(matrix.skipped)} combinations skipped -> {out}")
         return 0
-    summary = Runner(matrix, out, device=args.device, force=args.force, progress=not args.no_progress,
-                     argv=args.argv).run()
+    if args.launcher == "submitit":
+        from .launch import LaunchOptions, parse_extra, submit
+
+        options = LaunchOptions(
+            partition=args.slurm_partition, cluster=args.submitit_cluster, gpus_per_task=args.gpus_per_task,
+            cpus_per_task=args.cpus_per_task, cells_per_task=args.cells_per_task, time_min=args.slurm_time,
+            array_parallelism=args.array_parallelism, account=args.slurm_account, qos=args.slurm_qos,
+            extra=parse_extra(args.slurm_param), wait=args.wait)
+        runner = Runner(matrix, out, device="auto" if args.device.startswith("cuda") else args.device,
+                        force=args.force, progress=False, argv=args.argv)
+        return submit(args.config, args.overrides, out, args.device, options, runner)
+    world, device = init_from_env(args.device)
+    try:
+        runner = Runner(matrix, out, device=device, force=args.force, progress=not args.no_progress,
+                        argv=args.argv, world=world)
+        if args.estimate:
+            if world.main:
+                runner._check_out_dir()
+                runner._load_models()
+                todo = runner.pending()
+                print(_estimate_line(runner, todo) if todo else f"nothing to run: every cell of {out} is finished")
+            return 0
+        summary = runner.run(before=lambda todo: print(_estimate_line(runner, todo), flush=True))
+    finally:
+        shutdown(world)
+    if not world.main:
+        return 1 if summary.failed else 0
     print(f"{summary.total} cells: {summary.ran} run, {summary.reused} already finished, "
           f"{len(summary.failed)} failed, {summary.skipped} invalid combinations skipped, "
           f"{summary.seconds:.0f} s -> {summary.out / 'results.csv'}")
@@ -272,6 +346,13 @@ def cmd_run(args) -> int:
               f"(errors in the 'error' column and in cells/<id>/error.txt)", file=sys.stderr)
         return 1
     return 0
+
+
+def _estimate_line(runner, todo) -> str:
+    from .estimate import estimate
+
+    cells = [cell for _, cell in todo]
+    return estimate(cells, runner._models, runner.device, runner.world.size).describe(runner.device)
 
 
 def cmd_presets(args) -> int:

@@ -45,24 +45,35 @@ the reference side and turns "no weights" into a reason instead of a download or
 Images: greyscale is repeated to RGB; [-1, 1] floats are clamped and rounded to the nearest of the
 256 levels, ``round((x + 1) * 127.5)`` (torchvision's ``save_image`` rule up to ties; the
 guided-diffusion and latent-diffusion sample scripts truncate instead, half a level darker on
-average). torch-fidelity gets those uint8 images, pytorch-fid the same images divided by 255, so
-both libraries see identical pixels. Each library resizes to 299 itself.
+average); uint8 images (0-255) are taken as they are. torch-fidelity gets those uint8 images,
+pytorch-fid the same images divided by 255, so both libraries see identical pixels. Each library
+resizes to 299 itself. Either side may be one tensor or an iterable of tensors (batches): images go
+through the networks ``batch_size`` at a time and only features are kept (2048 + 2023 floats per
+image for torch-fidelity, 2048 for pytorch-fid: about 1.2 GB for 50,000 images, against 39 GB for
+50,000 256 x 256 images as float32). One pass over each side feeds both libraries.
 
 Weights are never fetched unless ``InceptionSettings.download`` is set: the files are looked up
 before any model is built (both libraries download from their constructors when a file is missing).
 pytorch-fid 0.3 has no option for a weights path, so its constructor runs with its module-level
 ``load_state_dict_from_url`` swapped for a loader of the given file.
 
-Reference statistics are cached under ``cache_dir``, one file per reference name, extractor and
-weights file (the first 16 hex digits of its sha256), so a changed weights file never reuses
-another file's statistics. The name must identify the reference data: changed data under the
-same name reuses stale statistics.
+The reference side (:class:`ReferenceSet`; ``bench.references`` builds them from the ``[inception]``
+settings) is images, precomputed statistics, or both. Statistics computed here are cached under
+``cache_dir``, one file per reference name, extractor, weights file (the first 16 hex digits of its
+sha256) and data identity (the first 16 hex digits of the sha256 of the reference's ``identity``:
+a content hash or a file listing), so neither a changed weights file nor changed data reuses stale
+statistics. Precomputed statistics (``ReferenceSet.statistics``, e.g. guided-diffusion's reference
+batches) serve ``fid`` and ``sfid`` only: precision / recall need the reference's features (its
+images), and pytorch-fid cannot use another extractor's statistics. A loader that finds no data
+raises :class:`ReferenceUnavailable`, whose one-line message becomes the reason of every column
+that needed it (the Inception score needs no reference).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -71,7 +82,7 @@ import sys
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -94,13 +105,18 @@ TORCH_FIDELITY = "torch-fidelity-inception-v3-compat"
 PYTORCH_FID = "pytorch-fid-inception-v3"
 SFID_MODULE = "Mixed_6d.branch1x1"  # TF mixed_6/conv
 SFID_CHANNELS = 7
+POOL_DIMS = 2048
+SPATIAL_DIMS = SFID_CHANNELS * 17 * 17  # 2023
 IS_SPLITS = 10
 PRC_NEIGHBOURS = 3
-_CACHE_FORMAT = "v1"  # bump when what goes into the cached statistics changes
+STATS_KEYS = ("pool_mu", "pool_sigma", "spatial_mu", "spatial_sigma")
+_CACHE_FORMAT = "v2"  # bump when what goes into the cached statistics or their key changes
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PYTORCH_FID_LOCK = threading.Lock()
 # what torch.load and a strict load_state_dict raise on a file that is not the expected weights
 _UNREADABLE = (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+Images = torch.Tensor | Iterable[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -110,24 +126,49 @@ class InceptionSettings:
     cache_dir: str | None = None  # reference statistics; None: $MODIFF_BENCH_CACHE/inception or ~/.cache/...
     batch_size: int = 64
     device: str = "cpu"
-    download: bool = False  # let the libraries fetch missing weights (off for offline clusters)
+    download: bool = False  # let the libraries fetch missing weights and CIFAR-10 (off for offline clusters)
+    cifar10_root: str | None = None  # torchvision's cifar-10-batches-py or its parent; None: torch-fidelity's
+    reference_images: str | None = None  # a folder of PNG / JPEG reference images (overrides the model's default)
+    reference_stats: str | None = None  # a guided-diffusion reference batch .npz (overrides the model's default)
+
+
+class ReferenceUnavailable(Exception):
+    """Raised by a :class:`ReferenceSet` loader whose data is not on this machine (and may not be
+    downloaded). Not an error: its one-line message is the reason of each column that needed it."""
 
 
 @dataclass(frozen=True)
 class ReferenceSet:
-    name: str  # cache key of the statistics, e.g. "digits-train"; must identify the data
-    load: Callable[[], torch.Tensor]  # float images in [-1, 1], (N, C, H, W), C in {1, 3}; called on a cache miss
+    """The real images (or their statistics) that FID, sFID and precision / recall compare against."""
+
+    name: str  # readable part of the cache file names, e.g. "cifar10-train"
+    # Images: float in [-1, 1] or uint8, (N, C, H, W) with C in {1, 3}; one tensor or an iterable of
+    # batches (streamed). Called on a cache miss only; may raise ReferenceUnavailable. None: statistics only.
+    load: Callable[[], Images] | None = None
+    # What identifies the data beyond its name (a content hash, a file listing...), or a function
+    # computing it when first needed; "" for fixed data the name identifies (the shipped digits).
+    identity: str | Callable[[], str] = ""
+    # Precomputed torch-fidelity-compatible statistics: pool_mu (2048,), pool_sigma (2048, 2048) and
+    # optionally spatial_mu (2023,), spatial_sigma (2023, 2023); used for fid / sfid instead of the images.
+    statistics: Callable[[], dict[str, np.ndarray]] | None = None
+
+    def key(self) -> str:
+        """16 hex digits identifying the data: name and identity (part of every cache file name)."""
+        identity = self.identity() if callable(self.identity) else self.identity
+        return hashlib.sha256(f"{self.name}\n{identity}".encode()).hexdigest()[:16]
 
 
 def inception_metrics(
-    images: torch.Tensor,
-    reference: ReferenceSet,
+    images: Images,
+    reference: ReferenceSet | None,
     metrics: Iterable[str],
     settings: InceptionSettings | None = None,
 ) -> tuple[dict[str, float | None], dict[str, str]]:
     """Values for every column of ``metrics`` (a subset of ``METRIC_COLUMNS``) and, for each
-    column left None, a one-line reason. Missing weights or too few images give reasons, never
-    exceptions; bad arguments raise ``ValueError``, an unreadable weights file ``BenchError``."""
+    column left None, a one-line reason. ``images``: one tensor, or an iterable of tensors (batches),
+    float in [-1, 1] or uint8. ``reference`` may be None when only ``is`` is asked for. Missing
+    weights or reference data, or too few images give reasons, never exceptions; bad arguments raise
+    ``ValueError``, an unreadable weights file or reference ``BenchError``."""
     settings = settings or InceptionSettings()
     wanted = _parse_metrics(metrics)
     columns = [c for c in COLUMNS if any(c in METRIC_COLUMNS[m] for m in wanted)]
@@ -135,40 +176,84 @@ def inception_metrics(
     missing: dict[str, str] = {}
     if not columns:
         return values, missing
-    _check_images(images, "images")
-    if not _NAME.fullmatch(reference.name):
+    if reference is None and wanted != ["is"]:
+        raise ValueError(f"{', '.join(m for m in wanted if m != 'is')} need a reference set")
+    if reference is not None and not _NAME.fullmatch(reference.name):
         raise ValueError(f"reference name {reference.name!r} is not a plain file-name stem ([A-Za-z0-9._-])")
-    if len(images) == 0:
-        return values, dict.fromkeys(columns, "no generated images")
-    bad = int((~torch.isfinite(images.detach())).flatten(1).any(1).sum())
-    if bad:  # a diverged sampler: no metric of these samples means anything
-        return values, dict.fromkeys(columns, f"{bad} of {len(images)} generated images contain NaN or inf")
+    if torch.is_tensor(images):  # a tensor is checked before any work; an iterable while it streams
+        _check_images(images, "images")
+        if len(images) == 0:
+            return values, dict.fromkeys(columns, "no generated images")
+        bad = _non_finite(images)
+        if bad:  # a diverged sampler: no metric of these samples means anything
+            return values, dict.fromkeys(columns, f"{bad} of {len(images)} generated images contain NaN or inf")
 
-    ref = _LazyReference(reference)
     cache_dir = _cache_dir(settings)
+    fidelity_path = pytorch_fid_path = None
     fidelity_columns = [c for c in columns if c != "fid_pytorch_fid"]
     if fidelity_columns:
-        path, reason = _weights_file(settings.weights, _torch_fidelity_url(), "torch-fidelity", "weights",
-                                     settings.download)
+        fidelity_path, reason = _weights_file(settings.weights, _torch_fidelity_url(), "torch-fidelity", "weights",
+                                              settings.download)
         if reason:
             missing.update(dict.fromkeys(fidelity_columns, reason))
-        else:
-            got, why = _torch_fidelity_metrics(images, ref, wanted, path, settings, cache_dir)
-            values.update(got)
-            missing.update(why)
     if "fid_pytorch_fid" in columns:
-        path, reason = _weights_file(settings.pytorch_fid_weights, _pytorch_fid_url(), "pytorch-fid",
-                                     "pytorch_fid_weights", settings.download)
+        pytorch_fid_path, reason = _weights_file(settings.pytorch_fid_weights, _pytorch_fid_url(), "pytorch-fid",
+                                                 "pytorch_fid_weights", settings.download)
         if reason:
             missing["fid_pytorch_fid"] = reason
-        else:
-            values["fid_pytorch_fid"], why = _pytorch_fid_metric(images, ref, path, settings, cache_dir)
-            if why:
-                missing["fid_pytorch_fid"] = why
+
+    ref = _reference_side(reference, wanted, fidelity_path, pytorch_fid_path, settings, cache_dir, missing)
+    if all(c in missing for c in columns):
+        return values, missing
+
+    pending = [c for c in columns if c not in missing]
+    fidelity = None
+    if any(c != "fid_pytorch_fid" for c in pending):
+        features = [f for f, used in (("2048", bool({"fid", "precision", "recall"} & set(pending))),
+                                      ("logits_unbiased", "is_mean" in pending)) if used]
+        fidelity = _FidelityPass(_load_torch_fidelity(fidelity_path, features or ["768"], settings.device),
+                                 spatial="sfid" in pending)
+    pytorch_fid = None
+    if "fid_pytorch_fid" in pending:
+        pytorch_fid = _PytorchFidPass(_load_pytorch_fid(pytorch_fid_path, settings.device))
+    stream = _Stream(images, settings.batch_size, "images")
+    _run(stream, [p for p in (fidelity, pytorch_fid) if p is not None], settings.device)
+    if stream.n == 0:
+        return dict.fromkeys(columns), dict.fromkeys(columns, "no generated images")
+    if stream.bad:
+        return dict.fromkeys(columns), dict.fromkeys(
+            columns, f"{stream.bad} of {stream.n} generated images contain NaN or inf")
+
+    if fidelity is not None:
+        got, why = _torch_fidelity_values(fidelity.result(), stream.n, ref, pending, settings)
+        values.update(got)
+        missing.update(why)
+    if pytorch_fid is not None:
+        values["fid_pytorch_fid"], why = _pytorch_fid_value(pytorch_fid.result(), ref["pytorch_fid"])
+        if why:
+            missing["fid_pytorch_fid"] = why
     for column, value in values.items():
         if value is not None and not np.isfinite(value):
             values[column], missing[column] = None, f"{column} came out {value} (not finite)"
     return values, missing
+
+
+def reference_statistics(reference: ReferenceSet, settings: InceptionSettings | None = None) -> dict[str, np.ndarray]:
+    """torch-fidelity's reference statistics (``STATS_KEYS``; the spatial pair absent when precomputed
+    statistics lack it), from the reference's precomputed statistics, the cache, or one pass over its
+    images (then cached). Raises ``BenchError`` without weights, ``ReferenceUnavailable`` without data."""
+    settings = settings or InceptionSettings()
+    if not _NAME.fullmatch(reference.name):
+        raise ValueError(f"reference name {reference.name!r} is not a plain file-name stem ([A-Za-z0-9._-])")
+    path, reason = _weights_file(settings.weights, _torch_fidelity_url(), "torch-fidelity", "weights",
+                                 settings.download)
+    if reason:
+        raise BenchError(reason)
+    missing: dict[str, str] = {}
+    ref = _reference_side(reference, ["fid", "sfid"], path, None, settings, _cache_dir(settings), missing)
+    if ref["stats"] is None:
+        raise ReferenceUnavailable(missing["fid"])
+    return ref["stats"]
 
 
 def _parse_metrics(metrics: Iterable[str]) -> list[str]:
@@ -181,35 +266,60 @@ def _parse_metrics(metrics: Iterable[str]) -> list[str]:
 
 
 def _check_images(images: torch.Tensor, what: str) -> None:
-    if not (torch.is_tensor(images) and images.is_floating_point() and images.dim() == 4
-            and images.shape[1] in (1, 3)):
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"{what} must be float (N, C, H, W) with C in {{1, 3}}, got {shape}")
+    if not (torch.is_tensor(images) and (images.is_floating_point() or images.dtype == torch.uint8)
+            and images.dim() == 4 and images.shape[1] in (1, 3)):
+        shape = (f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__)
+        raise ValueError(f"{what} must be float in [-1, 1] or uint8, (N, C, H, W) with C in {{1, 3}}, got {shape}")
+
+
+def _non_finite(images: torch.Tensor) -> int:
+    if not images.is_floating_point():
+        return 0
+    return int((~torch.isfinite(images.detach())).flatten(1).any(1).sum())
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    if images.dtype == torch.uint8:
+        x = images.detach()
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     x = images.detach().float().clamp(-1, 1)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return ((x + 1) * 127.5).round().to(torch.uint8)
 
 
-class _LazyReference:
-    """Loads the reference images at most once per call, and only if some cache file is missing."""
+class _Stream:
+    """uint8 batches of at most ``batch_size`` images from a tensor or an iterable of tensors;
+    counts the images and the non-finite ones as they pass."""
 
-    def __init__(self, reference: ReferenceSet):
-        self.name = reference.name
-        self._load = reference.load
-        self._images: torch.Tensor | None = None
+    def __init__(self, images: Images, batch_size: int, what: str):
+        if not torch.is_tensor(images) and not isinstance(images, Iterable):
+            raise ValueError(f"{what} must be a tensor or an iterable of tensors, got {type(images).__name__}")
+        self.images, self.batch_size, self.what = images, batch_size, what
+        self.n = self.bad = 0
 
-    def images(self) -> torch.Tensor:
-        if self._images is None:
-            images = self._load()
-            _check_images(images, f"reference {self.name!r}")
-            if not torch.isfinite(images).all():
-                raise BenchError(f"reference {self.name!r} contains NaN or inf pixels")
-            self._images = images
-        return self._images
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        parts = [self.images] if torch.is_tensor(self.images) else self.images
+        for part in parts:
+            _check_images(part, self.what)
+            for chunk in part.split(self.batch_size):
+                self.n += len(chunk)
+                self.bad += _non_finite(chunk)
+                yield _to_uint8(chunk)
+
+
+@torch.no_grad()
+def _run(stream: _Stream, passes: list, device: str) -> None:
+    """One pass over the stream, every batch through every extractor."""
+    if not passes:
+        return
+    with contextlib.ExitStack() as stack:
+        for p in passes:
+            stack.enter_context(p)
+        for batch in stream:
+            x = batch.to(device)
+            for p in passes:
+                p.add(x)
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -262,6 +372,7 @@ def _sha16_cached(path: str, mtime_ns: int, size: int) -> str:
 
 
 def _sha16(path: Path) -> str:
+    """First 16 hex digits of a file's sha256, computed once per process per (path, mtime, size)."""
     st = path.stat()
     return _sha16_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
 
@@ -311,42 +422,62 @@ def _swapped(module, name: str, value):
 # --- features ------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _fidelity_features(model, images: torch.Tensor, spatial: bool, settings: InceptionSettings) -> dict:
-    """torch-fidelity's requested features, plus the sFID map when ``spatial``, on CPU."""
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in model.features_list}
-    maps: list[torch.Tensor] = []
+class _FidelityPass:
+    """torch-fidelity's requested features of every batch, plus the sFID map when ``spatial``, on CPU."""
 
-    def grab(_module, _inputs, output):
+    def __init__(self, model, spatial: bool):
+        self.model, self.spatial = model, spatial
+        self.out: dict[str, list[torch.Tensor]] = {name: [] for name in model.features_list}
+        self.maps: list[torch.Tensor] = []
+        self._handle = None
+
+    def _grab(self, _module, _inputs, output):
         # (N, 7, 17, 17) -> (N, 17, 17, 7) -> (N, 2023): guided-diffusion's spatial[..., :7] in TF's layout
-        maps.append(output[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1).to("cpu", torch.float32))
+        self.maps.append(output[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1).to("cpu", torch.float32))
 
-    handle = model.get_submodule(SFID_MODULE).register_forward_hook(grab) if spatial else None
-    try:
-        for chunk in images.split(settings.batch_size):
-            feats = model.convert_features_tuple_to_dict(model(_to_uint8(chunk).to(settings.device)))
-            for name, value in feats.items():
-                out[name].append(value.to("cpu", torch.float32))
-    finally:
-        if handle is not None:
-            handle.remove()
-    result = {name: torch.cat(parts) for name, parts in out.items()}
-    if spatial:
-        result["spatial"] = torch.cat(maps)
-    return result
+    def __enter__(self):
+        if self.spatial:
+            self._handle = self.model.get_submodule(SFID_MODULE).register_forward_hook(self._grab)
+        return self
 
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
-@torch.no_grad()
-def _pytorch_fid_features(model, images: torch.Tensor, settings: InceptionSettings) -> np.ndarray:
-    parts = []
-    for chunk in images.split(settings.batch_size):
-        x = _to_uint8(chunk).to(settings.device).float() / 255
-        parts.append(model(x)[0].flatten(1).cpu())
-    # float64, as pytorch-fid's get_activations stores them
-    return torch.cat(parts).numpy().astype(np.float64)
+    def add(self, x: torch.Tensor) -> None:
+        feats = self.model.convert_features_tuple_to_dict(self.model(x))
+        for name, value in feats.items():
+            self.out[name].append(value.to("cpu", torch.float32))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        result = {name: torch.cat(parts) for name, parts in self.out.items()}
+        if self.spatial:
+            result["spatial"] = torch.cat(self.maps)
+        return result
 
 
-# --- reference cache -----------------------------------------------------------------------------
+class _PytorchFidPass:
+    """pytorch-fid's 2048-d pool features of every batch (pixels divided by 255, as it expects)."""
+
+    def __init__(self, model):
+        self.model, self.parts = model, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def add(self, x: torch.Tensor) -> None:
+        self.parts.append(self.model(x.float() / 255)[0].flatten(1).cpu())
+
+    def result(self) -> np.ndarray:
+        # float64, as pytorch-fid's get_activations stores them
+        return torch.cat(self.parts).numpy().astype(np.float64)
+
+
+# --- reference side ------------------------------------------------------------------------------
 
 
 def _cache_dir(settings: InceptionSettings) -> Path:
@@ -356,8 +487,8 @@ def _cache_dir(settings: InceptionSettings) -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "modiff-bench") / "inception"
 
 
-def _cache_file(cache_dir: Path, name: str, extractor: str, sha16: str, part: str) -> Path:
-    return cache_dir / f"{name}--{extractor}--{sha16}--{part}.{_CACHE_FORMAT}.npz"
+def _cache_file(cache_dir: Path, reference: ReferenceSet, extractor: str, sha16: str, part: str) -> Path:
+    return cache_dir / f"{reference.name}--{extractor}--{sha16}--{reference.key()}--{part}.{_CACHE_FORMAT}.npz"
 
 
 def _read_cache(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
@@ -379,58 +510,142 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     write_atomic(path, write)
 
 
-def _meta(reference: _LazyReference, extractor: str, weights: Path, n: int) -> dict:
-    return {"reference": reference.name, "n_images": n, "extractor": extractor, "weights": str(weights),
-            "weights_sha256_16": _sha16(weights), "format": _CACHE_FORMAT}
+def _meta(reference: ReferenceSet, extractor: str, weights: Path, n: int) -> dict:
+    identity = reference.identity() if callable(reference.identity) else reference.identity
+    return {"reference": reference.name, "identity": identity, "reference_key": reference.key(), "n_images": n,
+            "extractor": extractor, "weights": str(weights), "weights_sha256_16": _sha16(weights),
+            "format": _CACHE_FORMAT}
+
+
+def _precomputed(reference: ReferenceSet) -> dict[str, np.ndarray]:
+    stats = reference.statistics()
+    expected = {"pool_mu": (POOL_DIMS,), "pool_sigma": (POOL_DIMS, POOL_DIMS),
+                "spatial_mu": (SPATIAL_DIMS,), "spatial_sigma": (SPATIAL_DIMS, SPATIAL_DIMS)}
+    for key in ("pool_mu", "pool_sigma"):
+        if key not in stats:
+            raise BenchError(f"reference {reference.name!r}: its precomputed statistics lack {key}")
+    for key, value in stats.items():
+        if key not in expected or np.shape(value) != expected[key]:
+            raise BenchError(f"reference {reference.name!r}: precomputed {key} has shape {np.shape(value)}, "
+                             f"expected {expected.get(key, 'no such key')}")
+    return {key: np.asarray(value, dtype=np.float64) for key, value in stats.items()}
+
+
+def _reference_side(reference: ReferenceSet | None, wanted: list[str], fidelity_path: Path | None,
+                    pytorch_fid_path: Path | None, settings: InceptionSettings, cache_dir: Path,
+                    missing: dict[str, str]) -> dict:
+    """The reference's statistics and features each pending column needs: precomputed, cached, or
+    from one pass over its images (both libraries at once), then cached. Columns the reference
+    cannot serve get their reason in ``missing``."""
+    ref: dict = {"stats": None, "pool": None, "pytorch_fid": None}
+    if reference is None:
+        return ref
+    fidelity_ok = fidelity_path is not None
+    fid_sfid = [c for c in ("fid", "sfid") if fidelity_ok and c in wanted and c not in missing]
+    prc = fidelity_ok and "prc" in wanted and "precision" not in missing
+    pytorch_fid = pytorch_fid_path is not None and "fid" in wanted and "fid_pytorch_fid" not in missing
+    sha16 = _sha16(fidelity_path) if fidelity_path is not None else None
+    if fid_sfid and reference.statistics is not None:
+        ref["stats"] = _precomputed(reference)
+        if "sfid" in fid_sfid and "spatial_mu" not in ref["stats"]:
+            missing["sfid"] = (f"reference {reference.name!r} has precomputed pool statistics only "
+                               "(no mu_s / sigma_s): sfid needs the spatial ones")
+    elif fid_sfid:
+        ref["stats"] = _read_cache(_cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "stats"), STATS_KEYS)
+    if prc and reference.load is None:
+        missing["precision"] = missing["recall"] = (
+            f"reference {reference.name!r} is precomputed statistics only: precision / recall need its images")
+        prc = False
+    elif prc:
+        ref["pool"] = _read_cache(_cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "pool-features"),
+                                  ("pool",))
+    if pytorch_fid and reference.statistics is not None:
+        missing["fid_pytorch_fid"] = (
+            f"reference {reference.name!r} gives fid from precomputed statistics, which pytorch-fid cannot use"
+            + ("" if reference.load is None else " (its images need not be the set those statistics describe)"))
+        pytorch_fid = False
+    elif pytorch_fid:
+        ref["pytorch_fid"] = _read_cache(_cache_file(cache_dir, reference, PYTORCH_FID, _sha16(pytorch_fid_path),
+                                                     "stats"), ("pool_mu", "pool_sigma", "n"))
+
+    need_stats = bool(fid_sfid) and ref["stats"] is None
+    need_pool = prc and ref["pool"] is None
+    need_pytorch_fid = pytorch_fid and ref["pytorch_fid"] is None
+    if not (need_stats or need_pool or need_pytorch_fid):
+        return ref
+    try:
+        images = reference.load()
+    except ReferenceUnavailable as exc:
+        reason = " ".join(str(exc).split())
+        unserved = ((fid_sfid if need_stats else []) + (["precision", "recall"] if need_pool else [])
+                    + (["fid_pytorch_fid"] if need_pytorch_fid else []))
+        for column in unserved:
+            missing.setdefault(column, reason)
+        return ref
+
+    # All torch-fidelity statistics at once when any is missing: the one forward pass gives them all.
+    fidelity = pytorch_fid_pass = None
+    if need_stats or need_pool:
+        fidelity = _FidelityPass(_load_torch_fidelity(fidelity_path, ["2048"], settings.device),
+                                 spatial=reference.statistics is None)
+    if need_pytorch_fid:
+        pytorch_fid_pass = _PytorchFidPass(_load_pytorch_fid(pytorch_fid_path, settings.device))
+    stream = _Stream(images, settings.batch_size, f"reference {reference.name!r}")
+    _run(stream, [p for p in (fidelity, pytorch_fid_pass) if p is not None], settings.device)
+    if stream.bad:
+        raise BenchError(f"reference {reference.name!r} contains NaN or inf pixels ({stream.bad} images)")
+    if stream.n == 0:
+        raise BenchError(f"reference {reference.name!r} has no images")
+    if fidelity is not None:
+        f = fidelity.result()
+        meta = _meta(reference, TORCH_FIDELITY, fidelity_path, stream.n)
+        if reference.statistics is None:
+            ref["stats"] = _statistics(f["2048"], f["spatial"])
+            _write_cache(_cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "stats"), ref["stats"], meta)
+        if prc:
+            ref["pool"] = {"pool": f["2048"].numpy()}
+            _write_cache(_cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "pool-features"), ref["pool"],
+                         meta)
+    if pytorch_fid_pass is not None:
+        feats = pytorch_fid_pass.result()
+        ref["pytorch_fid"] = {"pool_mu": feats.mean(0), "pool_sigma": np.cov(feats, rowvar=False),
+                              "n": np.array(len(feats))}
+        _write_cache(_cache_file(cache_dir, reference, PYTORCH_FID, _sha16(pytorch_fid_path), "stats"),
+                     ref["pytorch_fid"], _meta(reference, PYTORCH_FID, pytorch_fid_path, stream.n))
+    return ref
+
+
+def _statistics(pool: torch.Tensor, spatial: torch.Tensor) -> dict[str, np.ndarray]:
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    pool_stats, spatial_stats = fid_features_to_statistics(pool), fid_features_to_statistics(spatial)
+    return {"pool_mu": pool_stats["mu"], "pool_sigma": pool_stats["sigma"],
+            "spatial_mu": spatial_stats["mu"], "spatial_sigma": spatial_stats["sigma"]}
 
 
 # --- metrics -------------------------------------------------------------------------------------
 
 
-def _torch_fidelity_metrics(images, ref: _LazyReference, wanted: list[str], weights: Path,
-                            settings: InceptionSettings, cache_dir: Path):
+def _torch_fidelity_values(gen: dict[str, torch.Tensor], n: int, ref: dict, pending: list[str],
+                           settings: InceptionSettings):
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     values: dict[str, float | None] = {}
     missing: dict[str, str] = {}
-    sha16 = _sha16(weights)
-    stats_file = _cache_file(cache_dir, ref.name, TORCH_FIDELITY, sha16, "stats")
-    feats_file = _cache_file(cache_dir, ref.name, TORCH_FIDELITY, sha16, "pool-features")
-    stats = ref_feats = None
-    if "fid" in wanted or "sfid" in wanted:
-        stats = _read_cache(stats_file, ("pool_mu", "pool_sigma", "spatial_mu", "spatial_sigma"))
-    if "prc" in wanted:
-        ref_feats = _read_cache(feats_file, ("pool",))
-    need_reference = (stats is None and ("fid" in wanted or "sfid" in wanted)) or (
-        ref_feats is None and "prc" in wanted)
-
-    # Requesting only what is used lets the forward pass stop early ('768' ends after Mixed_6e).
-    used = {"2048": "fid" in wanted or "prc" in wanted or need_reference, "logits_unbiased": "is" in wanted}
-    model = _load_torch_fidelity(weights, [f for f, u in used.items() if u] or ["768"], settings.device)
-    if need_reference:
-        # All reference statistics at once: the one forward pass gives them all.
-        f = _fidelity_features(model, ref.images(), spatial=True, settings=settings)
-        meta = _meta(ref, TORCH_FIDELITY, weights, len(f["2048"]))
-        pool, spatial = fid_features_to_statistics(f["2048"]), fid_features_to_statistics(f["spatial"])
-        stats = {"pool_mu": pool["mu"], "pool_sigma": pool["sigma"],
-                 "spatial_mu": spatial["mu"], "spatial_sigma": spatial["sigma"]}
-        _write_cache(stats_file, stats, meta)
-        if "prc" in wanted:
-            ref_feats = {"pool": f["2048"].numpy()}
-            _write_cache(feats_file, ref_feats, meta)
-
-    gen = _fidelity_features(model, images, spatial="sfid" in wanted, settings=settings)
-    n = len(images)
     for column, feats, key in (("fid", "2048", "pool"), ("sfid", "spatial", "spatial")):
-        if column in wanted and n < 2:
+        if column in pending and n < 2:
             missing[column] = f"{column} needs at least 2 generated images, got {n}"
-        elif column in wanted:
-            reference_stats = {"mu": stats[f"{key}_mu"], "sigma": stats[f"{key}_sigma"]}
-            out = fid_statistics_to_metric(fid_features_to_statistics(gen[feats]), reference_stats, verbose=False)
+        elif column in pending:
+            # float64 on both sides: torch-fidelity wants equal dtypes, and precomputed statistics
+            # (guided-diffusion's) are float64 where its own means are float32
+            generated = {k: np.asarray(v, np.float64) for k, v in fid_features_to_statistics(gen[feats]).items()}
+            reference_stats = {"mu": np.asarray(ref["stats"][f"{key}_mu"], np.float64),
+                               "sigma": np.asarray(ref["stats"][f"{key}_sigma"], np.float64)}
+            out = fid_statistics_to_metric(generated, reference_stats, verbose=False)
             values[column] = out["frechet_inception_distance"]
-    if "is" in wanted:
+    if "is_mean" in pending:
         splits = min(IS_SPLITS, n // 2)
         if splits < 1:
             missing["is_mean"] = missing["is_std"] = f"the Inception score needs at least 2 images, got {n}"
@@ -439,33 +654,24 @@ def _torch_fidelity_metrics(images, ref: _LazyReference, wanted: list[str], weig
             values["is_mean"], values["is_std"] = out["inception_score_mean"], out["inception_score_std"]
             if splits == 1:
                 values["is_std"], missing["is_std"] = None, f"one split only ({n} images): no spread to report"
-    if "prc" in wanted:
-        n_ref = len(ref_feats["pool"])
+    if "precision" in pending:
+        n_ref = len(ref["pool"]["pool"])
         if min(n, n_ref) <= PRC_NEIGHBOURS:
             missing["precision"] = missing["recall"] = (
                 f"precision / recall need more than {PRC_NEIGHBOURS} images on each side (k = {PRC_NEIGHBOURS}), "
                 f"got {n} generated and {n_ref} reference")
         else:
             out = prc_features_to_metric(
-                gen["2048"].to(settings.device), torch.from_numpy(ref_feats["pool"]).to(settings.device),
+                gen["2048"].to(settings.device), torch.from_numpy(ref["pool"]["pool"]).to(settings.device),
                 prc_neighborhood=PRC_NEIGHBOURS, save_cpu_ram=True, verbose=False)
             values["precision"], values["recall"] = out["precision"], out["recall"]
     return values, missing
 
 
-def _pytorch_fid_metric(images, ref: _LazyReference, weights: Path, settings: InceptionSettings,
-                        cache_dir: Path) -> tuple[float | None, str | None]:
-    stats_file = _cache_file(cache_dir, ref.name, PYTORCH_FID, _sha16(weights), "stats")
-    model = _load_pytorch_fid(weights, settings.device)
-    stats = _read_cache(stats_file, ("pool_mu", "pool_sigma", "n"))
-    if stats is None:
-        feats = _pytorch_fid_features(model, ref.images(), settings)
-        stats = {"pool_mu": feats.mean(0), "pool_sigma": np.cov(feats, rowvar=False), "n": np.array(len(feats))}
-        _write_cache(stats_file, stats, _meta(ref, PYTORCH_FID, weights, len(feats)))
-    n, n_ref = len(images), int(stats["n"])
+def _pytorch_fid_value(feats: np.ndarray, stats: dict) -> tuple[float | None, str | None]:
+    n, n_ref = len(feats), int(stats["n"])
     if min(n, n_ref) < 2:
         return None, f"fid_pytorch_fid needs at least 2 images on each side, got {n} generated and {n_ref} reference"
-    feats = _pytorch_fid_features(model, images, settings)
     return _pytorch_fid_distance(feats.mean(0), np.cov(feats, rowvar=False), stats["pool_mu"], stats["pool_sigma"])
 
 

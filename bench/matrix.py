@@ -48,7 +48,7 @@ from modiff.config import GRANULARITIES, MODULATIONS, check_bits
 from .errors import BenchError
 from .methods import AUTO, CellSpec, base_quantizer, cache_method, import_plugins, methods
 from .metrics import check_metrics
-from .samplers import SAMPLER_NAMES
+from .samplers import SAMPLER_NAMES, SamplerConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,7 +64,8 @@ AXES: tuple[str, ...] = ("model", "sampler", "steps", "eta", "w_bits", "a_bits",
                          "modulation", "cache")
 AXIS_DEFAULTS: dict[str, list] = {"w_bits": [8], "a_bits": [8], "base": ["lcq"], "a_granularity": [AUTO],
                                   "modulation": ["off"], "cache": ["none"]}
-INCEPTION_KEYS = {"weights": str, "pytorch_fid_weights": str, "cache_dir": str, "batch_size": int, "download": bool}
+INCEPTION_KEYS = {"weights": str, "pytorch_fid_weights": str, "cache_dir": str, "batch_size": int, "download": bool,
+                  "cifar10_root": str, "reference_images": str, "reference_stats": str}  # see bench.references
 SECTIONS = ("run", "matrix", "params", "inception")
 PRESET_PACKAGE = "bench.presets"
 
@@ -218,8 +219,8 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
             raise BenchError(f"{source}: unknown key run.{key}; allowed: {', '.join(RUN_DEFAULTS)}")
     for raw_axes in raw_blocks:
         for key in raw_axes:
-            if key not in AXES:
-                raise BenchError(f"{source}: unknown key matrix.{key}; allowed: {', '.join(AXES)}")
+            if key not in AXES and key != "params":
+                raise BenchError(f"{source}: unknown key matrix.{key}; allowed: {', '.join(AXES)}, params")
         both = sorted(set(raw_run) & set(raw_axes))
         if both:
             raise BenchError(f"{source}: {', '.join(both)} given in both [run] and [matrix]; keep one")
@@ -250,23 +251,39 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     params = data.get("params", {})
     _check_type("[params]", params, dict)
     registered = methods()
-    for name, values in params.items():
-        if name not in registered:
-            raise BenchError(f"[params.{name}]: unknown method; available: {', '.join(registered)}")
-        _check_type(f"[params.{name}]", values, dict)
+    block_params = []  # per [[matrix]] block: the global [params] with the block's own on top
+    for where, table in [("[params]", params)] + [("matrix.params", b.get("params", {})) for b in raw_blocks]:
+        _check_type(where, table, dict)
+        for name, values in table.items():
+            if name not in registered:
+                raise BenchError(f"{where}.{name}: unknown method; available: {', '.join(registered)}")
+            _check_type(f"{where}.{name}", values, dict)
+    for raw_axes in raw_blocks:
+        merged = {name: dict(values) for name, values in params.items()}
+        for name, values in raw_axes.get("params", {}).items():
+            merged[name] = {**merged.get(name, {}), **values}
+        block_params.append(merged)
     inception = data.get("inception", {})
     _check_type("[inception]", inception, dict)
     for key, value in inception.items():
         if key not in INCEPTION_KEYS:
             raise BenchError(f"unknown key inception.{key}; allowed: {', '.join(INCEPTION_KEYS)}")
         _check_type(f"inception.{key}", value, INCEPTION_KEYS[key])
-        if key in ("weights", "pytorch_fid_weights") and not Path(value).expanduser().is_file():
-            raise BenchError(f"inception.{key}: {value} is not a file")
+    from .references import check_settings  # paths exist, reference data readable, no contradictions
+
+    check_settings(inception, [m for axes in blocks for m in axes["model"]])
 
     cells, skipped, seen = [], [], set()
-    combos = [combo for axes in blocks for combo in itertools.product(*(axes[k] for k in AXES))]
-    for combo in combos:
+    combos = [(combo, index) for index, axes in enumerate(blocks)
+              for combo in itertools.product(*(axes[k] for k in AXES))]
+    for combo, index in combos:
+        params = block_params[index]
         values = dict(zip(AXES, combo, strict=True))
+        try:  # eta > 0 with a deterministic solver (plms, dpm-solver++) is only wrong in combination
+            SamplerConfig.from_name(values["sampler"], values["steps"], float(values["eta"]))
+        except BenchError as exc:
+            skipped.append({**values, "reason": str(exc)})
+            continue
         cell = CellSpec(checkpoint=run["checkpoint"] or None, n_samples=run["n_samples"], seed=run["seed"],
                         batch_size=run["batch_size"], eta=float(values.pop("eta")), **values)
         base = base_quantizer(cell.base, params.get(cell.base))
@@ -285,11 +302,14 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     if not cells:
         reasons = sorted({s["reason"] for s in skipped})
         raise BenchError(f"{source}: the matrix is empty: every combination is invalid ({'; '.join(reasons)})")
+    params = data.get("params", {})  # the global table; blocks' own params are in resolved()["matrix"]
     return Matrix(source, run, blocks, params, inception, cells, skipped)
 
 
 def _block_axes(raw_axes: dict, run: dict, source: str) -> dict[str, list]:
     axes: dict[str, list] = {}
+    if raw_axes.get("params"):
+        axes["params"] = raw_axes["params"]
     for key in AXES:
         if key in raw_axes:
             values = raw_axes[key] if isinstance(raw_axes[key], list) else [raw_axes[key]]

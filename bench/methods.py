@@ -109,14 +109,16 @@ class Prepared:
     wrap: Callable[[Denoiser], Denoiser] | None = None
     on_trajectory_start: list[Callable[[], None]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    mac_fraction: float = 1.0  # share of the full UNet's MACs one step runs on average (caching < 1)
+    mac_fraction: float = 1.0  # share of the full UNet's MACs one network evaluation runs on average (caching < 1)
     noise_std: NoiseStd | None = None
+    # the zoo model's adapter of a UNet to ``(x_t, t) -> eps`` (guidance, conditioning); set by ``build``
+    make_denoiser: Callable[[nn.Module], Denoiser] | None = None
 
     def denoiser(self) -> Denoiser:
         """The UNet as a sampler's denoiser, with the method's wrapper applied."""
-        from .zoo.digits import unet_denoiser
+        from .zoo import unet_denoiser
 
-        denoiser = unet_denoiser(self.unet)
+        denoiser = (self.make_denoiser or unet_denoiser)(self.unet)
         return self.wrap(denoiser) if self.wrap is not None else denoiser
 
     def start_trajectory(self) -> None:
@@ -280,6 +282,8 @@ def build(ctx: BuildContext) -> Prepared:
     """Build a cell's denoiser: its base quantizer, then its cache scheme."""
     cell = ctx.cell
     prepared = base_quantizer(cell.base, cell.params.get(cell.base)).build(ctx)
+    if prepared.make_denoiser is None:
+        prepared.make_denoiser = ctx.model.denoiser
     cache = cache_method(cell.cache, cell.params)
     if cache is not None:
         prepared = cache.apply(ctx, prepared)

@@ -5,7 +5,8 @@
 - ``fd_domain`` / ``is_domain``: Frechet distance to the held-out digits and an Inception-score
   analogue, in the feature space of the digits model's domain classifier (digits only).
 - ``fid``, ``is``, ``sfid``, ``prc``: Inception-based, through torch-fidelity and pytorch-fid
-  (``bench.inception``); missing with a reason when the weights are unavailable.
+  (``bench.inception``), against each model's reference data (``bench.references``); missing with
+  a reason when the weights or the reference data are unavailable.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ def mse_to_fp(samples: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean squared error on images mapped to [0, 1] (clipped), over all pixels of all images."""
     if samples.shape != reference.shape:
         raise ValueError(f"shape mismatch: {tuple(samples.shape)} vs {tuple(reference.shape)}")
-    a = ((samples.double() + 1) / 2).clamp(0, 1)
-    b = ((reference.double() + 1) / 2).clamp(0, 1)
-    return float((a - b).pow(2).mean())
+    total, chunk = 0.0, 256  # in chunks: 50,000 LSUN images in float64 would take 80 GB at once
+    for i in range(0, len(samples), chunk):
+        a = ((samples[i: i + chunk].double() + 1) / 2).clamp(0, 1)
+        b = ((reference[i: i + chunk].double() + 1) / 2).clamp(0, 1)
+        total += float((a - b).pow(2).sum())
+    return total / max(samples.numel(), 1)
 
 
 def psnr_to_fp(samples: torch.Tensor, reference: torch.Tensor) -> float:
@@ -72,7 +76,7 @@ def check_metrics(names: Iterable[str], model: str) -> None:
 
 @dataclass
 class MetricInputs:
-    samples: torch.Tensor  # float images in [-1, 1], (N, C, H, W)
+    samples: torch.Tensor  # images in [-1, 1], (N, C, H, W), float16 or float32 (as stored)
     model: str
     checkpoint: str | None = None
     reference: torch.Tensor | None = None  # full-precision samples from the same seeds
@@ -97,7 +101,7 @@ def fd_domain(samples: torch.Tensor, checkpoint: str | None = None) -> float:
     from .domain import features_and_logits, frechet_distance
 
     classifier, heldout = _digits_domain(checkpoint)
-    return frechet_distance(features_and_logits(classifier, samples)[0], heldout)
+    return frechet_distance(features_and_logits(classifier, samples.float())[0], heldout)
 
 
 def is_domain(samples: torch.Tensor, checkpoint: str | None = None) -> tuple[float, float]:
@@ -105,18 +109,16 @@ def is_domain(samples: torch.Tensor, checkpoint: str | None = None) -> tuple[flo
     from .domain import features_and_logits, inception_score
 
     classifier, _ = _digits_domain(checkpoint)
-    return inception_score(features_and_logits(classifier, samples)[1], splits=min(10, len(samples)))
+    return inception_score(features_and_logits(classifier, samples.float())[1], splits=min(10, len(samples)))
 
 
-def inception_reference(model: str):
-    """The real images FID / sFID / precision-recall compare against, per zoo model."""
-    from .inception import ReferenceSet
+def inception_reference(model: str, settings=None, size: tuple[int, int] | None = None):
+    """The real images FID / sFID / precision-recall compare against: a ``bench.inception.ReferenceSet``
+    for ``model`` under the ``[inception]`` settings (``InceptionSettings``), or a one-line reason why
+    there is none. ``size``: the generated images' (height, width). See ``bench.references``."""
+    from .references import reference_for
 
-    if model == "digits":
-        from .data import load_digits_split
-
-        return ReferenceSet("digits-train", lambda: load_digits_split("train").images)
-    return None
+    return reference_for(model, settings, size)
 
 
 def compute_metrics(names: Iterable[str], inputs: MetricInputs) -> tuple[dict[str, float | None], dict[str, str]]:
@@ -143,12 +145,16 @@ def compute_metrics(names: Iterable[str], inputs: MetricInputs) -> tuple[dict[st
     if wanted:
         from .inception import InceptionSettings, inception_metrics
 
-        reference = inception_reference(inputs.model)
-        if reference is None:
-            for column in (c for n in wanted for c in METRICS[n].columns):
-                values[column], missing[column] = None, f"no reference image set for model {inputs.model!r}"
-        else:
-            got, why = inception_metrics(inputs.samples, reference, wanted, inputs.inception or InceptionSettings())
+        settings = inputs.inception or InceptionSettings()
+        reference = None
+        if any(n != "is" for n in wanted):  # the Inception score needs no reference
+            reference = inception_reference(inputs.model, settings, tuple(inputs.samples.shape[-2:]))
+        if isinstance(reference, str):
+            for column in (c for n in wanted if n != "is" for c in METRICS[n].columns):
+                values[column], missing[column] = None, reference
+            wanted, reference = [n for n in wanted if n == "is"], None
+        if wanted:
+            got, why = inception_metrics(inputs.samples, reference, wanted, settings)
             values.update(got)
             missing.update(why)
     return values, missing

@@ -12,7 +12,6 @@ import modiff
 
 from .samplers import SamplerConfig, sample
 from .zoo import ZooModel
-from .zoo.digits import unet_denoiser
 
 
 def quantized_copy(unet: nn.Module, config: modiff.ModiffConfig) -> nn.Module:
@@ -27,6 +26,6 @@ def sample_unet(
     """Sample with ``unet`` (quantized or not) on ``model``'s schedule; MoDiff state is reset once
     per batch, before the first step."""
     return sample(
-        unet_denoiser(unet), model.schedule, sampler, seeds, model.image_shape, batch_size, device,
-        progress=progress, on_trajectory_start=lambda: modiff.reset(unet),
+        model.denoiser(unet), model.schedule, sampler, seeds, model.image_shape, batch_size, device,
+        progress=progress, on_trajectory_start=lambda: modiff.reset(unet), on_batch=model.start_batch,
     )

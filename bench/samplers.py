@@ -1,9 +1,32 @@
-"""DDIM and DDPM ancestral samplers over a ``(x_t, t) -> eps`` denoiser.
+"""Samplers over a ``(x_t, t) -> eps`` denoiser: DDIM and DDPM as in the DDIM code base, DDIM and
+PLMS as in latent-diffusion, and singlestep DPM-Solver++ of order 3.
 
-The update rules are those of the DDIM code base used by Q-Diffusion and MoDiff
-(``generalized_steps`` and ``ddpm_steps``): no clipping of x0 in DDIM, x0 clipped to [-1, 1] in
-DDPM, alpha_bar(-1) = 1. Noise is drawn per sample from that sample's own integer seed (as
-NVlabs/edm does), so image i depends only on seed i, never on the batch it was generated in.
+- ``ddim-*`` / ``ddpm-*``: the update rules of the DDIM code base used by Q-Diffusion and MoDiff
+  (``generalized_steps`` and ``ddpm_steps``): no clipping of x0 in DDIM, x0 clipped to [-1, 1] in
+  DDPM, alpha_bar(-1) = 1.
+- ``ddim-ldm``: the same DDIM update on latent-diffusion's grid ``range(0, T, T // steps) + 1``,
+  whose last step ends at alphas_cumprod[0] (``bench.schedules``); eta as in DDIM.
+- ``plms``: latent-diffusion's PLMS (``ldm/models/diffusion/plms.py``, used by Stable
+  Diffusion's ``--plms``) on that grid: a pseudo improved Euler first step (two network
+  evaluations), then Adams-Bashforth of order 2, 3 and 4 on the noise predictions, each step a
+  DDIM (eta = 0) update. ``steps + 1`` network evaluations when ``steps`` divides T. Always
+  latent-diffusion's convention (offset 1, last step to alphas_cumprod[0]), for every model: it
+  equals diffusers' ``PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)``,
+  Stable Diffusion's settings, whenever ``steps`` divides T. Deterministic.
+- ``dpm-solver++``: singlestep DPM-Solver++ of order 3 ("DPM-Solver-fast"), data prediction, as
+  LuChengTHU/dpm-solver runs it in the MoDiff authors' ablation (``order=3,
+  method="singlestep", skip_type="time_uniform"``, solver type "dpmsolver"): ``steps`` network
+  evaluations, grouped into solver steps of order 3, ..., 3 and then 2, 1 or 2+1 (``steps % 3``);
+  the intermediate points of a step are the grid points inside it. The grid is integer
+  (``bench.schedules``, "linspace"): that code feeds the network continuous times (999 - 49.95 k
+  for 20 steps), which the ``(x_t, t)`` interface with integer t cannot; the timesteps are the ones
+  diffusers' ``DPMSolverSinglestepScheduler`` uses and the last step ends at t = 0 (DPM-Solver's
+  ``t_0 = 1/N``, no final denoising). diffusers' scheduler is not used: its third-order steps
+  predict the second intermediate point with the midpoint form, not the reference code's.
+  Deterministic.
+
+Noise is drawn per sample from that sample's own integer seed (as NVlabs/edm does), so image i
+depends only on seed i, never on the batch it was generated in.
 """
 
 from __future__ import annotations
@@ -16,38 +39,74 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import BenchError
-from .schedules import SPACINGS, NoiseSchedule, step_pairs, timestep_sequence
+from .schedules import SPACINGS, NoiseSchedule, final_timestep, step_pairs, timestep_sequence
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (step index, sigma_t, coefficient of eps in x_{t-1}) -> the std of the fresh noise to add instead
 # of sigma_t (PTQD's variance schedule calibration); the deterministic part keeps sigma_t.
 NoiseStd = Callable[[int, float, float], float]
-ALGORITHMS = ("ddim", "ddpm")
-SAMPLER_NAMES = tuple(f"{a}-{s}" for a in ALGORITHMS for s in SPACINGS)
+ALGORITHMS = ("ddim", "ddpm")  # one network evaluation per step, updated by ``_step``
+DETERMINISTIC = ("plms", "dpm-solver++")  # algorithms without fresh noise (eta must be 0)
+# name -> (algorithm, timestep grid)
+SAMPLERS = {
+    **{f"{a}-{s}": (a, s) for a in ALGORITHMS for s in SPACINGS},
+    "ddim-ldm": ("ddim", "ldm"),
+    "plms": ("plms", "ldm"),
+    "dpm-solver++": ("dpm-solver++", "linspace"),
+}
+SAMPLER_NAMES = tuple(SAMPLERS)
+_NAMES = {spec: name for name, spec in SAMPLERS.items()}
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    algorithm: str  # ddim | ddpm
-    spacing: str  # quad | uniform
-    steps: int
-    eta: float = 0.0  # DDIM only; DDPM is ancestral by definition
+    algorithm: str  # ddim | ddpm | plms | dpm-solver++
+    spacing: str  # the timestep grid: quad | uniform (DDIM code base) | ldm | linspace (bench.schedules)
+    steps: int  # solver steps asked for; network evaluations: ``evaluation_timesteps``
+    eta: float = 0.0  # DDIM only; DDPM is ancestral by definition, PLMS and DPM-Solver++ deterministic
 
     @classmethod
     def from_name(cls, name: str, steps: int, eta: float = 0.0) -> SamplerConfig:
         if name not in SAMPLER_NAMES:
             raise BenchError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
-        algorithm, spacing = name.split("-", 1)
+        algorithm, spacing = SAMPLERS[name]
         if not 0.0 <= eta <= 1.0:  # also rejects NaN
             raise BenchError(f"eta must be between 0 (deterministic DDIM) and 1, got {eta}")
+        if algorithm in DETERMINISTIC and eta != 0.0:
+            raise BenchError(f"{name} is deterministic: eta must be 0, got {eta}")
         return cls(algorithm, spacing, steps, eta)
 
     @property
     def name(self) -> str:
-        return f"{self.algorithm}-{self.spacing}"
+        return _NAMES.get((self.algorithm, self.spacing), f"{self.algorithm}-{self.spacing}")
 
     def timesteps(self, schedule: NoiseSchedule) -> list[int]:
+        """The solver's timestep grid without its end point, increasing (the sampler walks it
+        backwards; a DPM-Solver++ step of order k spans k entries). Validates ``steps`` against the
+        schedule (BenchError). Network evaluations: ``evaluation_timesteps``."""
         return timestep_sequence(self.spacing, self.steps, schedule.num_train_timesteps)
+
+    def step_pairs(self, schedule: NoiseSchedule) -> list[tuple[int, int]]:
+        """``(t, t_prev)`` of every solver step in sampling order; the last ends at -1 (the DDIM
+        code base's grids) or 0 (``ldm``, ``linspace``). A DPM-Solver step of order k spans k pairs."""
+        return step_pairs(self.timesteps(schedule), final_timestep(self.spacing))
+
+    def evaluation_timesteps(self, schedule: NoiseSchedule) -> list[int]:
+        """The timestep of every network evaluation of one trajectory, in call order."""
+        down = [t for t, _ in self.step_pairs(schedule)]
+        if self.algorithm == "plms":  # the first step also evaluates at the next timestep
+            return [down[0], down[min(1, len(down) - 1)], *down[1:]]
+        return down
+
+
+def dpm_solver_orders(steps: int) -> list[int]:
+    """Orders of the singlestep DPM-Solver-3 steps that use ``steps`` evaluations in all
+    (LuChengTHU/dpm-solver's "DPM-Solver-fast" split): 3, ..., 3 then 2+1, 1 or 2."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    k = steps // 3 + 1
+    tail = {0: [2, 1], 1: [1], 2: [2]}[steps % 3]
+    return [3] * (k - len(tail)) + tail
 
 
 class PerSampleNoise:
@@ -89,6 +148,87 @@ def _step(
     return mean + std * z
 
 
+def _ddim0(x: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float) -> torch.Tensor:
+    """The deterministic DDIM update (latent-diffusion's ``get_x_prev_and_pred_x0`` at eta = 0)."""
+    x0 = (x - eps * math.sqrt(1.0 - ab_t)) / math.sqrt(ab_t)
+    return math.sqrt(ab_prev) * x0 + math.sqrt(1.0 - ab_prev) * eps
+
+
+def _plms(evaluate: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, schedule: NoiseSchedule,
+          pairs: list[tuple[int, int]], bar) -> torch.Tensor:
+    """latent-diffusion's PLMS; ``old`` holds the noise predictions at the previous step starts."""
+    old: list[torch.Tensor] = []
+    for t, t_prev in pairs:
+        ab_t, ab_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+        eps = evaluate(x, t)
+        if not old:  # pseudo improved Euler: also evaluate at the next grid timestep
+            t_next = pairs[min(1, len(pairs) - 1)][0]
+            eps_next = evaluate(_ddim0(x, eps, ab_t, ab_prev), t_next)
+            combined = (eps + eps_next) / 2
+        elif len(old) == 1:
+            combined = (3 * eps - old[-1]) / 2
+        elif len(old) == 2:
+            combined = (23 * eps - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            combined = (55 * eps - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = _ddim0(x, combined, ab_t, ab_prev)
+        old = [*old[-2:], eps]
+        bar.update(1)
+    return x
+
+
+def _dpm_solver_pp(evaluate: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor,
+                   schedule: NoiseSchedule, pairs: list[tuple[int, int]], bar=None,
+                   orders: Sequence[int] | None = None) -> torch.Tensor:
+    """Singlestep DPM-Solver++ (data prediction) over the grid of ``pairs``: solver steps of the
+    given ``orders`` (default ``dpm_solver_orders``), each spanning that many grid intervals."""
+    grid = [t for t, _ in pairs] + [pairs[-1][1]]
+    orders = dpm_solver_orders(len(pairs)) if orders is None else list(orders)
+    if sum(orders) != len(pairs) or not set(orders) <= {1, 2, 3}:
+        raise ValueError(f"orders {orders} (each 1, 2 or 3) must cover the {len(pairs)} grid intervals")
+
+    def coefficients(t: int) -> tuple[float, float, float]:  # alpha_t, sigma_t, lambda_t
+        ab = schedule.alpha_bar(t)
+        alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
+        return alpha, sigma, math.log(alpha) - math.log(sigma)
+
+    def data(x: torch.Tensor, t: int) -> torch.Tensor:  # x0 predicted from the noise prediction
+        alpha, sigma, _ = coefficients(t)
+        return (x - sigma * evaluate(x, t)) / alpha
+
+    start = 0
+    for order in orders:
+        s, t = grid[start], grid[start + order]
+        (_, sigma_s, lambda_s), (alpha_t, sigma_t, lambda_t) = coefficients(s), coefficients(t)
+        h = lambda_t - lambda_s
+        phi_1 = math.expm1(-h)
+        m_s = data(x, s)
+        if order == 1:
+            x = (sigma_t / sigma_s) * x - (alpha_t * phi_1) * m_s
+        else:
+            s1 = grid[start + 1]
+            alpha_1, sigma_1, lambda_1 = coefficients(s1)
+            r1 = (lambda_1 - lambda_s) / h
+            m_1 = data((sigma_1 / sigma_s) * x - (alpha_1 * math.expm1(-r1 * h)) * m_s, s1)
+            if order == 2:
+                x = ((sigma_t / sigma_s) * x - (alpha_t * phi_1) * m_s
+                     - (0.5 / r1) * (alpha_t * phi_1) * (m_1 - m_s))
+            else:
+                s2 = grid[start + 2]
+                alpha_2, sigma_2, lambda_2 = coefficients(s2)
+                r2 = (lambda_2 - lambda_s) / h
+                phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1.0
+                x_2 = ((sigma_2 / sigma_s) * x - (alpha_2 * math.expm1(-r2 * h)) * m_s
+                       + (r2 / r1) * (alpha_2 * phi_22) * (m_1 - m_s))
+                m_2 = data(x_2, s2)
+                phi_2 = phi_1 / h + 1.0
+                x = (sigma_t / sigma_s) * x - (alpha_t * phi_1) * m_s + (1.0 / r2) * (alpha_t * phi_2) * (m_2 - m_s)
+        start += order
+        if bar is not None:
+            bar.update(order)
+    return x
+
+
 @torch.no_grad()
 def sample_batch(
     denoiser: Denoiser,
@@ -102,24 +242,34 @@ def sample_batch(
     noise_std: NoiseStd | None = None,
     on_batch: Callable[[Sequence[int]], None] | None = None,
 ) -> torch.Tensor:
-    """Sample one batch, one image per seed. ``on_trajectory_start`` runs once, before step 1
-    (per-trajectory state such as MoDiff's must be reset there, never per step). ``noise_std``
-    (step index, sigma_t, eps coefficient) -> std replaces the std of each step's fresh noise.
-    ``on_batch(seeds)`` runs first (per-batch conditioning, e.g. a zoo model's prompts)."""
+    """Sample one batch, one image per seed. ``on_trajectory_start`` runs once, before the first
+    network evaluation (per-trajectory state such as MoDiff's must be reset there, never per step
+    or per evaluation: PLMS and DPM-Solver++ evaluate the network more than once in some steps).
+    ``noise_std`` (step index, sigma_t, eps coefficient) -> std replaces the std of each step's
+    fresh noise (DDIM and DDPM only; the other samplers add none). ``on_batch(seeds)`` runs first
+    (per-batch conditioning, e.g. a zoo model's prompts)."""
     if on_batch is not None:
         on_batch(list(seeds))
     noise = PerSampleNoise(seeds, device)
     x = noise.randn(image_shape)
-    pairs = step_pairs(config.timesteps(schedule))
+    pairs = config.step_pairs(schedule)
     if on_trajectory_start is not None:
         on_trajectory_start()
-    for index, (t, t_prev) in enumerate(tqdm(pairs, desc="steps", leave=False, disable=not progress)):
-        t_batch = torch.full((len(seeds),), t, device=device, dtype=torch.long)
-        eps = denoiser(x, t_batch)
-        std = None if noise_std is None else (lambda sigma, coef, i=index: noise_std(i, sigma, coef))
-        x = _step(config.algorithm, x, eps, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), config.eta, noise,
-                  std)
-    return x
+    if config.algorithm in ALGORITHMS:
+        for index, (t, t_prev) in enumerate(tqdm(pairs, desc="steps", leave=False, disable=not progress)):
+            t_batch = torch.full((len(seeds),), t, device=device, dtype=torch.long)
+            eps = denoiser(x, t_batch)
+            std = None if noise_std is None else (lambda sigma, coef, i=index: noise_std(i, sigma, coef))
+            x = _step(config.algorithm, x, eps, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), config.eta,
+                      noise, std)
+        return x
+
+    def evaluate(x: torch.Tensor, t: int) -> torch.Tensor:
+        return denoiser(x, torch.full((len(seeds),), t, device=device, dtype=torch.long))
+
+    solve = _plms if config.algorithm == "plms" else _dpm_solver_pp
+    with tqdm(total=len(pairs), desc="steps", leave=False, disable=not progress) as bar:
+        return solve(evaluate, x, schedule, pairs, bar)
 
 
 def sample(

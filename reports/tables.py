@@ -25,11 +25,11 @@ METRIC_LABELS = {
 }
 QUALITY_ORDER = ("fid", "sfid", "is_mean", "fd_domain", "is_domain", "psnr_to_fp")
 MODULATION_LABELS = {"off": "alone", "plain": "+ plain mod.", "ec": "+ MoDiff"}
-# zoo model name -> (dataset, model) in the papers' tables; the paper-scale zoo (issue #7) uses these names
+# zoo model name -> (dataset, model) in the papers' tables
 PAPER_MODELS = {
     "ddpm-cifar10": ("cifar10", "ddpm-cifar10"),
-    "ldm-lsun-church": ("lsun-church", "ldm-8"),
-    "ldm-lsun-bedroom": ("lsun-bedroom", "ldm-4"),
+    "ldm-church": ("lsun-church", "ldm-8"),
+    "ldm-bedroom": ("lsun-bedroom", "ldm-4"),
 }
 
 

@@ -230,7 +230,7 @@ def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path, capsys):
     assert table.loc["lcq", "status"] == "ok" and table.loc["lcq", "psnr_to_fp"] > 0
     assert table.loc["test-raises", "status"] == "failed"
     assert table.loc["test-raises", "error"] == "RuntimeError: calibration diverged"
-    assert table.loc["test-nan", "status"] == "failed" and "NaN/Inf (4 of 4 images)" in table.loc["test-nan", "error"]
+    assert table.loc["test-nan", "status"] == "failed" and "NaN/Inf (4 of 4 images" in table.loc["test-nan", "error"]
     assert pd.isna(table.loc["test-nan", "psnr_to_fp"])
     key = table.loc["test-raises", "cell_id"]
     assert "Traceback" in (tmp_path / "o" / "cells" / key / "error.txt").read_text()

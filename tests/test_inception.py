@@ -272,7 +272,8 @@ def test_the_harness_passes_matrix_inception_settings_through(weights, tmp_path,
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
     reference = _Counted(_strokes(N, 16, seed=2))
-    monkeypatch.setattr(bench.metrics, "inception_reference", lambda model: ReferenceSet("strokes16", reference))
+    monkeypatch.setattr(bench.metrics, "inception_reference",
+                        lambda model, settings, size: ReferenceSet("strokes16", reference))
     config = tmp_path / "m.toml"
     config.write_text(
         '[run]\nsteps = 3\nn_samples = 12\nbatch_size = 12\nmetrics = ["psnr_to_fp", "fid", "is", "sfid"]\n'

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.samplers import PerSampleNoise, SamplerConfig, sample
+from bench.samplers import SAMPLER_NAMES, PerSampleNoise, SamplerConfig, sample
 from bench.schedules import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.linear()
@@ -43,6 +43,29 @@ def test_samplers_reproduce_a_gaussian_under_its_exact_denoiser(name, steps, eta
                batch_size=2000, progress=False)
     assert x.mean().item() == pytest.approx(mu, abs=0.005)
     assert x.std().item() == pytest.approx(s, rel=rel)
+
+
+@pytest.mark.parametrize("name,steps,eta,rel", [
+    ("ddim-ldm", 500, 0.0, 0.02), ("ddim-ldm", 500, 1.0, 0.03), ("plms", 50, 0.0, 0.02),
+    ("dpm-solver++", 99, 0.0, 0.02),
+])
+def test_ldm_and_dpm_solver_samplers_reproduce_a_gaussian_under_its_exact_denoiser(name, steps, eta, rel):
+    """They end at t = 0 (alphas_cumprod[0]), whose law is N(0.2 sqrt(ab_0), ~0.3^2). DPM-Solver++
+    on the time-uniform grid is the coarsest near t = 0: at 20 steps its last step (t = 100 -> 0)
+    over-disperses this narrow law (std 0.33); tests/test_solvers.py checks its accuracy."""
+    mu, s = 0.2, 0.3
+    config = SamplerConfig.from_name(name, steps, eta)
+    x = sample(gaussian_oracle(mu, s, SCHEDULE), SCHEDULE, config, range(2000), (1, 4, 4), batch_size=2000,
+               progress=False)
+    assert x.mean().item() == pytest.approx(mu, abs=0.005)
+    assert x.std().item() == pytest.approx(s, rel=rel)
+
+
+def test_sampler_names():
+    assert SAMPLER_NAMES == ("ddim-uniform", "ddim-quad", "ddpm-uniform", "ddpm-quad", "ddim-ldm", "plms",
+                             "dpm-solver++")
+    for name in SAMPLER_NAMES:
+        assert SamplerConfig.from_name(name, 10).name == name
 
 
 def test_ddim_eta0_ends_exactly_on_the_predicted_x0_of_a_point_mass():

@@ -1,5 +1,14 @@
 """``cache = "deepcache-u<N>"`` / ``"deepcache-nu<N>"`` in matrix files: DeepCache on top of any
-base quantizer (with ``fp`` it is DeepCache alone; with a modulated base it is MoDiff + caching)."""
+base quantizer (with ``fp`` it is DeepCache alone; with a modulated base it is MoDiff + caching).
+
+Full and partial passes are chosen per network evaluation, as DeepCache's own pipelines do
+(``for i, t in enumerate(scheduler.timesteps): full if i in interval_seq``, with ``interval_seq``
+built from the number of inference steps): the full indices come from the cell's ``steps`` and a
+counter of evaluations, reset per trajectory, picks them. With one evaluation per step (DDIM,
+DDPM, DPM-Solver++, whose singlestep intermediate points are evaluations of their own) that is
+the step index; PLMS's ``steps + 1`` evaluations (its first step evaluates twice) shift the later
+full passes by one evaluation and leave the extra last one partial, exactly as DeepCache with
+diffusers' PNDM scheduler. ``mac_fraction`` averages over the evaluations actually run."""
 
 from __future__ import annotations
 
@@ -73,9 +82,9 @@ class DeepCacheMethod(CacheMethod):
         prepared.wrap = wrap
         prepared.on_trajectory_start = [*prepared.on_trajectory_start, start]
         full_macs, partial_macs = macs_full_and_partial(unet, cache, ctx.model.image_shape, ctx.device)
-        n_full = len(full)
-        prepared.mac_fraction = (n_full * full_macs + (ctx.cell.steps - n_full) * partial_macs) / (
-            ctx.cell.steps * full_macs)
+        n_eval = len(ctx.sampler.evaluation_timesteps(ctx.model.schedule))
+        n_full = sum(1 for i in full if i < n_eval)
+        prepared.mac_fraction = (n_full * full_macs + (n_eval - n_full) * partial_macs) / (n_eval * full_macs)
         prepared.info.update({"deepcache_full_steps": sorted(full), "deepcache_branch": self.params["branch"],
                               "macs_full_g": full_macs / 1e9, "macs_partial_g": partial_macs / 1e9})
         return prepared

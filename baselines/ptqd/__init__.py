@@ -58,8 +58,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench.samplers import Denoiser, PerSampleNoise, SamplerConfig, _step
-from bench.schedules import NoiseSchedule, step_pairs
+from bench.samplers import ALGORITHMS, Denoiser, PerSampleNoise, SamplerConfig, _step
+from bench.schedules import NoiseSchedule
 
 __all__ = ["PTQDStats", "PTQDCorrection", "collect_statistics"]
 
@@ -160,6 +160,7 @@ def collect_statistics(
     device: torch.device | str = "cpu",
     on_trajectory_start: Callable[[], None] | None = None,
     progress: bool = False,
+    on_batch: Callable[[Sequence[int]], None] | None = None,
 ) -> PTQDStats:
     """Run ``len(seeds)`` full-precision trajectories (the sampler of ``sampler_config``, noise
     drawn per seed exactly as ``bench.samplers.sample`` draws it); at every step also call the
@@ -171,10 +172,14 @@ def collect_statistics(
         raise ValueError("PTQD needs at least one calibration sample")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    pairs = step_pairs(sampler_config.timesteps(schedule))
+    if sampler_config.algorithm not in ALGORITHMS:
+        raise ValueError(f"PTQD statistics follow DDIM/DDPM updates, not {sampler_config.name}")
+    pairs = sampler_config.step_pairs(schedule)  # ddim-ldm's last step ends at alpha_bar(0)
     moments = [_Moments() for _ in pairs]
     batches = [seeds[i: i + batch_size] for i in range(0, len(seeds), batch_size)]
     for chunk in tqdm(batches, desc="PTQD statistics", unit="batch", disable=not progress, leave=False):
+        if on_batch is not None:  # per-batch conditioning (a text-conditioned model's prompts)
+            on_batch(chunk)
         noise = PerSampleNoise(chunk, device)
         x = noise.randn(image_shape)
         if on_trajectory_start is not None:

@@ -13,6 +13,10 @@ Building a cell builds the base quantizer for the cell's bit widths, with the ba
 onwards, disjoint from any evaluation seeds), calling the quantized denoiser on the same ``x_t`` at
 each step, and turns the errors into per-step statistics (``baselines.ptqd.collect_statistics``).
 Those are kept in ``<cache_dir>/ptqd/<key>.pt``, keyed by everything they depend on, and reused.
+
+Samplers: the statistics and the variance calibration re-implement the DDIM / DDPM update, one
+network evaluation per step, so cells with ``plms`` or ``dpm-solver++`` are skipped (``resolve``
+gives the reason); ``ddim-ldm`` is DDIM on latent-diffusion's grid and is supported.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from bench.errors import BenchError
 from bench.methods import BaseQuantizer, BuildContext, CellSpec, Prepared, base_quantizer, register_method
 from bench.provenance import write_atomic
-from bench.zoo.digits import unet_denoiser
+from bench.samplers import ALGORITHMS, SAMPLERS
 from modiff.config import NOT_QUANTIZED
 
 from . import PTQDCorrection, PTQDStats, collect_statistics
@@ -75,12 +79,16 @@ class PTQD(BaseQuantizer):
                     "depends on the trajectory (use modulation=off)")
         if cell.w_bits == NOT_QUANTIZED and cell.a_bits == NOT_QUANTIZED:
             return "PTQD at W32A32 has no quantization error to correct"
+        if SAMPLERS.get(cell.sampler, ("",))[0] not in ALGORITHMS:
+            return (f"PTQD's correction is defined here for DDIM/DDPM updates (one network evaluation per step, "
+                    f"ddim-* / ddpm-*), not for {cell.sampler}")
         return None
 
     # -- build ----------------------------------------------------------------------------------
     def build(self, ctx: BuildContext) -> Prepared:
         base = self.base(ctx.cell)
         prepared = base.build(ctx)
+        prepared.make_denoiser = prepared.make_denoiser or ctx.model.denoiser
         stats, cached = self.statistics(ctx, base, prepared)
         correction = PTQDCorrection(stats)
         inner_wrap = prepared.wrap
@@ -135,9 +143,10 @@ class PTQD(BaseQuantizer):
         cell = ctx.cell
         start = CALIB_SEED_OFFSET + cell.seed
         stats = collect_statistics(
-            unet_denoiser(ctx.model.unet), prepared.denoiser(), ctx.model.schedule, ctx.sampler,
+            ctx.model.denoiser(), prepared.denoiser(), ctx.model.schedule, ctx.sampler,
             range(start, start + self.params["calib_samples"]), ctx.model.image_shape, self._batch_size(cell),
-            ctx.device, on_trajectory_start=prepared.start_trajectory, progress=ctx.progress)
+            ctx.device, on_trajectory_start=prepared.start_trajectory, progress=ctx.progress,
+            on_batch=ctx.model.start_batch)
         if path is not None:
             data = stats.to_dict()
             write_atomic(path, lambda tmp: torch.save(data, tmp))

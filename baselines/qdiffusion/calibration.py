@@ -7,6 +7,12 @@ which can give a few more than ``cali_st`` steps when ``n_steps`` is not a multi
 denoiser's input ``(x_t, t)`` of every trajectory is kept. For the static residual scales of
 Q-Diffusion + MoDiff the input of the step before each kept step is kept as well, so that the
 pairs ``(x_prev, x_t)`` reproduce the temporal residual a layer sees at that step.
+
+A "step" here is one network evaluation: ``n_steps`` is the number of evaluations of one
+trajectory (``SamplerConfig.evaluation_timesteps``), the sampler's steps for DDIM, DDPM and
+DPM-Solver++, one more for PLMS (whose first step evaluates twice), more for the ``uniform`` grids
+when ``steps`` does not divide T. Consecutive evaluations are what a MoDiff layer's residual
+chain follows, so the pairs stay right for multi-evaluation solvers.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.samplers import SamplerConfig, sample
-from bench.schedules import NoiseSchedule, step_pairs
+from bench.schedules import NoiseSchedule
 
 
 def calibration_steps(n_steps: int, cali_st: int) -> list[int]:
@@ -69,12 +75,12 @@ class CalibrationData:
 
 def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: int, seeds: Sequence[int],
             image_shape: Sequence[int], batch_size: int, device: torch.device | str = "cpu",
-            progress: bool = False) -> CalibrationData:
+            progress: bool = False, on_batch=None) -> CalibrationData:
     """Run the full-precision ``denoiser`` along ``sampler``'s trajectories from ``seeds`` and keep
     the inputs of the calibration steps (and of the steps just before them)."""
-    steps = calibration_steps(sampler.steps, cali_st)
+    timesteps = sampler.evaluation_timesteps(schedule)
+    steps = calibration_steps(len(timesteps), cali_st)
     wanted = sorted({*steps, *(i - 1 for i in steps if i > 0)})
-    timesteps = [t for t, _ in step_pairs(sampler.timesteps(schedule))]
     kept: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
     step = {"index": 0}
 
@@ -88,6 +94,6 @@ def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: 
         step["index"] = 0
 
     sample(recording, schedule, sampler, list(seeds), image_shape, batch_size, device, progress=progress,
-           on_trajectory_start=start, leave=False)
+           on_trajectory_start=start, leave=False, on_batch=on_batch)
     return CalibrationData(steps=steps, x={i: torch.cat(v) for i, v in kept.items()},
                            t={i: timesteps[i] for i in wanted}, seeds=list(seeds))

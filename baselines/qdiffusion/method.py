@@ -28,7 +28,6 @@ import modiff
 from bench.errors import BenchError
 from bench.methods import AUTO, BaseQuantizer, BuildContext, CellSpec, Prepared, register_method
 from bench.provenance import write_atomic
-from bench.zoo.digits import unet_denoiser
 from modiff.config import NOT_QUANTIZED
 from modiff.layers import QuantLayer
 
@@ -46,7 +45,7 @@ from .reconstruction import (
 )
 
 CALIBRATION_SEED_OFFSET = 20_000_000  # calibration trajectories never share a seed with evaluation
-FORMAT = 1  # bump when what is cached changes meaning
+FORMAT = 2  # bump when what is cached changes meaning (2: calibration steps index network evaluations)
 
 
 def _key(payload: dict) -> str:
@@ -129,8 +128,9 @@ class QDiffusion(BaseQuantizer):
         def make():
             seeds = range(CALIBRATION_SEED_OFFSET + c.seed + p["cali_seed"],
                           CALIBRATION_SEED_OFFSET + c.seed + p["cali_seed"] + p["cali_n"])
-            data = calibration.collect(unet_denoiser(ctx.model.unet), ctx.model.schedule, ctx.sampler, p["cali_st"],
-                                       seeds, ctx.model.image_shape, c.batch_size, ctx.device, ctx.progress)
+            data = calibration.collect(ctx.model.denoiser(), ctx.model.schedule, ctx.sampler, p["cali_st"],
+                                       seeds, ctx.model.image_shape, c.batch_size, ctx.device, ctx.progress,
+                                       on_batch=ctx.model.start_batch)
             return data.to_dict()
 
         return calibration.CalibrationData.from_dict(self._cached(ctx, "data", self._data_key(ctx), make, info))
@@ -138,6 +138,9 @@ class QDiffusion(BaseQuantizer):
     def build(self, ctx: BuildContext) -> Prepared:
         self._check_params()  # also here: build() may be called without resolve()
         cell, p = ctx.cell, self.params
+        if ctx.model.start_batch is not None:  # block reconstruction calls the UNet on (x, t) alone
+            raise BenchError(f"qdiff: calibrating the text-conditioned model {ctx.model.name!r} (its cross-attention "
+                             "inputs) is not implemented; use the dynamic bases (ltq, lcq, psq) for it")
         config = self.recon_config(cell)
         info: dict[str, Any] = {}
         data = self.calibration_data(ctx, info)

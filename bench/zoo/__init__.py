@@ -101,6 +101,19 @@ MODELS: dict[str, Callable[[Path | None], ZooModel]] = {
 }
 
 
+DESCRIPTIONS: dict[str, str] = {
+    "digits": "embedded default: 16x16 digits UNet trained by this project (committed, no download)",
+    "ddpm-cifar10": "DDPM CIFAR-10 32x32 (Ho et al.): google/ddpm-cifar10-32, a diffusers directory, or the "
+                    "original model-790000.ckpt (the papers used the EMA one)",
+    "ldm-church": "LDM-8 LSUN-Churches 256x256 (CompVis latent-diffusion, KL-f8 autoencoder): lsun_churches "
+                  "model.ckpt or a diffusers directory",
+    "ldm-bedroom": "LDM-4 LSUN-Bedrooms 256x256 (CompVis latent-diffusion, VQ-f4 autoencoder): lsun_bedrooms "
+                   "model.ckpt or a diffusers directory",
+    "sd-v1-4": "Stable Diffusion v1.4 512x512, guidance 7.5 (optional extra: pip install 'modiff-bench[sd]'): "
+               "CompVis/stable-diffusion-v1-4 in diffusers layout",
+}
+
+
 def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)

@@ -1,0 +1,428 @@
+"""Stable Diffusion v1.4 (``CompVis/stable-diffusion-v1-4``): the text-to-image rows of the MoDiff paper.
+
+Setting (the paper's, see ``shared/spec/modiff.md``): PLMS, 50 steps, classifier-free guidance 7.5, 512x512 images
+(64x64x4 latents), per-sample dynamic activation scales. Only the UNet is quantized; the autoencoder and the CLIP text
+encoder stay in full precision (``ZooModel.parts``).
+
+What ``load(checkpoint)`` accepts
+    - ``None`` or ``"CompVis/stable-diffusion-v1-4"``: that repository in the Hugging Face cache (only the cache when
+      ``HF_HUB_OFFLINE=1``; otherwise missing files are fetched), restricted to :data:`HUB_PATTERNS`;
+    - a directory in the diffusers layout of that repository: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``
+      and ``scheduler/``, e.g. from ``hf download CompVis/stable-diffusion-v1-4 --local-dir DIR``.
+    The UNet config must be SD v1's architecture (:data:`UNET_ARCH`, checked before any weight is read), the scheduler
+    config SD's training schedule; of the autoencoder and the text encoder only what the UNet and the decoder rely on
+    is checked (4 latent channels, downsampling 8, latent scale 0.18215; 768-wide embeddings of 77 tokens). Configs
+    cannot tell v1.4 from v1.5 or a fine-tune (same architecture): ``info["files"]`` records the SHA-256 of every file
+    read, which can.
+
+Classifier-free guidance
+    ``make_denoiser(unet)`` returns ``eps = eps_u + 7.5 (eps_c - eps_u)`` from ONE call of the UNet on the doubled
+    batch ``cat([x, x])`` with ``cat([uncond, cond])`` text embeddings, as CompVis' ``scripts/txt2img.py`` samplers do
+    (unconditional half first). The quantized layers therefore see the doubled batch, as in the paper's setup: with
+    ``granularity="tensor"`` one scale spans both halves; with ``"sample"`` every half-sample has its own; MoDiff's
+    per-layer state holds ``2 * batch`` trajectories. The unconditional prompt is the empty string.
+
+Prompts
+    ``start_batch(seeds)`` picks the prompt of seed ``s`` as ``prompts[s % len(prompts)]``: it depends on the seed
+    only, so an image does not depend on its batch or on the world size. The list is ``<checkpoint>/prompts.txt`` when
+    that file exists, else the packaged ``bench/zoo/prompts.txt`` (a short list written for this suite; for a
+    paper-style evaluation put a caption list, e.g. MS-COCO captions, in ``<checkpoint>/prompts.txt``). One prompt per
+    line; blank lines and lines starting with ``#`` are skipped; prompts longer than 77 CLIP tokens are truncated, as
+    in SD. Each distinct prompt is encoded once, alone (so its embedding does not depend on which batch asked for it
+    first), and cached on the CPU in the model's :class:`PromptConditioning`. ``info["prompts"]`` records the file's
+    path, SHA-256 and length.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import BenchError
+from ..provenance import sha256_file
+from ..samplers import Denoiser
+from ..schedules import NoiseSchedule
+from . import ZooModel
+
+NAME = "sd-v1-4"
+HUB_ID = "CompVis/stable-diffusion-v1-4"
+GUIDANCE_SCALE = 7.5
+NEGATIVE_PROMPT = ""  # the unconditional half of classifier-free guidance
+LATENT_SCALE = 0.18215  # SD v1's scale_factor (v1-inference.yaml; AutoencoderKL's scaling_factor)
+TEXT_TOKENS = 77  # CLIP's context length, SD's max_length
+TEXT_WIDTH = 768  # CLIP ViT-L/14 text width = the UNet's cross_attention_dim
+IMAGE_SHAPE = (4, 64, 64)  # latents
+OUTPUT_SHAPE = (3, 512, 512)  # decoded images
+BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
+# MoDiff keeps â and ô for every wrapped layer and every (doubled) sample: measured 43 MB per UNet sample at 8x8
+# latents, about 64x that at 64x64, i.e. ~5.5 GB per image with guidance in fp32; 4 images fit a 40 GB budget.
+DEFAULT_BATCH_SIZE = 4
+
+PROMPTS_FILE = "prompts.txt"
+DEFAULT_PROMPTS = Path(__file__).resolve().with_name(PROMPTS_FILE)
+
+# what is fetched from the hub (and what the hint asks for): configs, tokenizer files and fp32 safetensors weights
+HUB_PATTERNS = ("*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+HINT = (
+    f"download it with 'hf download {HUB_ID} --include {' '.join(repr(p) for p in HUB_PATTERNS)} --local-dir DIR' "
+    "and pass DIR as the checkpoint (--checkpoint DIR or run.checkpoint = DIR)"
+)
+
+# Each requirement: alternatives (tuples of files that together satisfy it), the hub's layout first.
+LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
+    "unet config": (("unet/config.json",),),
+    "unet weights": (("unet/diffusion_pytorch_model.safetensors",), ("unet/diffusion_pytorch_model.bin",)),
+    "vae config": (("vae/config.json",),),
+    "vae weights": (("vae/diffusion_pytorch_model.safetensors",), ("vae/diffusion_pytorch_model.bin",)),
+    "text encoder config": (("text_encoder/config.json",),),
+    "text encoder weights": (("text_encoder/model.safetensors",), ("text_encoder/pytorch_model.bin",)),
+    "tokenizer config": (("tokenizer/tokenizer_config.json",),),
+    # the hub holds vocab.json + merges.txt; transformers >= 5 saves a tokenizer as tokenizer.json
+    "tokenizer vocabulary": (("tokenizer/vocab.json", "tokenizer/merges.txt"), ("tokenizer/tokenizer.json",)),
+    "scheduler config": (("scheduler/scheduler_config.json",),),
+}
+OPTIONAL_FILES = ("tokenizer/special_tokens_map.json", "tokenizer/added_tokens.json")  # hashed when present
+
+# Source: unet/config.json of CompVis/stable-diffusion-v1-4 on the Hugging Face Hub (diffusers layout, written by
+# diffusers 0.2.2; checked against a re-saved copy of that file and against runwayml/stable-diffusion-v1-5's
+# unet/config.json, the same architecture), which is CompVis' v1-inference.yaml UNet: model_channels 320,
+# channel_mult (1, 2, 4, 4), num_res_blocks 2, attention at the first three levels, num_heads 8, context_dim 768.
+# 859,520,964 parameters. "attention_head_dim": 8 is diffusers' historical name for 8 HEADS (of 40-160 channels).
+UNET_ARCH: dict = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": TEXT_WIDTH,
+    "attention_head_dim": 8,
+}
+# Constructor arguments later diffusers releases added, at the values that keep SD v1's architecture (the values of
+# runwayml/stable-diffusion-v1-5's unet/config.json, re-saved by diffusers 0.17, and diffusers' defaults). A config
+# without the key gets the installed diffusers' default; a key the installed diffusers does not know is not checked.
+UNET_LATER_KEYS: dict = {
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "use_linear_projection": False,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": None,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "attention_type": "default",
+    "cross_attention_norm": None,
+}
+# numerically irrelevant in fp32 and spelled both ways by SD v1 configs (v1-5 writes null, diffusers' default False)
+UNET_EITHER: dict = {"upcast_attention": (None, False)}
+
+# Source: scheduler/scheduler_config.json of CompVis/stable-diffusion-v1-4 (PNDMScheduler): SD's training schedule.
+SCHEDULER_CONFIG: dict = {
+    "beta_start": BETA_START,
+    "beta_end": BETA_END,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+    "trained_betas": None,
+}
+# What the decoder relies on (vae/config.json of CompVis/stable-diffusion-v1-4 holds these values): 4 latent
+# channels, three downsamplings (64 -> 512) and RGB out; the scaling factor, where written, must be SD v1's.
+VAE_INTERFACE: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "scaling_factor": LATENT_SCALE,
+}
+
+
+def schedule() -> NoiseSchedule:
+    """SD's ``scaled_linear`` betas: ``linspace(sqrt(0.00085), sqrt(0.012), 1000) ** 2`` in float64."""
+    betas = np.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=np.float64) ** 2
+    return NoiseSchedule(torch.from_numpy(betas))
+
+
+# ------------------------------------------------------------------------------------------------------------ prompts
+
+
+def prompt_file(directory: Path | None) -> Path:
+    """``<directory>/prompts.txt`` when it exists, else the packaged default list."""
+    if directory is not None and (Path(directory) / PROMPTS_FILE).is_file():
+        return Path(directory) / PROMPTS_FILE
+    return DEFAULT_PROMPTS
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BenchError(f"cannot read the prompt file {path} ({exc})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise BenchError(f"prompt file {path} holds no prompt (one per line; lines starting with '#' are comments)")
+    return prompts
+
+
+class PromptConditioning:
+    """Seeds -> prompts -> CLIP text embeddings, and the guided denoiser that uses them.
+
+    ``start_batch(seeds)`` sets the batch's conditioning; the denoiser refuses a batch it was not set for. Embeddings
+    are ``last_hidden_state`` of the text encoder on the prompt padded to 77 tokens (SD's FrozenCLIPEmbedder), one
+    ``(77, 768)`` tensor per distinct prompt, computed once and kept on the CPU."""
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, prompts: Sequence[str],
+                 guidance_scale: float = GUIDANCE_SCALE):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.prompts = list(prompts)
+        self.guidance_scale = float(guidance_scale)
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.batch_prompts: list[str] = []
+        self._context: torch.Tensor | None = None  # (2B, 77, 768): B unconditional rows, then the B prompts
+
+    def prompt(self, seed: int) -> str:
+        return self.prompts[int(seed) % len(self.prompts)]
+
+    @torch.no_grad()
+    def embed(self, prompt: str) -> torch.Tensor:
+        if prompt not in self.embeddings:
+            ids = self.tokenizer([prompt], padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            device = next(self.text_encoder.parameters()).device
+            hidden = self.text_encoder(input_ids=ids.to(device)).last_hidden_state
+            self.embeddings[prompt] = hidden[0].float().cpu()
+        return self.embeddings[prompt]
+
+    def start_batch(self, seeds: Sequence[int]) -> None:
+        self.batch_prompts = [self.prompt(s) for s in seeds]
+        uncond = self.embed(NEGATIVE_PROMPT)
+        rows = [uncond] * len(self.batch_prompts) + [self.embed(p) for p in self.batch_prompts]
+        device = next(self.text_encoder.parameters()).device
+        self._context = torch.stack(rows).to(device) if rows else uncond.new_empty((0, *uncond.shape)).to(device)
+
+    def context(self, batch: int) -> torch.Tensor:
+        if self._context is None or self._context.shape[0] != 2 * batch:
+            have = "none" if self._context is None else f"one for {self._context.shape[0] // 2} samples"
+            raise RuntimeError(f"no prompt conditioning for a batch of {batch} (have {have}): call "
+                               "model.start_batch(seeds) before the batch's first step")
+        return self._context
+
+    def denoiser(self, unet: nn.Module) -> Denoiser:
+        """``unet`` with classifier-free guidance: one UNet call on the doubled batch (module docstring)."""
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            context = self.context(x.shape[0]).to(device=x.device, dtype=x.dtype)
+            t2 = torch.cat([t, t]) if t.dim() else t
+            eps_uncond, eps_cond = unet(torch.cat([x, x]), t2, encoder_hidden_states=context).sample.chunk(2)
+            return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+        return denoise
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """``vae.decode(latents / 0.18215)`` clamped to [-1, 1], one sample at a time (a 512x512 decode of a whole batch
+    needs tens of GB; one at a time also keeps an image independent of its batch); on the latents' device."""
+    param = next(vae.parameters())
+    images = [vae.decode(z[None].to(param.device, param.dtype) / LATENT_SCALE).sample for z in latents]
+    if not images:
+        return latents.new_empty((0, *OUTPUT_SHAPE))
+    return torch.cat(images).to(latents.device, torch.float32).clamp(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def load(checkpoint: str | Path | None = None) -> ZooModel:
+    """The zoo entry (module docstring): UNet, VAE and text encoder in fp32, eval mode, no gradients, on the CPU."""
+    if importlib.util.find_spec("transformers") is None:
+        raise BenchError("the sd-v1-4 model needs the 'transformers' package (CLIP text encoder and tokenizer): "
+                         "pip install 'modiff-bench[sd]'")
+    path = None if checkpoint is None else Path(checkpoint)
+    if path is None or (str(checkpoint) == HUB_ID and not path.exists()):
+        directory, source = _hub_snapshot(), {"source": "hub", "checkpoint": HUB_ID}
+        source["revision"] = directory.name
+    elif path.is_dir():
+        directory, source = path, {"source": "diffusers", "checkpoint": str(path)}
+    else:
+        raise BenchError(f"Stable Diffusion v1.4 checkpoint directory {path} does not exist; {HINT}")
+
+    files = _find_files(directory)
+    _check_configs(directory)
+    unet, vae, text_encoder, tokenizer = _load_parts(directory, files)
+    prompts_path = prompt_file(None if source["source"] == "hub" else directory)
+    prompts = read_prompts(prompts_path)
+    conditioning = PromptConditioning(tokenizer, text_encoder, prompts)
+    info = {
+        **source,
+        "directory": str(directory),
+        "files": {name: sha256_file(directory / name) for name in files},
+        "guidance_scale": GUIDANCE_SCALE,
+        "negative_prompt": NEGATIVE_PROMPT,
+        "guidance": "one UNet call on cat([x, x]) with cat([uncond, cond]) embeddings",
+        "latent_scale": LATENT_SCALE,
+        "prompts": {"file": str(prompts_path), "sha256": sha256_file(prompts_path), "count": len(prompts),
+                    "rule": "prompt of seed s = prompts[s % count]"},
+    }
+    return ZooModel(
+        name=NAME, unet=unet, schedule=schedule(), image_shape=IMAGE_SHAPE, default_sampler="plms", default_steps=50,
+        info=info, make_denoiser=conditioning.denoiser, decoder=functools.partial(decode_latents, vae),
+        start_batch=conditioning.start_batch, output_shape=OUTPUT_SHAPE, default_eta=0.0,
+        default_batch_size=DEFAULT_BATCH_SIZE, parts={"vae": vae, "text_encoder": text_encoder},
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _hub_snapshot() -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    try:
+        snapshot = snapshot_download(HUB_ID, local_files_only=offline, allow_patterns=list(HUB_PATTERNS))
+    except (OSError, ValueError) as exc:
+        why = "HF_HUB_OFFLINE is set" if offline else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BenchError(f"{HUB_ID} is not in the Hugging Face cache ({why}); {HINT}") from None
+    return Path(snapshot)
+
+
+def _find_files(directory: Path) -> list[str]:
+    """The files each :data:`LAYOUT` requirement resolves to (first complete alternative), plus optional ones."""
+    found, missing = [], []
+    for what, alternatives in LAYOUT.items():
+        chosen = next((alt for alt in alternatives if all((directory / f).is_file() for f in alt)), None)
+        if chosen is None:
+            missing.append(f"{what} ({' or '.join(' + '.join(alt) for alt in alternatives)})")
+        else:
+            found.extend(chosen)
+    if missing:
+        raise BenchError(f"{directory} is not a complete Stable Diffusion v1.4 checkpoint: missing "
+                         f"{'; '.join(missing)}; {HINT}")
+    return found + [f for f in OPTIONAL_FILES if (directory / f).is_file()]
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read the config {path} ({exc})") from None
+    if not isinstance(config, dict):
+        raise BenchError(f"config {path} is not a JSON object")
+    return config
+
+
+def _same(a, b) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # tuples == lists, 1 == 1.0
+
+
+def _check(path: Path, config: dict, expected: dict, what: str, optional: bool = False) -> None:
+    """``config`` against ``expected`` (a tuple value lists the accepted values). ``optional``: ``config`` is the
+    file over the installed class's constructor defaults, and a key neither sets (one the installed library does
+    not know) is skipped; otherwise every key must be in ``config``."""
+    for key, want in expected.items():
+        if optional and key not in config:
+            continue
+        have = config.get(key)
+        accepted = want if isinstance(want, tuple) else (want,)
+        if not any(_same(have, w) for w in accepted):
+            wanted = " or ".join(repr(w) for w in accepted)
+            raise BenchError(f"{path} is not Stable Diffusion v1.4's {what}: {key} is {have!r}, expected {wanted}; "
+                             f"point the checkpoint at a {HUB_ID} download")
+
+
+def _constructor_defaults(cls) -> dict:
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _check_configs(directory: Path) -> None:
+    """Architecture checks on the config files alone, before any weight is read."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    path = directory / "unet" / "config.json"
+    raw = _read_config(path)
+    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise BenchError(f"{path} is not Stable Diffusion v1.4's UNet: _class_name is {raw['_class_name']!r}, "
+                         "expected 'UNet2DConditionModel'")
+    effective = {**_constructor_defaults(UNet2DConditionModel), **raw}
+    _check(path, raw, UNET_ARCH, "UNet")  # the original file has every one of these keys
+    _check(path, effective, {**UNET_LATER_KEYS, **UNET_EITHER}, "UNet", optional=True)
+
+    path = directory / "scheduler" / "scheduler_config.json"
+    _check(path, {"trained_betas": None, **_read_config(path)}, SCHEDULER_CONFIG, "noise schedule")
+
+    path = directory / "vae" / "config.json"
+    defaults = _constructor_defaults(AutoencoderKL)
+    _check(path, {**defaults, **_read_config(path)}, VAE_INTERFACE, "autoencoder", optional=True)
+
+    path = directory / "text_encoder" / "config.json"
+    text = _read_config(path)
+    text = text.get("text_config", text)  # a full CLIPConfig nests the text tower's
+    _check(path, text, {"hidden_size": TEXT_WIDTH, "max_position_embeddings": TEXT_TOKENS}, "text encoder")
+
+
+def _from_pretrained(what: str, load, path: Path, **kwargs):
+    try:
+        return load(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BenchError(f"cannot load the Stable Diffusion v1.4 {what} from {path}: {first}") from None
+
+
+def _load_parts(directory: Path, files: list[str]):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def safetensors(part: str) -> bool:
+        return any(f.startswith(f"{part}/") and f.endswith(".safetensors") for f in files)
+
+    # without accelerate, diffusers cannot skip the random initialisation and warns when asked to
+    low_mem = importlib.util.find_spec("accelerate") is not None
+    unet = _from_pretrained("UNet", UNet2DConditionModel.from_pretrained, directory / "unet",
+                            use_safetensors=safetensors("unet"), low_cpu_mem_usage=low_mem)
+    vae = _from_pretrained("autoencoder", AutoencoderKL.from_pretrained, directory / "vae",
+                           use_safetensors=safetensors("vae"), low_cpu_mem_usage=low_mem)
+    text_encoder = _from_pretrained("text encoder", CLIPTextModel.from_pretrained, directory / "text_encoder",
+                                    use_safetensors=safetensors("text_encoder"))
+    tokenizer = _from_pretrained("tokenizer", CLIPTokenizer.from_pretrained, directory / "tokenizer")
+    if tokenizer.model_max_length != TEXT_TOKENS:
+        raise BenchError(f"the tokenizer in {directory / 'tokenizer'} pads to {tokenizer.model_max_length} tokens, "
+                         f"expected {TEXT_TOKENS} (model_max_length in tokenizer_config.json)")
+    parts = [m.float().eval().requires_grad_(False) for m in (unet, vae, text_encoder)]
+    return (*parts, tokenizer)

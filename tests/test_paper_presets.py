@@ -1,0 +1,120 @@
+"""The paper-scale presets: their settings are the papers', and they run end to end on random weights of
+the exact published architectures (the real checkpoints cannot be downloaded here), through the same
+loaders, runner, methods and CLI a user with the weights runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bench.cli import main
+from bench.matrix import load_matrix, presets
+
+PAPER_PRESETS = ("cifar10-paper", "cifar10-quick", "cifar10-ablations", "cifar10-deepcache", "lsun-church-paper",
+                 "lsun-bedroom-paper")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_paper_presets_ship_with_the_papers_settings():
+    assert set(PAPER_PRESETS) <= set(presets())
+    table1 = load_matrix("cifar10-paper")
+    assert len(table1.cells) == 1 + 3 * 2 * 2 * 5  # FP + {qdiff, lcq, ltq} x {off, ec} x W8/W4 x A8..A2
+    assert {(c.model, c.sampler, c.steps, c.eta, c.n_samples, c.seed, c.batch_size) for c in table1.cells} == {
+        ("ddpm-cifar10", "ddim-quad", 100, 0.0, 50_000, 1234, 64)}
+    assert {c.base for c in table1.cells} == {"fp", "qdiff", "lcq", "ltq"}
+    assert {c.a_bits for c in table1.cells if c.base != "fp"} == {8, 6, 4, 3, 2}
+    assert {"fid", "is", "sfid"} <= set(table1.metrics)
+    quick = load_matrix("cifar10-quick")
+    assert [c.n_samples for c in quick.cells] == [5_000] * len(table1.cells)
+    assert {(c.base, c.modulation, c.w_bits, c.a_bits) for c in quick.cells} == {
+        (c.base, c.modulation, c.w_bits, c.a_bits) for c in table1.cells}
+
+    ablations = load_matrix("cifar10-ablations").cells
+    warmups = {(c.modulation, c.a_bits, c.params["ltq"]["warmup"]) for c in ablations
+               if c.base == "ltq" and c.sampler == "ddim-quad" and c.steps == 100}
+    assert warmups == {(m, a, w) for m in ("off", "ec") for a in (8, 6, 4) for w in (True, False)}
+    assert {(c.sampler, c.steps) for c in ablations} == {("ddim-quad", 100), ("dpm-solver++", 20), ("ddim-quad", 20)}
+    assert {c.modulation for c in ablations if c.base == "lcq"} == {"off", "plain", "ec"}
+
+    deepcache = load_matrix("cifar10-deepcache").cells
+    assert {c.cache for c in deepcache if c.base == "fp"} == {"none", "deepcache-u2", "deepcache-u3", "deepcache-u5",
+                                                               "deepcache-u10"}
+    church, bedroom = load_matrix("lsun-church-paper").cells, load_matrix("lsun-bedroom-paper").cells
+    assert {(c.model, c.sampler, c.steps) for c in church} == {("ldm-church", "ddim-ldm", 200)}
+    assert {(c.model, c.sampler, c.steps) for c in bedroom} == {("ldm-bedroom", "ddim-ldm", 500)}
+    assert {c.base for c in church} == {"fp", "qdiff", "lcq"} and {c.base for c in bedroom} == {"fp", "lcq"}
+
+
+@pytest.fixture(scope="module")
+def cifar10_checkpoint(tmp_path_factory) -> Path:
+    from bench.zoo.architectures import DDPM_CIFAR10_32, build_random_unet
+
+    folder = tmp_path_factory.mktemp("ddpm-cifar10")
+    build_random_unet(DDPM_CIFAR10_32, seed=3).save_pretrained(folder)
+    return folder
+
+
+def test_cifar10_table1_preset_runs_end_to_end_on_random_weights(cifar10_checkpoint, tmp_path, capsys):
+    """Table 1's preset, cut to 4 images, 2 steps and W8A4, with every base of the table (Q-Diffusion
+    calibrating for real, on a tiny budget) and the Inception metrics requested without weights."""
+    out = tmp_path / "c10"
+    code = main(["run", "cifar10-paper", "--out", str(out), "--device", "cpu", "--no-progress",
+                 "--set", f"run.checkpoint={json.dumps(str(cifar10_checkpoint))}", "--set", "run.n_samples=4",
+                 "--set", "run.batch_size=2", "--set", "steps=2", "--set", "matrix.w_bits=[8]",
+                 "--set", "matrix.a_bits=[4]", "--set", "params.qdiff.cali_n=2", "--set", "params.qdiff.cali_st=2",
+                 "--set", "params.qdiff.weight_iters=2", "--set", "params.qdiff.act_iters=2",
+                 "--set", 'run.metrics=["psnr_to_fp", "fid"]', "--set", 'inception.cache_dir="%s"' % (tmp_path / "ic")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "estimate: 7 cells, 28 images:" in captured.out  # printed before the run, from measured calls
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 7 and (table["status"] == "ok").all()
+    assert set(table["method"]) == {"fp", "qdiff", "qdiff+ec", "lcq", "lcq+ec", "ltq", "ltq+ec"}
+    assert table["fid"].isna().all()  # no Inception weights here: a reason, never a number
+    assert all("fid" in json.loads(m) for m in table["missing_metrics"])
+    for row in table.itertuples():
+        images = torch.load(out / row.samples_file, weights_only=True)["images"]
+        assert images.shape == (4, 3, 32, 32) and images.isfinite().all()
+    models = json.loads((out / "run.json").read_text())["models"]
+    assert models["ddpm-cifar10"]["checkpoint"] == str(cifar10_checkpoint)
+    assert len(models["ddpm-cifar10"]["files"]) == 1  # the weights file, with its sha256
+
+
+def test_lsun_church_preset_runs_end_to_end_on_random_weights(tmp_path, capsys):
+    """The LDM-8 church preset: latent sampling with LDM's DDIM grid, MoDiff on the UNet, decoding by
+    the (full-precision) KL-f8 autoencoder, 256x256 images out."""
+    from diffusers import AutoencoderKL, UNet2DModel
+
+    from bench.zoo import ldm
+
+    checkpoint = tmp_path / "church"
+    torch.manual_seed(0)
+    UNet2DModel(**ldm.CHURCH_UNET).save_pretrained(checkpoint / "unet")
+    AutoencoderKL(**ldm.CHURCH_AUTOENCODER).save_pretrained(checkpoint / "vae")
+    out = tmp_path / "church-run"
+    # one cell (LCQ + MoDiff, W8A4) and FID without reference statistics: no full-precision reference
+    # run is needed, which keeps this 295M-parameter model's test short
+    code = main(["run", "lsun-church-paper", "--out", str(out), "--device", "cpu", "--no-progress",
+                 "--set", f"run.checkpoint={json.dumps(str(checkpoint))}", "--set", "run.n_samples=2",
+                 "--set", "run.batch_size=2", "--set", "steps=2", "--set", "matrix.a_bits=[4]",
+                 "--set", 'matrix.base=["lcq"]', "--set", 'matrix.modulation=["ec"]', "--set", 'run.metrics=["fid"]'])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "estimate: 1 cells, 2 images:" in captured.out
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["method"]) == ["lcq+ec"] and (table["status"] == "ok").all()
+    assert table["sampler"].iloc[0] == "ddim-ldm" and table["decode_s"].iloc[0] > 0
+    assert "reference_stats" in json.loads(table["missing_metrics"].iloc[0])["fid"]  # says what to provide
+    images = torch.load(out / table["samples_file"].iloc[0], weights_only=True)["images"].float()
+    assert images.shape == (2, 3, 256, 256) and images.isfinite().all() and images.abs().max() <= 1.0
