@@ -28,7 +28,8 @@ def _positive_int(text: str) -> int:
 def _add_sampling_args(p: argparse.ArgumentParser, n_default: int, batch_default: int) -> None:
     p.add_argument("--model", default="digits", help="zoo model name (see 'modiff-bench models'; default: digits)")
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint directory to load instead of the model's packaged/default weights")
+                   help="weights to load instead of the model's packaged/default ones: a directory, a checkpoint "
+                        "file or a hub id, depending on the model ('modiff-bench models')")
     p.add_argument("--sampler", default="ddim-quad",
                    help="ddim-quad | ddim-uniform | ddpm-quad | ddpm-uniform (default: ddim-quad, as in the paper)")
     p.add_argument("--steps", type=int, default=100, help="sampling steps, 1..T (default: 100)")
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                "examples:\n"
                "  modiff-bench run digits --out runs/digits\n"
                "  modiff-bench run smoke --out runs/smoke --set steps=10 --set matrix.a_bits=[4,3]\n"
-               "  modiff-bench run my_matrix.toml --out runs/mine --device cuda")
+               "  modiff-bench run my_matrix.toml --out runs/mine --device cuda\n"
+               "  modiff-bench run cifar10-paper --estimate --device cuda --set run.checkpoint=/models/c10\n"
+               "  torchrun --standalone --nproc_per_node=8 -m bench run cifar10-paper --device cuda ...\n"
+               "  modiff-bench run cifar10-paper --launcher submitit --slurm-partition gpu --gpus-per-task 4 ...")
     p.add_argument("config", metavar="CONFIG", help="preset name (see 'modiff-bench presets') or path to a TOML file")
     p.add_argument("--out", default=None, help="output directory (default: runs/<preset or file name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

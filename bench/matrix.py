@@ -22,7 +22,9 @@
     weights = "/path/to/weights-inception-2015-12-05-6726825d.pth"
 
 ``model``, ``sampler``, ``steps`` and ``eta`` may be lists in ``[matrix]`` instead of scalars in
-``[run]``. Several ``[[matrix]]`` blocks give the union of their products (e.g. a caching block
+``[run]``. A ``[[matrix]]`` block may hold a ``params`` table (method -> values) that applies to its
+cells on top of the global ``[params]`` (e.g. a warm-up ablation next to the default). Several
+``[[matrix]]`` blocks give the union of their products (e.g. a caching block
 next to the quantization grid); ``--set matrix.KEY=...`` then sets KEY in every block.
 
 Values that are invalid on their own (an unknown method, a bit width out of range) are

@@ -18,12 +18,7 @@ PAPER_PRESETS = ("cifar10-paper", "cifar10-quick", "cifar10-ablations", "cifar10
                  "lsun-bedroom-paper")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_paper_presets_ship_with_the_papers_settings():

@@ -81,14 +81,7 @@ def fp_trajectory_errors(stats, q, seeds, config=DDIM6):
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The models here are tiny: one intra-op thread is as fast, and it keeps these tests from
-    stalling (minutes instead of seconds) when another process is busy on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,12 +27,7 @@ STEPS = 8  # on the digits model: dpm-solver++ runs steps of order 3, 3, 2; plms
 SEEDS = range(6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_oracle(mu: float, s: float, dtype=torch.float32):

@@ -41,12 +41,7 @@ class LightningCallbackStandIn:
         return (_tripwire, ("callback",))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the original (CompVis) layout, from the yaml hyper-parameters ----
