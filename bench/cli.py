@@ -353,10 +353,15 @@ def cmd_run(args) -> int:
 
 
 def _estimate_line(runner, todo) -> str:
+    """The estimate, or why there is none: measuring must never stop the run it describes."""
     from .estimate import estimate
 
     cells = [cell for _, cell in todo]
-    return estimate(cells, runner._models, runner.device, runner.world.size).describe(runner.device)
+    try:
+        return estimate(cells, runner._models, runner.device, runner.world.size).describe(runner.device)
+    except Exception as exc:  # e.g. out of memory at the measuring batch size: the cells will say more
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"estimate: not available ({type(exc).__name__}: {first})"
 
 
 def cmd_presets(args) -> int:

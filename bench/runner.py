@@ -39,7 +39,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -231,10 +231,13 @@ class Runner:
         try:
             result = fn()
         except Exception as exc:  # reported to every rank below
-            failure = (self.world.rank, _one_line(exc), traceback.format_exc())
+            failure = (self.world.rank, _one_line(exc), traceback.format_exc(),
+                       str(exc) if isinstance(exc, BenchError) else None)
         failures = [f for f in self.world.gather(failure) if f is not None]
         if failures:
-            rank, message, details = failures[0]
+            rank, message, details, user_error = failures[0]
+            if user_error is not None:  # a user mistake stays one line and exit status 2 on every rank
+                raise BenchError(user_error)
             raise RankFailed(f"rank {rank}: {message}", details)
         return result
 
@@ -261,15 +264,19 @@ class Runner:
         """Run the pending cells. ``before(todo)`` runs on rank 0 once the work is known (the CLI prints
         its cost estimate there)."""
         start = time.perf_counter()
-        if self.world.main:
-            self._check_out_dir()
-        self._load_models()
-        with self._locked() if self.world.main else nullcontext():
-            if self.world.main:
-                self._together(self.prepare_directory)
-                self._share_directory()
-            else:
-                self._together(lambda: None)
+        # every step that may fail on rank 0 alone is collective (``_together``), so that no rank is
+        # left waiting in a collective the others never reach
+        self._together(lambda: self._check_out_dir() if self.world.main else None)
+        self._together(self._load_models)
+        with ExitStack() as stack:
+
+            def set_up() -> None:
+                if self.world.main:
+                    stack.enter_context(self._locked())
+                    self.prepare_directory()
+                    self._share_directory()
+
+            self._together(set_up)
             todo = self.world.broadcast(self.pending() if self.world.main else None)
             finished = len(self.ids) - len(self.pending()) if self.world.main else 0
             self.log(f"{self.matrix.source}: {len(self.ids)} cells ({finished} finished, {len(todo)} to run"
@@ -279,8 +286,8 @@ class Runner:
             for skip in self.matrix.skipped:
                 self.log(f"  skipped {skip['base']} {skip['modulation']} W{skip['w_bits']}A{skip['a_bits']} "
                          f"{skip['a_granularity']} {skip['cache']}: {skip['reason']}")
-            if before is not None and self.world.main and todo:
-                before(todo)
+            if before is not None and todo:
+                self._together(lambda: before(todo) if self.world.main else None)
             self._update_finished_metrics()
             ran, busy = 0, []
             bar = tqdm(todo, desc="cells", unit="cell", disable=not self.progress)
@@ -294,13 +301,16 @@ class Runner:
                         continue
                     row = self._run_cell(key, cell)
                 ran += 1
-                if self.world.main:
-                    self._write_tables()
-                    self.log(f"[{done}/{len(todo)}] {_describe(row)}")
+
+                def tables(row=row, done=done) -> None:
+                    if self.world.main:
+                        self._write_tables()
+                        self.log(f"[{done}/{len(todo)}] {_describe(row)}")
+
+                self._together(tables)
             bar.close()
             rows = self._rows() if self.world.main else []
-            if self.world.main:
-                self._write_tables()
+            self._together(lambda: self._write_tables() if self.world.main else None)
         wanted = set(self.ids) if self.only is None else self.only
         failed = [r["cell_id"] for r in rows if r["status"] != "ok" and r["cell_id"] in wanted]
         return RunSummary(self.out, len(self.ids), ran, len(self.ids) - len(todo), failed,
@@ -602,20 +612,24 @@ class Runner:
                 wanted = [n for n in self.matrix.metrics if n not in row.get("metrics", [])]
                 if wanted:
                     todo.append((key, cell, wanted))
-        for key, cell, wanted in self.world.broadcast(todo):
+        for key, cell, wanted in self.world.broadcast(todo):  # the same list on every rank
             if any(METRICS[n].needs_fp_reference for n in wanted):
                 self._reference(cell)  # every rank takes part in making it
-            if not self.world.main:
-                continue
-            path = self.cell_dir(key) / "result.json"
-            row = json.loads(path.read_text())
-            samples = torch.load(self.out / row["samples_file"], weights_only=True)["images"]
-            values, missing = self._metrics(cell, samples, wanted)
-            row.update(_jsonable(values))
-            row["missing_metrics"] = {**row.get("missing_metrics", {}), **missing}
-            row["metrics"] = list(dict.fromkeys([*row.get("metrics", []), *wanted]))
-            write_json_atomic(path, row)
-            self.log(f"added {', '.join(wanted)} to finished cell {key} ({cell.method})")
+
+            def update(key=key, cell=cell, wanted=wanted) -> None:
+                if not self.world.main:
+                    return
+                path = self.cell_dir(key) / "result.json"
+                row = json.loads(path.read_text())
+                samples = torch.load(self.out / row["samples_file"], weights_only=True)["images"]
+                values, missing = self._metrics(cell, samples, wanted)
+                row.update(_jsonable(values))
+                row["missing_metrics"] = {**row.get("missing_metrics", {}), **missing}
+                row["metrics"] = list(dict.fromkeys([*row.get("metrics", []), *wanted]))
+                write_json_atomic(path, row)
+                self.log(f"added {', '.join(wanted)} to finished cell {key} ({cell.method})")
+
+            self._together(update)
 
     # -- the table -------------------------------------------------------------------------
     def _rows(self) -> list[dict]:

@@ -96,6 +96,20 @@ def test_two_gloo_processes_write_the_same_samples_as_one(single):
     assert "--- " not in result.stdout
 
 
+def test_a_user_mistake_under_torchrun_stops_every_rank_with_one_line(single, tmp_path):
+    """Rank 0 finds the output directory holds another matrix: every rank must exit (status 2), none
+    may be left waiting in a collective."""
+    folder, one = single
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", "-m", "bench", "run", str(folder / "m.toml"), "--out", str(one),
+         "--device", "cpu", "--no-progress", "--set", "run.n_samples=3"],
+        env=_env(), cwd=folder, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("modiff-bench: error:")]
+    assert len(errors) == 2 and all("holds results of a different matrix" in line for line in errors)
+
+
 def test_batch_composition_matters_so_the_invariance_is_not_vacuous(single, tmp_path):
     """With tensor-wise scales, batches of 5 instead of 4 change the samples: the equality above is
     a property of the fixed chunking, not of a quantizer that ignores the batch."""
