@@ -6,6 +6,7 @@ config that does not match the expected architecture is a one-line :class:`Bench
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -56,13 +57,36 @@ def verify_files(directory: Path, manifest: dict, required: list[str], hint: str
             )
 
 
-def check_config(config_path: Path, expected: dict, what: str) -> dict:
+def read_config(config_path: Path, what: str) -> dict:
+    """A JSON config file as a dict; anything else is a one-line BenchError."""
     try:
         config = json.loads(Path(config_path).read_text())
     except (OSError, ValueError) as exc:
         raise BenchError(f"cannot read {what} config {config_path} ({exc})") from None
+    if not isinstance(config, dict):
+        raise BenchError(f"{what} config {config_path} is not a JSON object")
+    return config
+
+
+def constructor_defaults(cls) -> dict:
+    """The keyword defaults of ``cls.__init__``: what ``from_pretrained`` uses for keys a config leaves out."""
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def same_json(a, b) -> bool:
+    """Equal as JSON values: tuples equal lists, 1 equals 1.0."""
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def check_config(config_path: Path, expected: dict, what: str, defaults_from=None) -> dict:
+    """The config must hold ``expected``. With ``defaults_from`` (a class), keys the file leaves out take
+    that class's constructor defaults first, as ``from_pretrained`` does; returns that effective config."""
+    config = read_config(config_path, what)
+    if defaults_from is not None:
+        config = {**constructor_defaults(defaults_from), **config}
     for key, want in expected.items():
         have = config.get(key)
-        if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
+        if not same_json(have, want):
             raise BenchError(f"{what} config {config_path} does not match: {key} is {have!r}, expected {want!r}")
     return config

@@ -37,8 +37,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import inspect
-import json
 import os
 import pickle
 from collections.abc import Mapping
@@ -52,6 +50,7 @@ from ..provenance import sha256_file
 from ..schedules import NoiseSchedule
 from . import ZooModel
 from .architectures import DDPM_CIFAR10_32
+from .checkpoints import check_config
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -154,35 +153,14 @@ def _load_hub():
                   "variant_source": f"not verified: {HUB_ID} does not state whether it holds the EMA weights"}
 
 
-def _effective_config(config_file: Path) -> dict:
-    """The constructor arguments diffusers will use: the file's values over ``UNet2DModel``'s defaults."""
-    from diffusers import UNet2DModel
-
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read the DDPM CIFAR-10 config {config_file} ({exc})") from None
-    if not isinstance(config, dict):
-        raise BenchError(f"DDPM CIFAR-10 config {config_file} is not a JSON object")
-    defaults = {name: p.default for name, p in inspect.signature(UNet2DModel.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    return {**defaults, **config}
-
-
-def _check_architecture(config: Mapping, where: Path) -> None:
-    for key, want in DDPM_CIFAR10_32.items():
-        have = config.get(key)
-        if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
-            raise BenchError(f"{where} is not the DDPM CIFAR-10 architecture: {key} is {have!r}, expected {want!r}")
-
-
 def _load_diffusers_dir(directory: Path):
     from diffusers import UNet2DModel
 
     model_dir = next((d for d in (directory, directory / "unet") if (d / "config.json").is_file()), None)
     if model_dir is None:
         raise BenchError(f"{directory} holds neither config.json nor unet/config.json; {HINT}")
-    _check_architecture(_effective_config(model_dir / "config.json"), model_dir / "config.json")
+    # the file over UNet2DModel's defaults: an old config.json may leave out keys diffusers added later
+    check_config(model_dir / "config.json", DDPM_CIFAR10_32, "DDPM CIFAR-10 UNet", defaults_from=UNet2DModel)
     weights = next((model_dir / f for f in WEIGHT_FILES if (model_dir / f).is_file()), None)
     if weights is None:
         raise BenchError(f"{model_dir} has a config.json but no {' or '.join(WEIGHT_FILES)}; {HINT}")

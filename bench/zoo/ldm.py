@@ -38,7 +38,6 @@ as diffusers' own ``LDMPipeline`` ignores it. Decoding follows ``decode_first_st
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import pickle
 import types
@@ -54,7 +53,7 @@ from ..errors import BenchError
 from ..provenance import sha256_file
 from ..schedules import NoiseSchedule
 from . import ZooModel
-from .checkpoints import MANIFEST, read_manifest, verify_files
+from .checkpoints import MANIFEST, check_config, read_manifest, verify_files
 
 UNET_PREFIX = "model.diffusion_model."  # LatentDiffusion.model (DiffusionWrapper).diffusion_model
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -696,25 +695,9 @@ def _load_compvis(spec: LDMSpec, path: Path) -> ZooModel:
 
 # ---- the diffusers layout ----
 
-def _normalise(value):
-    return json.loads(json.dumps(value))
-
-
 def _check_diffusers_config(directory: Path, cls_name: str, expected: dict, what: str) -> dict:
     """``config.json`` with the class's defaults filled in (as from_pretrained does) must equal ``expected``."""
-    path = directory / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read the {what} config {path} ({exc})") from None
-    defaults = {name: p.default for name, p in inspect.signature(_diffusers_class(cls_name).__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    effective = {**defaults, **config}
-    for key, want in expected.items():
-        have = effective.get(key)
-        if _normalise(have) != _normalise(want):
-            raise BenchError(f"{what} config {path} does not match: {key} is {have!r}, expected {want!r}")
-    return effective
+    return check_config(directory / "config.json", expected, what, defaults_from=_diffusers_class(cls_name))
 
 
 def _from_pretrained(cls_name: str, directory: Path, what: str) -> nn.Module:

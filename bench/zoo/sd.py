@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +50,7 @@ from ..provenance import sha256_file
 from ..samplers import Denoiser
 from ..schedules import NoiseSchedule
 from . import ZooModel
+from .checkpoints import constructor_defaults, read_config, same_json
 
 NAME = "sd-v1-4"
 HUB_ID = "CompVis/stable-diffusion-v1-4"
@@ -337,20 +336,6 @@ def _find_files(directory: Path) -> list[str]:
     return found + [f for f in OPTIONAL_FILES if (directory / f).is_file()]
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read the config {path} ({exc})") from None
-    if not isinstance(config, dict):
-        raise BenchError(f"config {path} is not a JSON object")
-    return config
-
-
-def _same(a, b) -> bool:
-    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # tuples == lists, 1 == 1.0
-
-
 def _check(path: Path, config: dict, expected: dict, what: str, optional: bool = False) -> None:
     """``config`` against ``expected`` (a tuple value lists the accepted values). ``optional``: ``config`` is the
     file over the installed class's constructor defaults, and a key neither sets (one the installed library does
@@ -360,15 +345,10 @@ def _check(path: Path, config: dict, expected: dict, what: str, optional: bool =
             continue
         have = config.get(key)
         accepted = want if isinstance(want, tuple) else (want,)
-        if not any(_same(have, w) for w in accepted):
+        if not any(same_json(have, w) for w in accepted):
             wanted = " or ".join(repr(w) for w in accepted)
             raise BenchError(f"{path} is not Stable Diffusion v1.4's {what}: {key} is {have!r}, expected {wanted}; "
                              f"point the checkpoint at a {HUB_ID} download")
-
-
-def _constructor_defaults(cls) -> dict:
-    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
 
 
 def _check_configs(directory: Path) -> None:
@@ -376,23 +356,23 @@ def _check_configs(directory: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     path = directory / "unet" / "config.json"
-    raw = _read_config(path)
+    raw = read_config(path, "Stable Diffusion v1.4 UNet")
     if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise BenchError(f"{path} is not Stable Diffusion v1.4's UNet: _class_name is {raw['_class_name']!r}, "
                          "expected 'UNet2DConditionModel'")
-    effective = {**_constructor_defaults(UNet2DConditionModel), **raw}
+    effective = {**constructor_defaults(UNet2DConditionModel), **raw}
     _check(path, raw, UNET_ARCH, "UNet")  # the original file has every one of these keys
     _check(path, effective, {**UNET_LATER_KEYS, **UNET_EITHER}, "UNet", optional=True)
 
     path = directory / "scheduler" / "scheduler_config.json"
-    _check(path, {"trained_betas": None, **_read_config(path)}, SCHEDULER_CONFIG, "noise schedule")
+    _check(path, {"trained_betas": None, **read_config(path, "scheduler")}, SCHEDULER_CONFIG, "noise schedule")
 
     path = directory / "vae" / "config.json"
-    defaults = _constructor_defaults(AutoencoderKL)
-    _check(path, {**defaults, **_read_config(path)}, VAE_INTERFACE, "autoencoder", optional=True)
+    defaults = constructor_defaults(AutoencoderKL)
+    _check(path, {**defaults, **read_config(path, "autoencoder")}, VAE_INTERFACE, "autoencoder", optional=True)
 
     path = directory / "text_encoder" / "config.json"
-    text = _read_config(path)
+    text = read_config(path, "text encoder")
     text = text.get("text_config", text)  # a full CLIPConfig nests the text tower's
     _check(path, text, {"hidden_size": TEXT_WIDTH, "max_position_embeddings": TEXT_TOKENS}, "text encoder")
 
