@@ -123,6 +123,8 @@ class Runner:
         self.force = force
         self.world = world or World()
         self.only = only
+        self._alone = False  # set by _locked: whether this runner holds the directory exclusively
+        self._lock_handle = None
         self.progress = progress and sys.stderr.isatty() and self.world.main  # bars only for a person watching
         self.argv = argv
         self._print = log or (lambda text: tqdm.write(text, file=sys.stdout))
@@ -199,7 +201,7 @@ class Runner:
 
     def _share_directory(self) -> None:
         """Set-up done: let runners of the same matrix join (a --force run keeps the directory)."""
-        if getattr(self, "_alone", False) and not self.force:
+        if self._alone and not self.force:
             fcntl.flock(self._lock_handle, fcntl.LOCK_SH)
 
     @contextmanager
@@ -250,7 +252,7 @@ class Runner:
     def prepare_directory(self) -> None:
         """Check and set up the output directory and write run.json (rank 0's job, under the lock)."""
         self._check_out_dir()  # again, now that no other run can change it
-        if getattr(self, "_alone", True):  # no other runner writing: temporaries are a killed run's
+        if self._alone:  # no other runner writing: temporaries are a killed run's
             for stale in self.out.rglob(".tmp-*"):
                 stale.unlink(missing_ok=True)
         if self.force:
@@ -289,13 +291,13 @@ class Runner:
             if before is not None and todo:
                 self._together(lambda: before(todo) if self.world.main else None)
             self._update_finished_metrics()
-            ran, busy = 0, []
+            ran = 0
             bar = tqdm(todo, desc="cells", unit="cell", disable=not self.progress)
             for done, (key, cell) in enumerate(bar, start=1):
                 bar.set_postfix_str(f"{cell.method} W{cell.w_bits}A{cell.a_bits}")
                 with self._cell_lock(key) as mine:
                     if not mine or not self.world.broadcast(self._needs_run(key) if self.world.main else None):
-                        busy.append(key)  # another runner has it (or just finished it)
+                        # another runner has it (or just finished it)
                         self.log(f"[{done}/{len(todo)}] {cell.method} W{cell.w_bits}A{cell.a_bits}: "
                                  "run by another runner sharing this directory, skipped")
                         continue
