@@ -8,7 +8,8 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s tests         # the full test suite (what CI runs)
     nox -s lint          # ruff
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
-    nox -s bench         # wall-clock / memory of fake-quant and MoDiff vs full precision
+    nox -s bench         # speed / memory of int8, fp8 and fake execution vs FP32 and BF16
+    nox -s bench-deepcache  # DeepCache's measured speed-ups beside the paper's
     nox -s psnr-table    # PSNR to FP on digits: modulation x activation bits x granularity
     nox -s reproduce-cifar10 [-- --nproc 8 --set run.checkpoint=...]   # paper-scale presets (GPU), and
         reproduce-cifar10-quick, reproduce-cifar10-ablations, reproduce-cifar10-deepcache,
@@ -125,13 +126,20 @@ def train_tiny(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Time and memory of fake-quant and MoDiff vs full precision (runs/bench/overhead.json), and
-    DeepCache's speed-ups for N = 2, 3, 5, 10 beside the paper's (runs/bench/deepcache.json).
+    """Speed and memory of real int8 / fp8 execution, fake quantization and MoDiff against FP32 and BF16,
+    measured in one run (runs/bench/execution.json). CIFAR-10 architecture and digits model.
 
-    Digits model and the CIFAR-10 architecture; extra arguments go to both scripts
-    (e.g. '-- --device cuda')."""
+    Extra arguments go to benchmarks/execution.py (e.g. '-- --device cuda --batch 256', '-- --configs ...')."""
     env = _shared_env(session)
-    _run(session, env, "python", "benchmarks/overhead.py", *session.posargs)
+    _run(session, env, "python", "benchmarks/execution.py", *session.posargs)
+
+
+@nox.session(name="bench-deepcache", venv_backend="none")
+def bench_deepcache(session: nox.Session) -> None:
+    """DeepCache's speed-ups for N = 2, 3, 5, 10 beside the paper's (runs/bench/deepcache.json).
+
+    Extra arguments go to benchmarks/deepcache_speedup.py (e.g. '-- --device cuda')."""
+    env = _shared_env(session)
     _run(session, env, "python", "benchmarks/deepcache_speedup.py", *session.posargs)
 
 

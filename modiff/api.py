@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .config import ModiffConfig, check_choice
@@ -27,7 +28,18 @@ def quantize(model: nn.Module, config: ModiffConfig) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLayer(module, config, name))
+    if config.compute_dtype != "float32":
+        cast_outside_quant_layers(model, getattr(torch, config.compute_dtype))
     return model
+
+
+def cast_outside_quant_layers(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters and buffers that no QuantLayer owns (norms, attention,
+    unwrapped layers) to ``dtype``; the QuantLayers keep float32 weights and state."""
+    inside = {id(m) for layer in quant_layers(model) for m in layer.modules()}
+    for module in model.modules():
+        if id(module) not in inside:
+            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:

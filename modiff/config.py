@@ -8,7 +8,11 @@ MODULATIONS = ("off", "plain", "ec")
 GRANULARITIES = ("tensor", "sample", "channel", "sample-channel")
 WEIGHT_METHODS = ("minmax", "mse")
 ACT_SCALES = ("dynamic", "static")
+EXECUTIONS = ("fake", "int8", "fp8")
+NUMBER_FORMATS = ("int", "fp8")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 NOT_QUANTIZED = 32
+REAL_GRANULARITIES = ("tensor", "sample")  # scales that factor out of the reduction over input channels
 
 
 def check_bits(name: str, bits: int, allow_zero: bool = False) -> None:
@@ -37,6 +41,20 @@ class ModiffConfig:
     ``granularity`` applies to dynamic activation scales; only ``sample`` and ``sample-channel``
     make an image's result independent of the rest of its batch. The channel axis is dim 1 of a
     conv input and the last dim of a linear input.
+
+    ``execution``: ``fake`` quantizes and dequantizes in float (accuracy studies); ``int8`` runs the
+    conv/linear on integer kernels (oneDNN on CPU, ``torch._int_mm`` on CUDA) with the activation,
+    or in the modulated modes the residual, on the ``a_bits`` grid in an 8-bit container;
+    ``fp8`` runs them through ``torch._scaled_mm`` on float8 e4m3 values. Real execution needs
+    symmetric per-output-channel weights (``weight_symmetric=True``), ``w_bits`` and ``a_bits`` of at
+    most 8 and ``tensor`` or ``sample`` scales: see ``modiff/kernels.py``. ``weight_symmetric`` puts
+    the fake path on the same weight grid, so the two can be compared.
+    ``number_format``: ``int`` (uniform integer grids) or ``fp8`` (float8 e4m3 with a max-abs
+    scale: ``w_bits = a_bits = 8``, symmetric); ``execution="fp8"`` needs ``number_format="fp8"``
+    and ``execution="fake"`` with ``number_format="fp8"`` is its float twin.
+    ``compute_dtype``: the dtype of everything that is not quantized (norms, nonlinearities,
+    attention, the layers' returned outputs); the layers keep their state and their arithmetic in
+    float32 either way. ``compile``: fuse the layers' elementwise passes with ``torch.compile``.
     """
 
     w_bits: int = 8
@@ -49,6 +67,11 @@ class ModiffConfig:
     weight_method: str = "minmax"
     residual_tolerance: float | None = None
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names left in full precision
+    execution: str = "fake"
+    weight_symmetric: bool = False
+    number_format: str = "int"
+    compute_dtype: str = "float32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_choice("modulation", self.modulation, MODULATIONS)
@@ -66,3 +89,35 @@ class ModiffConfig:
                 raise ValueError(f"residual_tolerance must be >= 0; got {self.residual_tolerance!r}")
         if isinstance(self.skip, str):
             raise ValueError("skip must be a tuple of name patterns, not a string")
+        check_choice("execution", self.execution, EXECUTIONS)
+        check_choice("number_format", self.number_format, NUMBER_FORMATS)
+        check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        for flag in ("weight_symmetric", "compile", "symmetric", "warmup"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False; got {getattr(self, flag)!r}")
+        if self.number_format == "fp8":
+            if self.w_bits != 8 or self.a_bits not in (8, 0):
+                raise ValueError(f"number_format 'fp8' is float8 e4m3: w_bits and a_bits must be 8 "
+                                 f"(a_bits 0 to reuse the cache); got w_bits={self.w_bits}, a_bits={self.a_bits}")
+            if not (self.symmetric and self.weight_symmetric):
+                raise ValueError("number_format 'fp8' needs symmetric=True and weight_symmetric=True "
+                                 "(e4m3 has no zero point)")
+            if self.act_scale != "dynamic":
+                raise ValueError("number_format 'fp8' supports act_scale 'dynamic' only")
+        if self.execution == "fake":
+            return
+        real = f"execution {self.execution!r}"
+        if self.execution == "fp8" and self.number_format != "fp8":
+            raise ValueError(f"{real} needs number_format='fp8'")
+        if self.execution == "int8" and self.number_format != "int":
+            raise ValueError(f"{real} needs number_format='int'")
+        if self.w_bits > 8:
+            raise ValueError(f"{real} needs w_bits <= 8 (an 8-bit container); got w_bits={self.w_bits}")
+        if self.a_bits > 8:
+            raise ValueError(f"{real} needs a_bits <= 8 (an 8-bit container; 32 means not quantized, "
+                             f"which has nothing to run on integers); got a_bits={self.a_bits}")
+        if self.granularity not in REAL_GRANULARITIES:
+            raise ValueError(f"{real} needs granularity 'tensor' or 'sample' (channel scales do not factor out of "
+                             f"the reduction over input channels); got granularity={self.granularity!r}")
+        if not self.weight_symmetric:
+            raise ValueError(f"{real} needs weight_symmetric=True (the integer kernels take no weight zero point)")

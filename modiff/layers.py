@@ -17,8 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import NOT_QUANTIZED, ModiffConfig
-from .quant import fake_quant, quantize_over, quantize_weight, reduce_dims, scale_and_zero_point, search_range
+from .quant import (
+    FP8_DTYPE,
+    fake_quant,
+    fake_quant_fp8,
+    quantize_over,
+    quantize_weight,
+    reduce_dims,
+    scale_and_zero_point,
+    search_range,
+    weight_fp8,
+    weight_grid,
+)
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 MAX_OBSERVED = 1 << 16  # values kept per calibration call and layer for the MSE search
@@ -39,15 +51,36 @@ class QuantLayer(nn.Module):
         self.config = config
         self.name = name
         self.channel_axis = -1 if isinstance(layer, nn.Linear) else 1
+        self.real = config.execution != "fake"
+        if self.real and (weight_quantized or act_quantizer is not None):
+            raise ValueError(f"layer {name!r}: execution {config.execution!r} does not take pre-quantized weights or "
+                             "an external activation quantizer yet (Q-Diffusion's are fake-quantized only)")
+        self.register_buffer("w_q", None)  # real execution: int8 weights (fp8: their uint8 bit pattern)
+        self.register_buffer("w_scale", None)  # real execution: per-output-channel weight scales
         if not weight_quantized:
             with torch.no_grad():
-                layer.weight.copy_(quantize_weight(layer.weight, config.w_bits, config.weight_method))
+                self._quantize_weight(layer, config)
+        self._op = kernels.Operator(layer, config.execution, config.a_bits) if self.real else None
         self.act_quantizer = act_quantizer
         self.register_buffer("static_scale", None)
         self.register_buffer("static_zero_point", None)
         self._observed: list[torch.Tensor] | None = None
         self._dims: dict[int, tuple[int, ...]] = {}  # input ndim -> dims a dynamic scale reduces over
         self.reset_state()
+
+    def _quantize_weight(self, layer: nn.Module, config: ModiffConfig) -> None:
+        if config.number_format == "fp8":
+            w8, scale = weight_fp8(layer.weight)
+            layer.weight.copy_((w8.float() * scale.view(-1, *([1] * (w8.dim() - 1)))).to(layer.weight.dtype))
+            if self.real:
+                self.w_q, self.w_scale = w8.view(torch.uint8), scale
+        elif config.weight_symmetric and config.w_bits != NOT_QUANTIZED:
+            w_int, scale = weight_grid(layer.weight, config.w_bits, config.weight_method)
+            layer.weight.copy_(w_int.mul(scale.view(-1, *([1] * (w_int.dim() - 1)))).to(layer.weight.dtype))
+            if self.real:
+                self.w_q, self.w_scale = w_int.to(torch.int8), scale
+        else:
+            layer.weight.copy_(quantize_weight(layer.weight, config.w_bits, config.weight_method))
 
     # -- state -----------------------------------------------------------------------------
     def reset_state(self) -> None:
@@ -86,12 +119,18 @@ class QuantLayer(nn.Module):
                 raise RuntimeError(f"layer {self.name!r} uses static scales but was never calibrated "
                                    "(run modiff.calibrate first)")
             return fake_quant(x, self.static_scale, self.static_zero_point, c.a_bits, c.symmetric, inplace)
+        dims = self._scale_dims(x)
+        if c.number_format == "fp8":
+            return fake_quant_fp8(x, dims)
+        return quantize_over(x, dims, c.a_bits, c.symmetric, inplace)
+
+    def _scale_dims(self, x: torch.Tensor) -> tuple[int, ...]:
         dims = self._dims.get(x.dim())
         if dims is None:
             if x.dim() < 2:
                 raise ValueError(f"layer {self.name!r}: activations need a batch dimension, got {tuple(x.shape)}")
-            dims = self._dims[x.dim()] = reduce_dims(x.dim(), c.granularity, self.channel_axis)
-        return quantize_over(x, dims, c.a_bits, c.symmetric, inplace)
+            dims = self._dims[x.dim()] = reduce_dims(x.dim(), self.config.granularity, self.channel_axis)
+        return dims
 
     # -- calibration of static scales -----------------------------------------------------
     def start_observing(self) -> None:
@@ -149,14 +188,38 @@ class QuantLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's arithmetic runs in float32 whatever ``compute_dtype`` is; its output is
+        returned in ``compute_dtype``. It never mutates a tensor it has returned (nor its input):
+        ``ô`` is rebuilt out of place at every step, only ``â`` (never handed out) is updated in place."""
+        if x.dtype != torch.float32:
+            x = x.float()
+        out = self._forward(x)
+        dtype = _DTYPES[self.config.compute_dtype]
+        return out if out.dtype == dtype else out.to(dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observed is not None:
             return self._observe(x)
+        if self.real:  # inference only: integer kernels have no gradient
+            with torch.no_grad():
+                return self._forward_real(x)
         c = self.config
+        fused = c.compile and self.act_quantizer is None and c.act_scale == "dynamic" and c.a_bits != NOT_QUANTIZED
+        fp8 = c.number_format == "fp8"
         if c.modulation == "off":
+            if fused:
+                return self.linear(kernels.compiled("fake_input")(x, self._scale_dims(x), c.a_bits, c.symmetric, fp8),
+                                   bias=True)
             return self.linear(self.quantize_activation(x), bias=True)
         if self._a_ref is None:
             return self._warmup(x)
         self._check_state(x)
+        if fused and c.a_bits != 0 and c.residual_tolerance is None:
+            with torch.no_grad():
+                d = kernels.compiled("fake_residual")(x, self._a_ref, self._scale_dims(x), c.a_bits, c.symmetric, fp8,
+                                                      c.modulation == "ec")
+            out = self.linear(d, bias=False).add_(self._o_ref)
+            return self._advance(x, out)
         residual = x - self._a_ref
         keep = self._residual_mask(residual)
         if keep is not None and not keep.any():  # every sample reuses the cache
@@ -168,18 +231,113 @@ class QuantLayer(nn.Module):
             out = self.linear(d, bias=False).add_(self._o_ref)
             if c.modulation == "ec":
                 self._a_ref.add_(d)  # our own copy, never handed out
-        if c.modulation == "plain":
+        return self._advance(x, out)
+
+    def _advance(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """End of a modulated step: plain mode's reference becomes the true input; remember ``ô``."""
+        if self.config.modulation == "plain":
             self._a_ref = x
         self._o_ref = out
         self.residual_calls += 1
         self._versions = (self._a_ref._version, out._version)
         return out
 
+    # -- real execution (modiff/kernels.py) ---------------------------------------------------
+    def _passes(self, name: str):
+        return kernels.compiled(name) if self.config.compile else getattr(kernels, name)
+
+    def _static(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.config.act_scale != "static":
+            return None
+        if self.static_scale is None:
+            raise RuntimeError(f"layer {self.name!r} uses static scales but was never calibrated "
+                               "(run modiff.calibrate first)")
+        return self.static_scale, self.static_zero_point
+
+    def _kernel(self, u, scale, offset, x_shape, add, bias: bool) -> torch.Tensor:
+        """``A((u - offset) * scale) (+ add) (+ bias)`` on the integer / float8 kernel."""
+        w_q = self.w_q.view(FP8_DTYPE) if self.config.execution == "fp8" else self.w_q
+        shift = 0 if self.config.execution == "fp8" else _minus(offset, self._op.base(u))
+        y = self._op(u, w_q, self.w_scale)
+        m = None if _is_zero(shift) else self._op.correction(x_shape, self.layer.weight)
+        b = self.layer.bias if bias else None
+        if b is not None and not isinstance(self.layer, nn.Linear):
+            b = b.view(-1, *([1] * (y.dim() - 2)))
+        return self._passes("epilogue")(y, scale, shift, m, add, b)
+
+    def _forward_real(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        fp8 = c.execution == "fp8"
+        if c.modulation == "off":
+            u, scale, offset = self._passes("quantize_input")(x, self._scale_dims(x), c.a_bits, c.symmetric, fp8,
+                                                              self._static())
+            return self._kernel(u, scale, offset, x.shape, None, bias=True)
+        if self._a_ref is None:
+            return self._warmup(x)
+        self._check_state(x)
+        ec = c.modulation == "ec"
+        if c.a_bits == 0 or c.residual_tolerance is not None:
+            out = self._masked_real(x, ec, fp8)
+        else:
+            u, scale, offset = self._passes("quantize_residual")(x, self._a_ref, self._scale_dims(x), c.a_bits,
+                                                                 c.symmetric, fp8, ec, self._static())
+            out = self._kernel(u, scale, offset, x.shape, self._o_ref, bias=False)
+        return self._advance(x, out)
+
+    def _masked_real(self, x: torch.Tensor, ec: bool, fp8: bool) -> torch.Tensor:
+        """0-bit residuals and ``residual_tolerance``: the kernel runs on the samples that need it
+        (the batch is compacted), the others return their cached output without any arithmetic.
+        Compaction costs one copy of ``ô``; a tensor-wise scale is taken over the whole residual,
+        as in the fake path."""
+        c = self.config
+        residual = x - self._a_ref
+        keep = self._residual_mask(residual)
+        if keep is not None and not keep.any():
+            return self._o_ref
+        dims = self._scale_dims(residual)
+        if keep is None:
+            idx = None
+        else:
+            idx = keep.nonzero().squeeze(1)
+        static = self._static()
+        if static is None and not fp8 and dims == tuple(range(residual.dim())):  # one scale for the whole batch
+            static = scale_and_zero_point(*_minmax_all(residual), c.a_bits, c.symmetric)
+        part = residual if idx is None else residual.index_select(0, idx)
+        if fp8:
+            u, scale, offset, d = kernels.fp8_quantize(part, dims, want_dequantized=ec)
+        else:
+            u, scale, offset, d = kernels.int_quantize(part, dims, c.a_bits, c.symmetric, static, want_dequantized=ec)
+        if idx is None:
+            if ec:
+                self._a_ref.add_(d)
+            return self._kernel(u, scale, offset, x.shape, self._o_ref, bias=False)
+        if ec:
+            self._a_ref.index_add_(0, idx, d)
+        delta = self._kernel(u, scale, offset, part.shape, self._o_ref.index_select(0, idx), bias=False)
+        return self._o_ref.index_copy(0, idx, delta)
+
     def _warmup(self, x: torch.Tensor) -> torch.Tensor:
+        if self.real and not self.config.warmup:  # the first step quantized, on the kernel
+            return self._warmup_real(x)
         a0 = x if self.config.warmup else self.quantize_activation(x)
         out = self.linear(a0, bias=True)
         # ec updates â in place, so it owns a copy; plain keeps a reference to the true input
         self._a_ref = a0.clone() if self.config.modulation == "ec" else x
+        self._o_ref = out
+        self._versions = (self._a_ref._version, out._version)
+        self.warmup_calls += 1
+        return out
+
+    def _warmup_real(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        dims = self._scale_dims(x)
+        if c.execution == "fp8":
+            u, scale, offset, d = kernels.fp8_quantize(x, dims, want_dequantized=True, inplace=False)
+        else:
+            u, scale, offset, d = kernels.int_quantize(x, dims, c.a_bits, c.symmetric, self._static(),
+                                                       want_dequantized=True, inplace=False)
+        out = self._kernel(u, scale, offset, x.shape, None, bias=True)
+        self._a_ref = d if c.modulation == "ec" else x
         self._o_ref = out
         self._versions = (self._a_ref._version, out._version)
         self.warmup_calls += 1
@@ -212,3 +370,19 @@ class QuantLayer(nn.Module):
         c = self.config
         return (f"{self.name or type(self.layer).__name__}: W{c.w_bits}A{c.a_bits} modulation={c.modulation} "
                 f"granularity={c.granularity} scale={c.act_scale}")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _minus(offset, base: int):
+    return offset - base if base else offset
+
+
+def _is_zero(value) -> bool:
+    return not isinstance(value, torch.Tensor) and value == 0
+
+
+def _minmax_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = torch.aminmax(x)
+    return lo, hi

@@ -129,3 +129,41 @@ def quantize_weight(weight: torch.Tensor, bits: int, method: str = "minmax", sym
     w = weight.detach().float()
     scale, zp = search_range(w, bits, symmetric, tuple(range(1, w.dim())), method)
     return fake_quant(w, scale, zp, bits, symmetric).to(weight.dtype)
+
+
+def weight_grid(weight: torch.Tensor, bits: int, method: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel integers and scales of a weight: ``(w_int, scale)`` with
+    ``w_int * scale`` bit-equal to ``quantize_weight(weight, bits, method, symmetric=True)``."""
+    check_bits("w_bits", bits)
+    w = weight.detach().float()
+    scale, _ = search_range(w, bits, True, tuple(range(1, w.dim())), method)
+    qmin, qmax = grid(bits, True)
+    return w.div(scale).round_().clamp_(qmin, qmax), scale.reshape(-1)
+
+
+# -- float8 e4m3 ("fp8"): a max-abs scale maps the largest magnitude to e4m3's largest finite value
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+
+def fp8_scale(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Scale over ``dims`` (keepdim): ``absmax / 448``; all dims = one scale for the tensor."""
+    lo, hi = minmax(x, dims) if dims else (x, x)
+    return torch.maximum(lo.abs(), hi.abs()).div_(FP8_MAX).clamp_min_(MIN_SCALE)
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` rounded to the nearest e4m3 value (saturating at +-448)."""
+    return torch.div(x, scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fake_quant_fp8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    scale = fp8_scale(x, dims)
+    return to_fp8(x, scale).to(x.dtype).mul_(scale)
+
+
+def weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel e4m3 weight: ``(w_fp8, scale)``."""
+    w = weight.detach().float()
+    scale = fp8_scale(w, tuple(range(1, w.dim())))
+    return to_fp8(w, scale), scale.reshape(-1)

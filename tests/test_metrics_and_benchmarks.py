@@ -39,20 +39,26 @@ def test_psnr_table_layout():
     assert wide.iloc[1].tolist()[2:] == [3.0, 4.0, 5.0]
 
 
-def test_overhead_benchmark_end_to_end(tmp_path):
-    out = tmp_path / "overhead.json"
+def test_execution_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "execution.json"
+    configs = ["fp32", "fp32-cl", "bf16-cl", "fake-modiff", "int8-ptq-w8a8-sample", "int8-modiff-w8a4-sample"]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--models", "digits", "--batch", "4",
-         "--steps-digits", "3", "--repeats", "1", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "execution.py"), "--models", "digits", "--batch", "4",
+         "--steps-digits", "3", "--rounds", "1", "--configs", *configs, "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())["results"]
-    assert results["digits/fp"]["ratio_to_fp"] == 1.0
-    assert results["digits/fp"]["state_bytes"] == results["digits/off"]["state_bytes"] == 0
-    assert results["digits/ec"]["state_bytes"] > 0  # read after a full trajectory
-    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in results.values())
-    assert "| digits | ec | 3 |" in done.stdout
+    assert set(results) == {f"digits/{c}" for c in configs}
+    fastest_fp32 = min(results["digits/fp32"]["modulated_call"], results["digits/fp32-cl"]["modulated_call"])
+    assert max(results["digits/fp32"]["x_fp32"], results["digits/fp32-cl"]["x_fp32"]) == 1.0
+    assert results["digits/bf16-cl"]["x_bf16"] == 1.0
+    for r in results.values():  # every ratio is against the baselines of the same run
+        assert r["x_fp32"] == pytest.approx(fastest_fp32 / r["modulated_call"])
+        assert r["modulated_min"] <= r["modulated_call"] <= r["modulated_max"] and r["warmup_call"] > 0
+    assert results["digits/fp32"]["state_bytes"] == results["digits/int8-ptq-w8a8-sample"]["state_bytes"] == 0
+    assert results["digits/int8-modiff-w8a4-sample"]["state_bytes"] > 0  # read after a full trajectory
+    assert "| digits | int8-modiff-w8a4-sample |" in done.stdout and "CPU flags" in done.stdout
 
 
 def test_deepcache_benchmark_end_to_end(tmp_path):
@@ -72,7 +78,8 @@ def test_deepcache_benchmark_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("script,args", [
     ("psnr_table.py", ["--a-bits", "1"]), ("psnr_table.py", ["--granularity", "pixel"]),
-    ("overhead.py", ["--models", "digits", "--a-bits", "40"]),
+    ("execution.py", ["--models", "digits", "--configs", "int9"]),
+    ("execution.py", ["--models", "digits", "--batch", "0"]),
     ("deepcache_speedup.py", ["--models", "digits", "--steps-digits", "0"]),
 ])
 def test_benchmarks_reject_bad_settings_in_one_line(script, args, tmp_path):

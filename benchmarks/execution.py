@@ -1,0 +1,271 @@
+"""Does quantization make sampling faster? Real int8 / fp8 execution against FP32 and BF16.
+
+Models: the CIFAR-10 DDPM architecture (google/ddpm-cifar10-32 config, random weights: speed
+does not depend on the values) and the embedded digits model. Configurations (``--configs``,
+default: all except fp8 on CPU):
+
+- ``fp32``, ``fp32-cl``: full precision, NCHW and channels-last;
+- ``bf16-autocast-cl``, ``bf16-cl``: BF16 autocast, and the whole model cast to BF16, both
+  channels-last. The FP32 and BF16 baselines are the faster of their variants, measured here;
+- ``fake-ptq``, ``fake-modiff``: fake quantization W8A8 (modulation off / MoDiff), and
+  ``fake-modiff-compiled`` with its elementwise passes fused by torch.compile;
+- ``int8-ptq-w8a8-{tensor,sample}``, ``int8-modiff-w8a{8,4}-{tensor,sample}``: real int8
+  execution, symmetric activation and weight grids; ``...-compiled``: the same with
+  ``compile=True``;
+- ``fp8-modiff``, ``fp8-modiff-compiled``: float8 e4m3 through ``torch._scaled_mm`` (GPU).
+
+Every quantized configuration runs channels-last. Timing: all configurations live in one process
+and run one trajectory each per round, round-robin, so machine drift hits them alike. Round 0
+warms up (it also compiles) and is dropped. Each denoiser call is timed (CUDA-synchronised). The
+table gives, per configuration, the median over rounds of the median *modulated* call (every call
+after the first of a trajectory), with its min-max over rounds; the warm-up call; the whole
+trajectory; and the ratios against the FP32 and BF16 baselines of the same rounds. Compile time
+is round 0's trajectory minus the median trajectory. Memory: the peak RSS increase over one
+trajectory (CUDA: peak allocated), MoDiff's state and the weights' bytes.
+
+    python benchmarks/execution.py                         (or: nox -s bench)
+    python benchmarks/execution.py --models cifar10 --configs fp32-cl int8-modiff-w8a8-sample-compiled
+    python benchmarks/execution.py --device cuda --batch 256 --configs bf16-cl int8-modiff-w8a8-sample fp8-modiff
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from _common import run_script, write_table
+
+from bench.errors import BenchError
+
+
+def _modiff(execution: str, modulation: str, a_bits: int, granularity: str, compile_: bool = False) -> dict:
+    options = dict(w_bits=8, a_bits=a_bits, modulation=modulation, granularity=granularity, symmetric=True,
+                   weight_symmetric=True, execution=execution, compile=compile_)
+    if execution == "fp8":
+        options.update(number_format="fp8")
+    return options
+
+
+CONFIGS: dict[str, dict] = {
+    "fp32": {},
+    "fp32-cl": {"channels_last": True},
+    "bf16-autocast-cl": {"channels_last": True, "autocast": True},
+    "bf16-cl": {"channels_last": True, "dtype": "bfloat16"},
+    "fake-ptq": {"modiff": _modiff("fake", "off", 8, "sample")},
+    "fake-modiff": {"modiff": _modiff("fake", "ec", 8, "sample")},
+    "fake-modiff-compiled": {"modiff": _modiff("fake", "ec", 8, "sample", True)},
+}
+for _mod, _name in (("off", "ptq"), ("ec", "modiff")):
+    for _bits in ((8,) if _mod == "off" else (8, 4)):
+        for _gran in ("tensor", "sample"):
+            CONFIGS[f"int8-{_name}-w8a{_bits}-{_gran}"] = {"modiff": _modiff("int8", _mod, _bits, _gran)}
+for _name, _mod, _bits in (("ptq-w8a8", "off", 8), ("modiff-w8a8", "ec", 8), ("modiff-w8a4", "ec", 4)):
+    CONFIGS[f"int8-{_name}-sample-compiled"] = {"modiff": _modiff("int8", _mod, _bits, "sample", True)}
+CONFIGS["fp8-modiff"] = {"modiff": _modiff("fp8", "ec", 8, "sample")}
+CONFIGS["fp8-modiff-compiled"] = {"modiff": _modiff("fp8", "ec", 8, "sample", True)}
+for _spec in CONFIGS.values():
+    if "modiff" in _spec:
+        _spec["channels_last"] = True
+GPU_ONLY = ("fp8-modiff", "fp8-modiff-compiled")  # torch._scaled_mm on CPU is a slow reference kernel
+
+
+@dataclass
+class Timed:
+    """A denoiser wrapper that times every call and applies the configuration's layout and dtype."""
+
+    unet: object
+    device: object
+    channels_last: bool = False
+    dtype: object = None
+    autocast: bool = False
+    calls: list[float] = field(default_factory=list)
+
+    def __call__(self, x, t, **kw):
+        import torch
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype is not None:
+            x = x.to(self.dtype)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            out = self.unet(x, t, **kw)
+        sync()
+        self.calls.append(time.perf_counter() - start)
+        return out
+
+
+def _model(name: str, device):
+    from bench.schedules import NoiseSchedule
+    from bench.zoo import ZooModel, load_model
+    from bench.zoo.architectures import DDPM_CIFAR10_32, build_random_unet
+
+    if name == "digits":
+        return load_model("digits", device=device)
+    unet = build_random_unet(DDPM_CIFAR10_32).eval().requires_grad_(False).to(device)
+    return ZooModel("cifar10-arch", unet, NoiseSchedule.linear(), (3, 32, 32), "ddim-quad", 100)
+
+
+def _build(model, spec: dict, device):
+    import torch
+
+    import modiff
+
+    unet = copy.deepcopy(model.unet)
+    if spec.get("channels_last"):
+        unet = unet.to(memory_format=torch.channels_last)
+    if "modiff" in spec:
+        modiff.quantize(unet, modiff.ModiffConfig(**spec["modiff"]))
+    dtype = getattr(torch, spec["dtype"]) if "dtype" in spec else None
+    if dtype is not None:
+        unet = unet.to(dtype)
+    return Timed(unet, device, bool(spec.get("channels_last")), dtype, bool(spec.get("autocast")))
+
+
+def _weight_bytes(unet) -> int:
+    return sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
+
+
+def _trajectory(timed: Timed, model, steps: int, batch: int, device) -> dict:
+    import torch
+
+    import modiff
+    from bench.measure import peak_rss_bytes, reset_peak_rss
+    from bench.samplers import SamplerConfig, sample
+
+    timed.calls.clear()
+    sampler = SamplerConfig.from_name("ddim-quad", steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = peak_rss_bytes()  # the current RSS once the peak is reset
+        reset_peak_rss()
+        before = min(before, peak_rss_bytes())
+    start = time.perf_counter()
+    with torch.no_grad():
+        sample(model.denoiser(timed), model.schedule, sampler, range(batch), model.image_shape, batch, device,
+               progress=False, on_trajectory_start=lambda: modiff.reset(timed.unet))
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    return {"seconds": seconds, "warmup_call": timed.calls[0],
+            "modulated_call": statistics.median(timed.calls[1:]) if len(timed.calls) > 1 else float("nan"),
+            "peak_extra_bytes": max(0, peak - before), "state_bytes": modiff.state_bytes(timed.unet)}
+
+
+def _summary(rounds: list[dict], first: dict) -> dict:
+    calls = [r["modulated_call"] for r in rounds]
+    trajectories = [r["seconds"] for r in rounds]
+    return {"modulated_call": statistics.median(calls), "modulated_min": min(calls), "modulated_max": max(calls),
+            "trajectory": statistics.median(trajectories),
+            "warmup_call": statistics.median(r["warmup_call"] for r in rounds),
+            "compile_s": max(0.0, first["seconds"] - statistics.median(trajectories)),
+            "peak_extra_bytes": max(r["peak_extra_bytes"] for r in rounds), "state_bytes": rounds[-1]["state_bytes"],
+            "all_modulated_calls": calls}
+
+
+def _cpu_flags() -> str:
+    try:
+        flags = set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["cifar10", "digits"], choices=["cifar10", "digits"])
+    parser.add_argument("--configs", nargs="+", metavar="NAME",
+                        help=f"default: all but {', '.join(GPU_ONLY)} on CPU; one of: {', '.join(CONFIGS)}")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps-cifar10", type=int, default=3,
+                        help="DDIM steps per trajectory (the first is the warm-up)")
+    parser.add_argument("--steps-digits", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up round")
+    parser.add_argument("--out", default="runs/bench/execution.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from bench.provenance import device_description
+
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda: CUDA is not available here")
+    except RuntimeError as exc:
+        raise BenchError(f"--device {args.device!r}: {exc}") from None
+    names = args.configs or [c for c in CONFIGS if device.type == "cuda" or c not in GPU_ONLY]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise BenchError(f"unknown configuration(s) {', '.join(unknown)}; one of: {', '.join(CONFIGS)}")
+    for name, value in (("--batch", args.batch), ("--rounds", args.rounds), ("--steps-cifar10", args.steps_cifar10 - 1),
+                        ("--steps-digits", args.steps_digits - 1)):
+        if value < 1:
+            raise BenchError(f"{name} is too small (a trajectory needs a warm-up call and a modulated call)")
+
+    results: dict[str, dict] = {}
+    lines = [f"device: {device_description(args.device)}; CPU flags: {_cpu_flags()}; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; batch {args.batch}; median over {args.rounds} interleaved rounds "
+             f"(min-max); seconds per denoiser call", ""]
+    if device.type == "cpu":
+        from modiff.kernels import onednn_u8_exact
+
+        lines[0] += (f"; oneDNN u8 x s8 exact over 0..255: {onednn_u8_exact()} "
+                     "(else 8-bit activations run as two kernels)")
+    lines += ["| model | config | modulated call s (min-max) | x FP32 | x BF16 | warm-up call s | trajectory s | "
+              "compile s | peak +MB | state MB | weights MB |", "| " + " | ".join(["---"] * 11) + " |"]
+    for model_name in args.models:
+        model = _model(model_name, device)
+        steps = args.steps_cifar10 if model_name == "cifar10" else args.steps_digits
+        built = {}
+        for name in names:
+            built[name] = _build(model, CONFIGS[name], device)
+        print(f"[{model_name}] {len(names)} configurations x ({args.rounds} + 1) rounds of {steps} steps at batch "
+              f"{args.batch} ...", flush=True)
+        per_round: dict[str, list[dict]] = {name: [] for name in names}
+        first: dict[str, dict] = {}
+        for round_ in range(args.rounds + 1):
+            for name in names:
+                result = _trajectory(built[name], model, steps, args.batch, device)
+                if round_:
+                    per_round[name].append(result)
+                else:
+                    first[name] = result
+                print(f"  round {round_} {name}: {result['seconds']:.2f} s, modulated call "
+                      f"{result['modulated_call']:.3f} s", flush=True)
+        summaries = {name: _summary(per_round[name], first[name]) for name in names}
+        fp32 = min((summaries[n]["modulated_call"] for n in names if n.startswith("fp32")), default=None)
+        bf16 = min((summaries[n]["modulated_call"] for n in names if n.startswith("bf16")), default=None)
+        for name in names:
+            s = summaries[name]
+            s["x_fp32"] = fp32 / s["modulated_call"] if fp32 else None
+            s["x_bf16"] = bf16 / s["modulated_call"] if bf16 else None
+            s["weight_bytes"] = _weight_bytes(built[name].unet)
+            results[f"{model_name}/{name}"] = s
+
+            def ratio(v):
+                return f"{v:.2f}" if v is not None else "-"
+
+            lines.append(
+                f"| {model_name} | {name} | {s['modulated_call']:.3f} "
+                f"({s['modulated_min']:.3f}-{s['modulated_max']:.3f}) | {ratio(s['x_fp32'])} | {ratio(s['x_bf16'])} | "
+                f"{s['warmup_call']:.3f} | {s['trajectory']:.2f} | "
+                f"{s['compile_s']:.0f} | {s['peak_extra_bytes'] / 2**20:.0f} | {s['state_bytes'] / 2**20:.0f} | "
+                f"{s['weight_bytes'] / 2**20:.0f} |")
+        del built
+    lines += ["", "x FP32 / x BF16: the fastest FP32 / BF16 variant's modulated call divided by this one's "
+              "(above 1 = faster than that baseline)."]
+    write_table(args, results, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main, __file__)
