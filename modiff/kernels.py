@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import FP8_DTYPE, fake_quant_fp8, minmax, quantize_over, scale_and_zero_point, to_fp8
+from .quant import FP8_DTYPE, fake_quant_fp8, fp8_scale, minmax, quantize_over, scale_and_zero_point, to_fp8
 
 BACKENDS = ("onednn", "int_mm", "scaled_mm")
 
@@ -260,11 +260,12 @@ def int_quantize(r: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: b
     return q.to(torch.uint8), scale, zero_point, d
 
 
-def fp8_quantize(r: torch.Tensor, dims: tuple[int, ...], want_dequantized: bool = False, inplace: bool = True):
-    """``(e4m3 values, scale, 0, d)`` with ``d`` bit-equal to :func:`modiff.quant.fake_quant_fp8`."""
-    from .quant import fp8_scale
-
-    scale = fp8_scale(r, dims)
+def fp8_quantize(r: torch.Tensor, dims: tuple[int, ...], want_dequantized: bool = False,
+                 scale: torch.Tensor | None = None):
+    """``(e4m3 values, scale, 0, d)`` with ``d`` bit-equal to :func:`modiff.quant.fake_quant_fp8`;
+    ``scale`` given: use it (a tensor-wise scale taken over a larger batch)."""
+    if scale is None:
+        scale = fp8_scale(r, dims)
     a8 = to_fp8(r, scale)
     d = a8.to(r.dtype).mul_(scale) if want_dequantized else None
     return a8, scale, 0, d

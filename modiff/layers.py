@@ -9,6 +9,11 @@ In the modulated modes the first call after :meth:`reset_state` is the warm-up: 
 once; residuals go through ``A`` without it. State is per layer and per sample trajectory and
 must be reset once per batch, before the first step -- never per step, which would make every
 step a full-precision warm-up and silently switch the method off.
+
+``execution="int8"`` / ``"fp8"`` run ``A`` on integer or float8 kernels (``modiff/kernels.py``)
+with the same arithmetic around them. A layer never mutates a tensor it has returned, nor its
+input: ``ô`` is rebuilt out of place at every step; only ``â``, never handed out, is updated in
+place. Holders of outputs (DeepCache's cache, per-step traces) are therefore safe.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .quant import (
     FP8_DTYPE,
     fake_quant,
     fake_quant_fp8,
+    fp8_scale,
     quantize_over,
     quantize_weight,
     reduce_dims,
@@ -300,11 +306,13 @@ class QuantLayer(nn.Module):
         else:
             idx = keep.nonzero().squeeze(1)
         static = self._static()
-        if static is None and not fp8 and dims == tuple(range(residual.dim())):  # one scale for the whole batch
+        whole = dims == tuple(range(residual.dim()))  # one scale for the whole batch, cached samples included
+        if static is None and not fp8 and whole:
             static = scale_and_zero_point(*_minmax_all(residual), c.a_bits, c.symmetric)
         part = residual if idx is None else residual.index_select(0, idx)
         if fp8:
-            u, scale, offset, d = kernels.fp8_quantize(part, dims, want_dequantized=ec)
+            u, scale, offset, d = kernels.fp8_quantize(part, dims, want_dequantized=ec,
+                                                       scale=fp8_scale(residual, dims) if whole else None)
         else:
             u, scale, offset, d = kernels.int_quantize(part, dims, c.a_bits, c.symmetric, static, want_dequantized=ec)
         if idx is None:
@@ -332,7 +340,7 @@ class QuantLayer(nn.Module):
         c = self.config
         dims = self._scale_dims(x)
         if c.execution == "fp8":
-            u, scale, offset, d = kernels.fp8_quantize(x, dims, want_dequantized=True, inplace=False)
+            u, scale, offset, d = kernels.fp8_quantize(x, dims, want_dequantized=True)
         else:
             u, scale, offset, d = kernels.int_quantize(x, dims, c.a_bits, c.symmetric, self._static(),
                                                        want_dequantized=True, inplace=False)
@@ -369,7 +377,8 @@ class QuantLayer(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"{self.name or type(self.layer).__name__}: W{c.w_bits}A{c.a_bits} modulation={c.modulation} "
-                f"granularity={c.granularity} scale={c.act_scale}")
+                f"granularity={c.granularity} scale={c.act_scale}" + ("" if c.execution == "fake" else
+                                                                          f" execution={c.execution}"))
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

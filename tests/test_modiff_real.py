@@ -188,26 +188,37 @@ def test_zero_bit_residuals_return_the_cache_and_run_no_kernel(kind, modulation)
     assert ran(events, ("onednn::qconv2d_pointwise", "onednn::qlinear_pointwise"))
 
 
+@pytest.mark.parametrize("execution", ["int8", "fp8"])
 @pytest.mark.parametrize("granularity", ["tensor", "sample"])
 @pytest.mark.parametrize("kind", ["conv3x3", "linear-3d"])
-def test_residual_tolerance_reuses_the_cache_and_runs_the_kernel_on_the_moving_samples_only(kind, granularity):
+def test_residual_tolerance_reuses_the_cache_and_runs_the_kernel_on_the_moving_samples_only(kind, granularity,
+                                                                                             execution):
+    # sample 2 moves by a constant: a range below the tolerance but the largest magnitude, so a
+    # tensor-wise scale taken over the whole batch (as in the fake path) differs from one taken over
+    # the compacted samples (what fp8 once did)
     layer, shape = make_layer(kind)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(shape, generator=g)
     still = x0 + torch.stack([0.01 * torch.randn(shape[1:], generator=g), 2.0 * torch.randn(shape[1:], generator=g),
-                              0.01 * torch.randn(shape[1:], generator=g)])
-    kw = dict(a_bits=4, modulation="ec", granularity=granularity, residual_tolerance=0.5)
-    real, fake = wrap(layer, config(execution="int8", **kw)), wrap(layer, config(execution="fake", **kw))
+                              10.0 + 0.01 * torch.randn(shape[1:], generator=g)])  # still, but shifted
+    kw = dict(modulation="ec", granularity=granularity, residual_tolerance=0.5)
+    make = config if execution == "int8" else fp8_config
+    if execution == "int8":
+        kw["a_bits"] = 4
+    real, fake = wrap(layer, make(execution=execution, **kw)), wrap(layer, make(execution="fake", **kw))
     first = real(x0)
     fake(x0)
     out, events = op_names(lambda: real(still))
     assert torch.equal(out[0], first[0]) and torch.equal(out[2], first[2])  # below tolerance: the cache, exactly
     assert not torch.allclose(out[1], first[1])
     assert real.cached_samples == 2
-    kernels = [(name, s) for name, s in events if "pointwise" in name]
-    assert kernels, "the moving sample ran no oneDNN kernel"
-    per_sample = torch.Size(shape[1:]).numel()
-    assert all(torch.Size(s).numel() == per_sample for _, s in kernels), kernels  # the batch was compacted to 1
+    kernels = [(name, s) for name, s in events if ("pointwise" in name or "_scaled_mm" in name)]
+    assert kernels, "the moving sample ran no kernel"
+    if execution == "int8":  # the kernel's input: one sample's activation
+        assert all(torch.Size(s).numel() == torch.Size(shape[1:]).numel() for _, s in kernels), kernels
+    else:  # _scaled_mm's rows: one sample's positions (conv3x3 keeps the spatial size; linear: T tokens)
+        rows = shape[2] * shape[3] if len(shape) == 4 else shape[1]
+        assert all(s[0] == rows for _, s in kernels), kernels  # the batch was compacted to 1
     assert rel_err(out, fake(still)) <= TOL
     # every sample still: the previous output, without any kernel
     calm = real.reconstruction + 1e-3
