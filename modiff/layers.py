@@ -194,13 +194,13 @@ class QuantLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's arithmetic runs in float32 whatever ``compute_dtype`` is; its output is
-        returned in ``compute_dtype``. It never mutates a tensor it has returned (nor its input):
-        ``ô`` is rebuilt out of place at every step, only ``â`` (never handed out) is updated in place."""
-        if x.dtype != torch.float32:
-            x = x.float()
-        out = self._forward(x)
-        dtype = _DTYPES[self.config.compute_dtype]
+        """The layer's arithmetic runs in its weight's dtype (float32 unless the caller cast the model);
+        with ``compute_dtype="bfloat16"`` it takes and returns BF16, otherwise it returns the input's
+        dtype. It never mutates a tensor it has returned (nor its input): ``ô`` is rebuilt out of
+        place at every step, only ``â`` (never handed out) is updated in place."""
+        dtype = _DTYPES[self.config.compute_dtype] if self.config.compute_dtype != "float32" else x.dtype
+        own = self.layer.weight.dtype
+        out = self._forward(x if x.dtype == own else x.to(own))
         return out if out.dtype == dtype else out.to(dtype)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
