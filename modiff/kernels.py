@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import FP8_DTYPE, fake_quant_fp8, fp8_scale, minmax, quantize_over, scale_and_zero_point, to_fp8
+from .quant import FP8_DTYPE, dynamic_scale, fake_quant_fp8, fp8_scale, quantize_over, to_fp8
 
 BACKENDS = ("onednn", "int_mm", "scaled_mm")
 
@@ -244,11 +244,7 @@ def int_quantize(r: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: b
     """Quantize ``r`` (in place if ``inplace``: a temporary the caller owns) to ``(u, scale, offset, d)``:
     ``u`` uint8 with ``(u - offset) * scale`` on the grid, ``d`` that dequantized tensor (or None). The arithmetic
     is :func:`modiff.quant.fake_quant`'s, op for op, so ``d`` is bit-equal to the fake path's."""
-    if static is not None:
-        scale, zero_point = static
-    else:
-        lo, hi = minmax(r, dims) if dims else (r, r)
-        scale, zero_point = scale_and_zero_point(lo, hi, bits, symmetric)
+    scale, zero_point = static if static is not None else dynamic_scale(r, dims, bits, symmetric)
     q = (r.div_(scale) if inplace else torch.div(r, scale)).round_()
     if symmetric:
         half = 2 ** (bits - 1)
@@ -271,6 +267,16 @@ def fp8_quantize(r: torch.Tensor, dims: tuple[int, ...], want_dequantized: bool 
     return a8, scale, 0, d
 
 
+def quantize_real(r: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool, fp8: bool,
+                  static: tuple[torch.Tensor, torch.Tensor] | None = None, want_dequantized: bool = False,
+                  inplace: bool = True):
+    """:func:`int_quantize` or, with ``fp8``, :func:`fp8_quantize` (``static``'s scale, if given;
+    e4m3 has no zero point) -> ``(u, scale, offset, d)``."""
+    if fp8:
+        return fp8_quantize(r, dims, want_dequantized, scale=None if static is None else static[0])
+    return int_quantize(r, dims, bits, symmetric, static, want_dequantized, inplace)
+
+
 def epilogue(y: torch.Tensor, scale: torch.Tensor, offset, m: torch.Tensor | None, add: torch.Tensor | None,
              bias: torch.Tensor | None) -> torch.Tensor:
     """``scale * (y - offset * M) + add + bias``, in ``y``'s storage (the kernel's fresh output)."""
@@ -291,9 +297,7 @@ def quantize_input(x: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric:
                    static: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Plain PTQ: quantize the layer's input (left untouched) -> ``(u, scale, offset)``."""
     r = x if x.dtype == torch.float32 else x.float()
-    if fp8:
-        return fp8_quantize(r, dims)[:3]
-    return int_quantize(r, dims, bits, symmetric, static, inplace=r is not x)[:3]
+    return quantize_real(r, dims, bits, symmetric, fp8, static, inplace=r is not x)[:3]
 
 
 def quantize_residual(x: torch.Tensor, ref: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool,
@@ -301,10 +305,7 @@ def quantize_residual(x: torch.Tensor, ref: torch.Tensor, dims: tuple[int, ...],
     """Modulated modes: quantize ``x - ref`` -> ``(u, scale, offset)``; with ``update_ref`` (MoDiff's
     error compensation) also ``ref += dequantized residual`` in place."""
     r = torch.sub(x, ref) if x.dtype == torch.float32 else x.float().sub_(ref)
-    if fp8:
-        u, scale, offset, d = fp8_quantize(r, dims, want_dequantized=update_ref)
-    else:
-        u, scale, offset, d = int_quantize(r, dims, bits, symmetric, static, want_dequantized=update_ref)
+    u, scale, offset, d = quantize_real(r, dims, bits, symmetric, fp8, static, want_dequantized=update_ref)
     if update_ref:
         ref.add_(d)
     return u, scale, offset

@@ -26,6 +26,7 @@ from . import kernels
 from .config import NOT_QUANTIZED, ModiffConfig
 from .quant import (
     FP8_DTYPE,
+    dynamic_scale,
     fake_quant,
     fake_quant_fp8,
     fp8_scale,
@@ -306,15 +307,10 @@ class QuantLayer(nn.Module):
         else:
             idx = keep.nonzero().squeeze(1)
         static = self._static()
-        whole = dims == tuple(range(residual.dim()))  # one scale for the whole batch, cached samples included
-        if static is None and not fp8 and whole:
-            static = scale_and_zero_point(*_minmax_all(residual), c.a_bits, c.symmetric)
+        if static is None and dims == tuple(range(residual.dim())):  # one scale for the whole batch, cached samples too
+            static = (fp8_scale(residual, dims), 0) if fp8 else dynamic_scale(residual, dims, c.a_bits, c.symmetric)
         part = residual if idx is None else residual.index_select(0, idx)
-        if fp8:
-            u, scale, offset, d = kernels.fp8_quantize(part, dims, want_dequantized=ec,
-                                                       scale=fp8_scale(residual, dims) if whole else None)
-        else:
-            u, scale, offset, d = kernels.int_quantize(part, dims, c.a_bits, c.symmetric, static, want_dequantized=ec)
+        u, scale, offset, d = kernels.quantize_real(part, dims, c.a_bits, c.symmetric, fp8, static, want_dequantized=ec)
         if idx is None:
             if ec:
                 self._a_ref.add_(d)
@@ -339,11 +335,8 @@ class QuantLayer(nn.Module):
     def _warmup_real(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         dims = self._scale_dims(x)
-        if c.execution == "fp8":
-            u, scale, offset, d = kernels.fp8_quantize(x, dims, want_dequantized=True)
-        else:
-            u, scale, offset, d = kernels.int_quantize(x, dims, c.a_bits, c.symmetric, self._static(),
-                                                       want_dequantized=True, inplace=False)
+        u, scale, offset, d = kernels.quantize_real(x, dims, c.a_bits, c.symmetric, c.execution == "fp8",
+                                                    self._static(), want_dequantized=True, inplace=False)
         out = self._kernel(u, scale, offset, x.shape, None, bias=True)
         self._a_ref = d if c.modulation == "ec" else x
         self._o_ref = out
@@ -391,7 +384,3 @@ def _minus(offset, base: int):
 def _is_zero(value) -> bool:
     return not isinstance(value, torch.Tensor) and value == 0
 
-
-def _minmax_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lo, hi = torch.aminmax(x)
-    return lo, hi

@@ -88,13 +88,15 @@ def dynamic_fake_quant(
     return quantize_over(x, reduce_dims(x.dim(), granularity, channel_axis), bits, symmetric)
 
 
+def dynamic_scale(x: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool):
+    """Min-max scale and zero point over ``dims`` (none: one per element)."""
+    xmin, xmax = minmax(x, dims) if dims else (x, x)
+    return scale_and_zero_point(xmin, xmax, bits, symmetric)
+
+
 def quantize_over(x: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool, inplace: bool = False):
     """The hot path of dynamic quantization (arguments already validated): min-max over ``dims``."""
-    if dims:
-        xmin, xmax = minmax(x, dims)
-    else:
-        xmin, xmax = x, x
-    scale, zero_point = scale_and_zero_point(xmin, xmax, bits, symmetric)
+    scale, zero_point = dynamic_scale(x, dims, bits, symmetric)
     return fake_quant(x, scale, zero_point, bits, symmetric, inplace)
 
 
