@@ -154,9 +154,8 @@ def _trajectory(timed: Timed, model, steps: int, batch: int, device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        before = peak_rss_bytes()  # the current RSS once the peak is reset
         reset_peak_rss()
-        before = min(before, peak_rss_bytes())
+        before = peak_rss_bytes()  # the current RSS, now that the peak is reset
     start = time.perf_counter()
     with torch.no_grad():
         sample(model.denoiser(timed), model.schedule, sampler, range(batch), model.image_shape, batch, device,
