@@ -7,7 +7,10 @@ line on stderr and exit status 2; a failed quality bar ends in exit status 1.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -168,13 +171,39 @@ def _version() -> str:
     return package_versions()["modiff-bench"] or "unknown"
 
 
+def check_out_dir(out: str | Path, probe: bool = True) -> Path:
+    """Fail early, in one line, when OUT cannot be written: a path under a file, or (``probe``) a
+    directory that refuses writes (read-only file system, permissions), found by creating and removing
+    a file in OUT or its nearest existing parent. Nothing is left behind."""
+    import tempfile
+
+    out = Path(out)
+    for parent in (out, *out.parents):
+        if parent.exists() or parent == Path(parent.anchor or "."):
+            break
+    if not parent.is_dir():
+        what = "is a file" if parent == out else f"is under {parent}, which is a file"
+        raise BenchError(f"cannot write to {out}: it {what}, not a directory")
+    if probe:
+        try:
+            handle, name = tempfile.mkstemp(prefix=".modiff-bench-write-test-", dir=parent)
+            os.close(handle)
+            os.unlink(name)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise BenchError(f"cannot write to {out}: {exc.strerror or exc} ({parent})") from None
+    return out
+
+
 def _sample_fp(args):
     import torch
 
-    from .samplers import SamplerConfig, sample
+    from .samplers import SamplerConfig, check_seeds, sample
     from .zoo import load_model
 
     config = SamplerConfig.from_name(args.sampler, args.steps, args.eta)  # cheap checks first
+    check_seeds(args.seed, args.n, "--seed")
     model = load_model(args.model, args.checkpoint, args.device)
     config.timesteps(model.schedule)
     seeds = list(range(args.seed, args.seed + args.n))
@@ -199,6 +228,8 @@ def cmd_models(args) -> int:
 
     from .zoo import DESCRIPTIONS, MODELS, load_model
 
+    if args.checkpoint is not None and args.check is None:
+        raise BenchError("--checkpoint needs --check NAME (the model to load it as)")
     if args.check is None:
         for name in MODELS:
             print(f"{name:13s} {DESCRIPTIONS.get(name, '')}")
@@ -218,8 +249,8 @@ def cmd_sample(args) -> int:
     from .data import save_grid
     from .provenance import provenance, write_atomic, write_json_atomic
 
+    out = check_out_dir(args.out)
     _, images, seeds, settings, seconds = _sample_fp(args)
-    out = Path(args.out)
     write_atomic(out / "samples.png", lambda tmp: save_grid(images, tmp, image_format="png"))
     write_atomic(out / "samples.pt", lambda tmp: torch.save({"images": images, "seeds": seeds}, tmp))
     write_json_atomic(out / "run.json", {"settings": settings, "seconds": seconds,
@@ -236,11 +267,11 @@ def cmd_quality(args) -> int:
 
     if args.model != "digits":
         raise BenchError(f"the quality bar is defined for the embedded 'digits' model only, not {args.model!r}")
+    out = check_out_dir(args.out)
     classifier = digits.load_classifier(args.checkpoint)
     _, images, _, settings, seconds = _sample_fp(args)
     report = quality_report(classifier, images).to_dict()
     report["sampling"] = {**settings, "seconds": seconds}
-    out = Path(args.out)
     write_json_atomic(out / "quality.json", {**report, "provenance": provenance(args.device)})
     _print_quality(report)
     print(f"-> {out / 'quality.json'}")
@@ -264,11 +295,15 @@ def _print_quality(q: dict) -> None:
 
 
 def cmd_train_tiny(args) -> int:
+    from .samplers import MAX_SEED
     from .train import ClassifierTrainConfig, EvalConfig, UNetTrainConfig, train_tiny
     from .zoo import digits
 
     if args.install and args.no_eval:
         raise BenchError("--install replaces the packaged model only after it passes the quality bar; drop --no-eval")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise BenchError(f"--seed must be between 0 and 2^64 - 1, got {args.seed}")
+    check_out_dir(args.out)
     unet_cfg = UNetTrainConfig(seed=args.seed)
     clf_cfg = ClassifierTrainConfig(seed=args.seed)
     if args.unet_steps:
@@ -305,6 +340,7 @@ def cmd_run(args) -> int:
 
     matrix = load_matrix(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    check_out_dir(out, probe=not (args.dry_run or args.estimate))
     if args.dry_run:
         from .matrix import cell_id
 
@@ -373,7 +409,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import import_plugins, methods
+    from .methods import import_plugins, methods, toml_value
 
     import_plugins(args.imports)
     for kind, title in (("base", "base quantizers (matrix.base)"), ("cache", "cache schemes (matrix.cache)")):
@@ -382,7 +418,7 @@ def cmd_methods(args) -> int:
         if kind == "cache":
             print(f"  {'none':12s} no caching")
         for name, cls in entries.items():
-            params = ", ".join(f"{k}={v!r}" for k, v in cls.PARAMS.items())
+            params = ", ".join(f"{k}={'unset' if v is None else toml_value(v)}" for k, v in cls.PARAMS.items())
             print(f"  {name:12s} {cls.summary()}" + (f"  [params: {params}]" if params else ""))
     return 0
 
@@ -390,6 +426,10 @@ def cmd_methods(args) -> int:
 def cmd_report(args) -> int:
     from reports.render import build_report
 
+    if args.out is not None:
+        check_out_dir(args.out)
+    elif len(args.dirs) == 1 and Path(args.dirs[0]).is_dir():
+        check_out_dir(args.dirs[0])
     html, md = build_report(args.dirs, args.out)
     print(f"report: {html}\n        {md}")
     return 0
@@ -401,14 +441,42 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"models": cmd_models, "sample": cmd_sample, "quality": cmd_quality, "train-tiny": cmd_train_tiny,
                "run": cmd_run, "presets": cmd_presets, "methods": cmd_methods, "report": cmd_report}[args.command]
+    terminated = []
+
+    def on_sigterm(signum, frame):  # SLURM, timeout, kill: leave the state Ctrl-C leaves
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: nothing to install
+        previous = None
     try:
         return handler(args)
     except BenchError as exc:
         print(f"modiff-bench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("modiff-bench: interrupted", file=sys.stderr)
-        return 130
+        print("modiff-bench: interrupted" + (" (SIGTERM)" if terminated else ""), file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, not the user: exit status 1
+            where = f" while writing {exc.filename}" if exc.filename else ""
+            print(f"modiff-bench: error: no space left on device{where}", file=sys.stderr)
+            return 1
+        if exc.errno in USER_OS_ERRORS:
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"modiff-bench: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+# what a path the user chose can do: read-only file system, permissions, a file where a directory belongs
+USER_OS_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOENT,
+                  errno.ENAMETOOLONG, errno.EEXIST)
 
 
 def entry() -> None:

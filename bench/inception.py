@@ -54,8 +54,16 @@ image for torch-fidelity, 2048 for pytorch-fid: about 1.2 GB for 50,000 images, 
 
 Weights are never fetched unless ``InceptionSettings.download`` is set: the files are looked up
 before any model is built (both libraries download from their constructors when a file is missing).
-pytorch-fid 0.3 has no option for a weights path, so its constructor runs with its module-level
-``load_state_dict_from_url`` swapped for a loader of the given file.
+A weights file (given, in the torch hub cache, or just downloaded) is user data, and both libraries
+would unpickle it with code execution allowed (torch-fidelity calls ``torch.load(weights_only=False)``).
+So this module reads every file itself, with ``torch.load(weights_only=True)`` on the bytes it hashed,
+checks it holds exactly the network's tensors (a missing, unexpected or misshapen one is a one-line
+``BenchError`` naming the file), and builds each library's network from that state dict without
+touching the library's loaders: torch-fidelity's ``FeatureExtractorInceptionV3`` reads a re-serialised
+copy of the checked tensors from memory; pytorch-fid's ``InceptionV3`` (whose constructor can only
+download) is assembled from pytorch-fid's own blocks (``FIDInceptionA`` ...) exactly as its constructor
+does. The SHA-256 of every weights file loaded is recorded (:func:`weights_used`; no full hash of these
+files is published, so this is what identifies them) and written into each cached statistics file.
 
 The reference side (:class:`ReferenceSet`; ``bench.references`` builds them from the ``[inception]``
 settings) is images, precomputed statistics, or both. Statistics computed here are cached under
@@ -74,9 +82,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
-import pickle
 import re
 import sys
 import threading
@@ -92,6 +100,9 @@ import torch
 
 from .errors import BenchError
 from .provenance import sha256_file, write_atomic
+from .zoo.checkpoints import few as _few
+from .zoo.checkpoints import first_line as _first_line
+from .zoo.checkpoints import state_dict_problems
 
 COLUMNS = ("fid", "fid_pytorch_fid", "is_mean", "is_std", "sfid", "precision", "recall")
 METRIC_COLUMNS = {
@@ -112,9 +123,8 @@ PRC_NEIGHBOURS = 3
 STATS_KEYS = ("pool_mu", "pool_sigma", "spatial_mu", "spatial_sigma")
 _CACHE_FORMAT = "v2"  # bump when what goes into the cached statistics or their key changes
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_PYTORCH_FID_LOCK = threading.Lock()
-# what torch.load and a strict load_state_dict raise on a file that is not the expected weights
-_UNREADABLE = (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+_WEIGHTS_LOCK = threading.Lock()
+_WEIGHTS_USED: dict[str, dict[str, str]] = {}  # library -> path and sha256 of the weights file it last loaded
 
 Images = torch.Tensor | Iterable[torch.Tensor]
 
@@ -367,56 +377,146 @@ def _weights_file(explicit: str | None, url: str, library: str, option: str,
 
 
 @functools.lru_cache(maxsize=8)
-def _sha16_cached(path: str, mtime_ns: int, size: int) -> str:
-    return sha256_file(path)[:16]
+def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def _sha256(path: Path) -> str:
+    """A file's sha256, computed once per process per (path, mtime, size)."""
+    st = path.stat()
+    return _sha256_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
 def _sha16(path: Path) -> str:
-    """First 16 hex digits of a file's sha256, computed once per process per (path, mtime, size)."""
-    st = path.stat()
-    return _sha16_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    """First 16 hex digits of a file's sha256 (part of cache file names)."""
+    return _sha256(path)[:16]
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def _load_torch_fidelity(path: Path, features: list[str], device: str) -> torch.nn.Module:
-    from torch_fidelity.utils import create_feature_extractor
-
+def _read_weights(path: Path, library: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, by ``torch.load(weights_only=True)`` (no pickled code runs) from the
+    very bytes whose SHA-256 is recorded in :func:`weights_used`."""
     try:
-        model = create_feature_extractor("inception-v3-compat", features, cuda=False,
-                                         feature_extractor_weights_path=str(path), verbose=False)
-    except _UNREADABLE as exc:
-        raise BenchError(f"{path} is not a torch-fidelity Inception weights file: {_one_line(exc)}") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BenchError(f"cannot read {library} Inception weights {path}: {_one_line(exc)}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (refused code), RuntimeError, EOFError, BadZipFile, ...
+        raise BenchError(f"{path} is not a {library} Inception weights file: {_first_line(exc)}") from None
+    if not isinstance(state, dict) or not state:
+        raise BenchError(f"{path} is not a {library} Inception weights file: it holds a {type(state).__name__}, "
+                         "not a state dict")
+    odd = [str(k) for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if odd:
+        raise BenchError(f"{path} is not a {library} Inception weights file: {len(odd)} entries are not named "
+                         f"tensors: {_few(odd)}")
+    with _WEIGHTS_LOCK:
+        _WEIGHTS_USED[library] = {"path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
+    return state
+
+
+def weights_used() -> dict[str, dict[str, str]]:
+    """The Inception weights files this process has loaded, by library (``torch-fidelity``,
+    ``pytorch-fid``): ``{"path", "sha256"}`` of the last file each loaded. What a run records as the
+    provenance of its Inception columns."""
+    with _WEIGHTS_LOCK:
+        return {library: dict(entry) for library, entry in _WEIGHTS_USED.items()}
+
+
+class _Mismatch(Exception):
+    """A state dict that would not load strictly; its message lists the offending keys."""
+
+
+@functools.cache
+def _fidelity_class() -> type:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class CheckedInceptionV3(FeatureExtractorInceptionV3):
+        """torch-fidelity's extractor, whose constructor's (strict) load names the keys that do not fit."""
+
+        def load_state_dict(self, state_dict, *args, **kwargs):
+            expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+            problems = state_dict_problems(state_dict, expected)
+            if problems:
+                raise _Mismatch(problems)
+            return super().load_state_dict(state_dict, *args, **kwargs)
+
+    return CheckedInceptionV3
+
+
+def _load_torch_fidelity(path: Path, features: list[str], device: str) -> torch.nn.Module:
+    checked = io.BytesIO()  # the library torch.loads what it is given, unrestricted: give it only these tensors
+    torch.save(_read_weights(path, "torch-fidelity"), checked)
+    checked.seek(0)
+    try:
+        model = _fidelity_class()("inception-v3-compat", features, feature_extractor_weights_path=checked,
+                                  verbose=False)
+    except _Mismatch as exc:
+        raise BenchError(f"{path} is not a torch-fidelity Inception weights file: {exc}") from None
     return model.to(device).eval()
 
 
 def _load_pytorch_fid(path: Path, device: str) -> torch.nn.Module:
+    state = _read_weights(path, "pytorch-fid")
+    inception = _pytorch_fid_inception()
+    expected = {k: tuple(v.shape) for k, v in inception.state_dict().items()}
+    problems = state_dict_problems(state, expected)
+    if problems:
+        raise BenchError(f"{path} is not a pytorch-fid Inception weights file: {problems}")
+    inception.load_state_dict(state, strict=True)
+    return _pytorch_fid_class()(inception).to(device).eval()
+
+
+def _pytorch_fid_inception() -> torch.nn.Module:
+    """pytorch-fid's ``fid_inception_v3()`` without its download: torchvision's Inception3 with the FID
+    blocks patched in, from pytorch-fid's own classes, left uninitialised for the weights to fill."""
+    import pytorch_fid.inception as pfi
+    import torchvision
+
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                                                init_weights=False)
+    inception.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
+    inception.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
+    inception.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
+    inception.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
+    inception.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
+    inception.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
+    inception.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
+    inception.Mixed_7b = pfi.FIDInceptionE_1(1280)
+    inception.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    return inception
+
+
+@functools.cache
+def _pytorch_fid_class() -> type:
     import pytorch_fid.inception as pfi
 
-    def load(url: str, *args, **kwargs) -> dict:
-        if url != pfi.FID_WEIGHTS_URL:
-            raise RuntimeError(f"pytorch-fid asked for unexpected weights {url}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+    class LoadedInceptionV3(pfi.InceptionV3):
+        """pytorch-fid's ``InceptionV3`` (its ``forward``: resize to 299, ``2 x - 1``, the blocks) for the
+        2048-d pool features, over a given network instead of one its constructor would download."""
 
-    # The swap is process-wide while it lasts; the lock keeps two threads from interleaving it.
-    with _PYTORCH_FID_LOCK, _swapped(pfi, "load_state_dict_from_url", load):
-        try:
-            model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-        except _UNREADABLE as exc:
-            raise BenchError(f"{path} is not a pytorch-fid Inception weights file: {_one_line(exc)}") from exc
-    return model.to(device).eval()
+        def __init__(self, inception: torch.nn.Module):
+            torch.nn.Module.__init__(self)  # pfi.InceptionV3.__init__ would build (and fetch) its own
+            self.resize_input, self.normalize_input = True, True
+            self.output_blocks = [self.BLOCK_INDEX_BY_DIM[POOL_DIMS]]
+            self.last_needed_block = self.output_blocks[-1]
+            self.blocks = torch.nn.ModuleList([
+                torch.nn.Sequential(inception.Conv2d_1a_3x3, inception.Conv2d_2a_3x3, inception.Conv2d_2b_3x3,
+                                    torch.nn.MaxPool2d(kernel_size=3, stride=2)),
+                torch.nn.Sequential(inception.Conv2d_3b_1x1, inception.Conv2d_4a_3x3,
+                                    torch.nn.MaxPool2d(kernel_size=3, stride=2)),
+                torch.nn.Sequential(inception.Mixed_5b, inception.Mixed_5c, inception.Mixed_5d, inception.Mixed_6a,
+                                    inception.Mixed_6b, inception.Mixed_6c, inception.Mixed_6d, inception.Mixed_6e),
+                torch.nn.Sequential(inception.Mixed_7a, inception.Mixed_7b, inception.Mixed_7c,
+                                    torch.nn.AdaptiveAvgPool2d(output_size=(1, 1))),
+            ])
+            self.requires_grad_(False)
 
-
-@contextlib.contextmanager
-def _swapped(module, name: str, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
+    return LoadedInceptionV3
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -513,7 +613,7 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
 def _meta(reference: ReferenceSet, extractor: str, weights: Path, n: int) -> dict:
     identity = reference.identity() if callable(reference.identity) else reference.identity
     return {"reference": reference.name, "identity": identity, "reference_key": reference.key(), "n_images": n,
-            "extractor": extractor, "weights": str(weights), "weights_sha256_16": _sha16(weights),
+            "extractor": extractor, "weights": str(weights), "weights_sha256": _sha256(weights),
             "format": _CACHE_FORMAT}
 
 

@@ -50,7 +50,7 @@ from modiff.config import GRANULARITIES, MODULATIONS, check_bits
 from .errors import BenchError
 from .methods import AUTO, CellSpec, base_quantizer, cache_method, import_plugins, methods
 from .metrics import check_metrics
-from .samplers import SAMPLER_NAMES, SamplerConfig
+from .samplers import SAMPLER_NAMES, SamplerConfig, check_seeds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,9 +86,17 @@ def load_config(name_or_path: str) -> tuple[dict, str, Path | None]:
     """Raw TOML of a preset name or a file path; returns (data, source, folder for relative imports)."""
     path = Path(name_or_path)
     if name_or_path.endswith(".toml") or path.exists():
+        if path.is_dir():
+            raise BenchError(f"matrix file {name_or_path!r} is a directory; give a .toml file or a preset name")
         if not path.is_file():
             raise BenchError(f"matrix file {name_or_path!r} not found")
-        text, source, folder = path.read_text(), str(path), path.resolve().parent
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise BenchError(f"matrix file {name_or_path!r} is not a text (UTF-8 TOML) file") from None
+        except OSError as exc:
+            raise BenchError(f"cannot read matrix file {name_or_path!r}: {exc.strerror}") from None
+        source, folder = str(path), path.resolve().parent
     else:
         entry = resources.files(PRESET_PACKAGE) / f"{name_or_path}.toml"
         if not entry.is_file():
@@ -212,6 +220,9 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise BenchError(f"{source}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    for section in ("run", "params", "inception"):
+        if not isinstance(data.get(section, {}), dict):
+            raise BenchError(f"{source}: {section} must be a table ([{section}]), got {data[section]!r}")
     raw_run = dict(data.get("run", {}))
     raw_blocks = _blocks(data)
     if not raw_blocks or not all(isinstance(b, dict) for b in raw_blocks):
@@ -243,8 +254,7 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     for key in ("n_samples", "batch_size", "trace_samples"):
         if run[key] < 1:
             raise BenchError(f"run.{key} must be >= 1, got {run[key]}")
-    if run["seed"] < 0:
-        raise BenchError(f"run.seed must be >= 0, got {run['seed']}")
+    check_seeds(run["seed"], run["n_samples"], "run.seed")
     if not run["metrics"]:
         raise BenchError("run.metrics is empty; name at least one metric")
     for model in {m for axes in blocks for m in axes["model"]}:
@@ -260,6 +270,7 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
             if name not in registered:
                 raise BenchError(f"{where}.{name}: unknown method; available: {', '.join(registered)}")
             _check_type(f"{where}.{name}", values, dict)
+            registered[name].check_params(values)
     for raw_axes in raw_blocks:
         merged = {name: dict(values) for name, values in params.items()}
         for name, values in raw_axes.get("params", {}).items():
@@ -328,11 +339,15 @@ def _block_axes(raw_axes: dict, run: dict, source: str) -> dict[str, list]:
 
 
 def _validate_axes(axes: dict[str, list]) -> None:
-    from .zoo import MODELS
+    from .zoo import MODELS, TRAIN_TIMESTEPS
 
     for model in axes["model"]:
         if model not in MODELS:
             raise BenchError(f"unknown model {model!r}; available: {', '.join(sorted(MODELS))}")
+        T = TRAIN_TIMESTEPS[model]() if model in TRAIN_TIMESTEPS else None
+        for steps in axes["steps"]:
+            if T is not None and steps > T:
+                raise BenchError(f"steps must be between 1 and {T} (T of {model}), got {steps}")
     for sampler in axes["sampler"]:
         if sampler not in SAMPLER_NAMES:
             raise BenchError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLER_NAMES)}")

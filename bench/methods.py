@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import modiff
-from modiff.config import GRANULARITIES, NOT_QUANTIZED
+from modiff.config import GRANULARITIES, NOT_QUANTIZED, WEIGHT_METHODS
 
 from .errors import BenchError
 from .samplers import Denoiser, NoiseStd, SamplerConfig
@@ -127,20 +127,98 @@ class Prepared:
             callback()
 
 
+class Choice(tuple):
+    """A parameter type: one of these values (compared with their type, so ``true`` is not ``1``)."""
+
+    def __new__(cls, *values: Any):
+        return super().__new__(cls, values)
+
+    def accepts(self, value: Any) -> bool:
+        return any(type(value) is type(v) and value == v for v in self)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(toml_value(v) for v in self)
+
+
+@dataclass(frozen=True)
+class OrNone:
+    """A parameter type: ``None`` (the default meaning "not set") or a value of ``of``."""
+
+    of: Any
+
+    def accepts(self, value: Any) -> bool:
+        return value is None or _accepts(self.of, value)
+
+    def describe(self) -> str:
+        return f"{_describe_type(self.of)} (or left unset)"
+
+
+def toml_value(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
+
+
+def _accepts(expected: Any, value: Any) -> bool:
+    if isinstance(expected, (Choice, OrNone)):
+        return expected.accepts(value)
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:  # an integer is a float too (TOML's 1 for 1.0)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe_type(expected: Any) -> str:
+    if isinstance(expected, (Choice, OrNone)):
+        return expected.describe()
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def param_type(method: type[Method], key: str) -> Any:
+    """The declared type of a parameter: ``PARAM_TYPES[key]``, else the type of its default (a default
+    of ``None`` declares nothing: any value is accepted)."""
+    if key in method.PARAM_TYPES:
+        return method.PARAM_TYPES[key]
+    default = method.PARAMS[key]
+    return None if default is None else type(default)
+
+
 class Method:
-    """Common part of base quantizers and cache schemes."""
+    """Common part of base quantizers and cache schemes.
+
+    ``PARAMS`` maps each parameter to its default. Its type is the default's (``bool``, ``int``,
+    ``float``: integers accepted, ``str``), unless ``PARAM_TYPES`` declares it: a type, a
+    :class:`Choice` of values (enums) or an :class:`OrNone` type for defaults of ``None``. Every value
+    a matrix sets is checked when the matrix is resolved, before anything runs: ``warmup = "false"`` is
+    an error, not a true string."""
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Any]] = {}
+    PARAM_TYPES: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: dict[str, Any] | None = None):
         params = dict(params or {})
-        unknown = sorted(set(params) - set(self.PARAMS))
-        if unknown:
-            known = ", ".join(sorted(self.PARAMS)) or "none"
-            raise BenchError(f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))} (known: {known})")
+        self.check_params(params)
         self.params = {**self.PARAMS, **params}
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Known names, declared types (BenchError otherwise); run for every ``[params.<name>]`` table
+        when a matrix is resolved, whether or not a cell uses the method."""
+        unknown = sorted(set(params) - set(cls.PARAMS))
+        if unknown:
+            known = ", ".join(sorted(cls.PARAMS)) or "none"
+            raise BenchError(f"method {cls.name!r} has no parameter {', '.join(map(repr, unknown))} (known: {known})")
+        for key, value in params.items():
+            expected = param_type(cls, key)
+            if expected is not None and not _accepts(expected, value):
+                hint = ""
+                if expected is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+                    hint = f" (TOML booleans are lower case, unquoted: {value.lower()})"
+                raise BenchError(f"params.{cls.name}.{key} must be {_describe_type(expected)}, got {value!r}{hint}")
 
     def depends_on(self) -> tuple[str, ...]:
         """Other registered methods this one builds on: their ``[params.<name>]`` become part of
@@ -229,28 +307,48 @@ def _load_builtins() -> None:
 
 def import_plugins(specs: list[str] | tuple[str, ...], base_dir: Path | None = None) -> None:
     """Import user modules that register methods: dotted module names or paths to .py files
-    (relative paths are taken from ``base_dir``, the matrix file's folder, then the cwd)."""
+    (relative paths are taken from ``base_dir``, the matrix file's folder, then the cwd). Whatever
+    goes wrong, including an exception raised by the module's own code, is a one-line BenchError."""
     for spec in specs:
-        if spec.endswith(".py") or "/" in spec or "\\" in spec:
-            path = Path(spec).expanduser()
-            candidates = [path] if path.is_absolute() else [p for p in ((base_dir or Path.cwd()) / path, path)]
-            found = next((p for p in candidates if p.is_file()), None)
-            if found is None:
-                raise BenchError(f"cannot import {spec!r}: no such file")
-            name = f"modiff_bench_plugin_{found.stem}"
-            module_spec = importlib.util.spec_from_file_location(name, found)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except Exception as exc:
-                sys.modules.pop(name, None)
-                raise BenchError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from None
-        else:
+        if not isinstance(spec, str) or not spec.strip():
+            raise BenchError(f"cannot import {spec!r}: expected a module name or a path to a .py file")
+        found = _plugin_file(spec, base_dir)
+        if found is None:
             try:
                 importlib.import_module(spec)
             except ImportError as exc:
                 raise BenchError(f"cannot import module {spec!r}: {exc}") from None
+            except Exception as exc:  # the module's own code raised
+                raise BenchError(f"importing {spec!r} failed: {_one_line(exc)}") from None
+            continue
+        name = f"modiff_bench_plugin_{found.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, found)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise BenchError(f"importing {spec!r} failed: {_one_line(exc)}") from None
+
+
+def _plugin_file(spec: str, base_dir: Path | None) -> Path | None:
+    """The .py file ``spec`` names, or None when it is a module name."""
+    path = Path(spec).expanduser()
+    candidates = [path] if path.is_absolute() else [(base_dir or Path.cwd()) / path, path]
+    found = next((p for p in candidates if p.is_file()), None)
+    looks_like_path = spec.endswith(".py") or "/" in spec or "\\" in spec
+    if found is None:
+        if looks_like_path:
+            raise BenchError(f"cannot import {spec!r}: no such file")
+        return None
+    if found.suffix != ".py":
+        raise BenchError(f"cannot import {spec!r}: {found} is not a Python (.py) file")
+    return found
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def methods(kind: str | None = None) -> dict[str, type[Method]]:
@@ -313,6 +411,8 @@ class DynamicQuantizer(BaseQuantizer):
     PARAMS: ClassVar[dict[str, Any]] = {
         "symmetric": False, "warmup": True, "weight_method": "minmax", "residual_tolerance": None,
     }
+    PARAM_TYPES: ClassVar[dict[str, Any]] = {"weight_method": Choice(*WEIGHT_METHODS),
+                                             "residual_tolerance": OrNone(float)}
 
     def modiff_options(self) -> dict[str, Any]:
         """Extra ``ModiffConfig`` fields; subclasses override this to vary the quantizer."""

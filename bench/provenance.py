@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
+import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 from collections.abc import Callable
 from importlib import metadata
@@ -76,18 +79,113 @@ def provenance(device: str = "cpu") -> dict:
     }
 
 
+# errno values that mean "the disk (or the user's quota) is full": not a failure of what was being written
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError saying the disk or the quota is full (ENOSPC, EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def _disk_full_behind(exc: BaseException) -> OSError | None:
+    """The disk-full OSError that ``exc`` is, or that it was raised from (``torch.save`` turns the
+    OSError of a Python file's ``write`` into a RuntimeError whose context is that OSError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if is_disk_full(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` then rename tmp to ``path``: an interrupted run never leaves a
-    half-written file under the final name."""
+    """Call ``write(tmp)`` then rename tmp to ``path``: an interrupted or failed write never leaves a
+    half-written file under the final name, nor the temporary file.
+
+    An OSError raised by the write carries ``path`` as its ``filename`` (not the temporary name), so a
+    full disk reads "no space left on device while writing <path>". Writers that hide the errno of a
+    failed write (``torch.save`` to a path raises a RuntimeError) are reported as ENOSPC when the
+    file system has less than 1 MiB left at that moment."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except BaseException as exc:
+        behind = _disk_full_behind(exc) if isinstance(exc, Exception) else None
+        full = behind is None and isinstance(exc, Exception) and _nearly_full(path.parent)
+        _remove(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            exc.filename, exc.filename2 = str(path), None
+            raise
+        if behind is not None:  # a library wrapped it: raise an OSError of the same errno
+            raise OSError(behind.errno, behind.strerror or os.strerror(behind.errno), str(path)) from exc
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # never hide the error being raised
+        pass
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that passes everything on to ``sink`` and counts and hashes it."""
+
+    def __init__(self, sink):
+        super().__init__()
+        self._sink = sink
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._sink.write(view)
+        self.digest.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+
+def save_torch_atomic(path: str | os.PathLike, obj) -> tuple[int, str]:
+    """``torch.save(obj)`` to ``path`` through :func:`write_atomic`; returns the file's size in bytes
+    and its SHA-256, computed while writing (no second read). The bytes go through a Python file, so a
+    full disk raises OSError(ENOSPC) with ``filename`` = ``path``."""
+    import torch
+
+    written: dict[str, object] = {}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            sink = _HashingWriter(f)
+            torch.save(obj, sink)
+        written["size"], written["sha256"] = sink.size, sink.digest.hexdigest()
+
+    write_atomic(path, write)
+    return int(written["size"]), str(written["sha256"])

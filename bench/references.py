@@ -7,13 +7,16 @@ one holds one model):
 ``digits``
     the training digits shipped with the package (``digits-train``).
 ``ddpm-cifar10``
-    CIFAR-10 train, 50,000 images, through torch-fidelity's registered input ``cifar10-train``
-    (torchvision's ``CIFAR10(train=True)``, 32 x 32 uint8, no resize). Read from
+    CIFAR-10 train, 50,000 images: the images of torch-fidelity's registered input ``cifar10-train``
+    (torchvision's ``CIFAR10(train=True)``, 32 x 32 uint8, no resize), in its order. Read from
     ``[inception] cifar10_root`` (the folder holding torchvision's ``cifar-10-batches-py``, or that
     folder itself), else from torch-fidelity's own default, ``$TORCH_HOME/fidelity_datasets``.
-    Downloaded (by torchvision, into that folder) only when ``[inception] download = true``; with
-    neither a copy nor the permission, the columns are missing with a reason saying what to get and
-    where to put it. torchvision checks every file's md5 before reading.
+    Downloaded (by torchvision's download helper, into that folder) only when ``[inception] download
+    = true``; with neither a copy nor the permission, the columns are missing with a reason saying
+    what to get and where to put it. Every file's md5 is checked against torchvision's list first.
+    The batches are pickles, and torchvision would ``pickle.load`` them (code execution from a user
+    folder), so they are read here by an unpickler that accepts only what a genuine batch holds: a
+    dict of strings, lists and one uint8 numpy array (numpy's array reconstruction and nothing else).
 ``ldm-church``, ``ldm-bedroom``
     LSUN Churches (``church_outdoor`` train) and LSUN Bedrooms: not redistributable, so no default:
     give a folder of their images or a reference batch (guided-diffusion publishes
@@ -51,15 +54,16 @@ the weights file, keys its cached statistics (``bench.inception``): for a folder
 path, the output size, the resize rule and a sha256 of the listing (each file's relative path,
 size and mtime; so an added, removed, renamed or rewritten file gives a new key); for an ``.npz``,
 its sha256 (computed once per process per path, size and mtime); for ``cifar10-train`` the name
-(torchvision verifies the files' md5 sums, so the data behind the name is fixed). Statistics are
-computed once per key and reused by every cell and run; precomputed statistics are read from their
-file each time.
+(every file's md5 is checked against torchvision's list, so the data behind the name is fixed).
+Statistics are computed once per key and reused by every cell and run; precomputed statistics are
+read from their file each time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -193,13 +197,14 @@ def _cifar10_problem(folder: Path) -> str | None:
 
 
 def cifar10_reference(settings: InceptionSettings) -> ReferenceSet:
-    """CIFAR-10 train through torch-fidelity's ``cifar10-train`` input; see the module docstring."""
+    """CIFAR-10 train, the images of torch-fidelity's ``cifar10-train`` input; see the module docstring."""
     explicit = settings.cifar10_root is not None
     root_given = Path(settings.cifar10_root).expanduser() if explicit else _torch_home() / "fidelity_datasets"
     folder = _cifar10_folder(root_given)
     root = folder.parent  # what torchvision wants: the folder holding cifar-10-batches-py
 
     def load():
+        import torchvision.datasets.cifar
         from torchvision.datasets import CIFAR10
 
         if not settings.download and not folder.is_dir():
@@ -208,26 +213,82 @@ def cifar10_reference(settings: InceptionSettings) -> ReferenceSet:
                 f"CIFAR-10 train images (the reference of ddpm-cifar10) not found: looked for {folder} ({where}); "
                 f"get {CIFAR10.url}, extract it into a folder DIR (giving DIR/{CIFAR10_FOLDER}) and set "
                 f"[inception] cifar10_root = 'DIR', or set [inception] download = true")
-        from torch_fidelity.registry import DATASETS_REGISTRY
-
-        try:
-            if settings.download:
+        bad = _cifar10_problem(folder)
+        if bad and settings.download:
+            try:  # what CIFAR10(download=True) does: fetch the archive, check its md5, extract it
                 root.mkdir(parents=True, exist_ok=True)
-            dataset = DATASETS_REGISTRY[CIFAR10_INPUT](str(root), settings.download)
-        except Exception as exc:  # a failed download or a corrupt copy (md5): a reason, not a crash
+                torchvision.datasets.cifar.download_and_extract_archive(
+                    CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+            except Exception as exc:  # a failed download: a reason, not a crash
+                raise ReferenceUnavailable(
+                    f"CIFAR-10 train images: torchvision could not download them into {root}: {_one_line(exc)}; "
+                    f"get {CIFAR10.url} and extract it into {root}") from exc
+            bad = _cifar10_problem(folder)
+        if bad:
             raise ReferenceUnavailable(
-                f"CIFAR-10 train images: torchvision could not {'download them into' if settings.download else 'read'} "
-                f"{root}: {_one_line(exc)}; replace {folder} from {CIFAR10.url} or set [inception] download = true"
-            ) from exc
-        return _dataset_batches(dataset, settings.batch_size)
+                f"CIFAR-10 train images: {bad}; replace {folder} from {CIFAR10.url} or set [inception] download = true")
+        return _cifar10_batches(folder, settings.batch_size)
 
     return ReferenceSet(CIFAR10_INPUT, load, identity="torch-fidelity registered input cifar10-train "
                         "(torchvision CIFAR10 train, md5-verified)")
 
 
-def _dataset_batches(dataset, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(dataset), batch_size):
-        yield torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as Python 3's protocol-2 pickles use it for bytes; latin-1 only."""
+    if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591") or errors != "strict":
+        raise pickle.UnpicklingError(f"encoding {encoding!r} / {errors!r} is not used by a CIFAR-10 batch")
+    return text.encode("latin1")
+
+
+# The globals a CIFAR-10 python batch may name: numpy's array reconstruction (``_reconstruct``, ``ndarray``,
+# ``dtype``, under numpy 1's and numpy 2's module names) for its data, and ``_codecs.encode`` (bytes in a
+# Python 3 protocol-2 pickle). The release files (Python 2 cPickle) name only the first three.
+_CIFAR10_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray((0,), np.uint8).__reduce__()[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray((0,), np.uint8).__reduce__()[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _Cifar10Unpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only :data:`_CIFAR10_GLOBALS`: nothing in the file can name
+    (let alone call) any other function or class."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR10_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch") from None
+
+
+def read_cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """One CIFAR-10 python batch: its (N, 3, 32, 32) uint8 images and labels, read without running
+    anything from the file (:class:`_Cifar10Unpickler`, latin-1 strings as torchvision reads them)."""
+    try:
+        with open(path, "rb") as f:
+            entry = _Cifar10Unpickler(f, encoding="latin1").load()
+    except Exception as exc:  # UnpicklingError (a refused global), EOFError, ValueError, MemoryError, ...
+        raise BenchError(f"{path} is not a CIFAR-10 python batch: {_one_line(exc)}") from None
+    if isinstance(entry, dict):
+        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    data = entry.get("data") if isinstance(entry, dict) else None
+    labels = entry.get("labels", entry.get("fine_labels")) if isinstance(entry, dict) else None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and isinstance(labels, list) and len(labels) == len(data)):
+        raise BenchError(f"{path} is not a CIFAR-10 python batch: expected 'data', (N, 3072) uint8, and N 'labels'")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar10_batches(folder: Path, batch_size: int) -> Iterator[torch.Tensor]:
+    """The training images, file after file in torchvision's order, as uint8 (n, 3, 32, 32) batches."""
+    from torchvision.datasets import CIFAR10
+
+    for name, _md5 in CIFAR10.train_list:
+        images, _labels = read_cifar10_batch(folder / name)
+        for start in range(0, len(images), batch_size):
+            yield torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
 
 
 # --- image folders -------------------------------------------------------------------------------
@@ -338,6 +399,9 @@ def _npz_members(path: Path, where: str) -> dict[str, tuple[tuple[int, ...], np.
         if key in members and members[key][0] != expected:
             raise BenchError(f"{where}: {key} in {path} has shape {members[key][0]}, expected {expected} "
                              "(guided-diffusion's Inception statistics)")
+        if key in members and members[key][1].kind != "f":  # e.g. an object array: pickled, never loaded
+            raise BenchError(f"{where}: {key} in {path} is {members[key][1]}, expected floating point "
+                             "(guided-diffusion's Inception statistics)")
     for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (a in members) != (b in members):
             raise BenchError(f"{where}: {path} has {a if a in members else b} without {b if a in members else a}")
@@ -362,10 +426,13 @@ def npz_reference(path: str | os.PathLike, batch_size: int = 64) -> ReferenceSet
     members = _npz_members(file, "reference statistics")
 
     def statistics() -> dict[str, np.ndarray]:
-        with np.load(file, allow_pickle=False) as data:
-            out = {"pool_mu": data["mu"], "pool_sigma": data["sigma"]}
-            if "mu_s" in members:
-                out.update(spatial_mu=data["mu_s"], spatial_sigma=data["sigma_s"])
+        try:  # allow_pickle=False: an object array is refused, never unpickled
+            with np.load(file, allow_pickle=False) as data:
+                out = {"pool_mu": data["mu"], "pool_sigma": data["sigma"]}
+                if "mu_s" in members:
+                    out.update(spatial_mu=data["mu_s"], spatial_sigma=data["sigma_s"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise BenchError(f"reference statistics: {file} could not be read: {_one_line(exc)}") from None
         return out
 
     def load() -> Iterator[torch.Tensor]:

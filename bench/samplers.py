@@ -109,6 +109,18 @@ def dpm_solver_orders(steps: int) -> list[int]:
     return [3] * (k - len(tail)) + tail
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+
+
+def check_seeds(first: int, n: int, where: str = "seed") -> None:
+    """One rule for every command: seeds are first .. first + n - 1, all within [0, 2^64 - 1]."""
+    if first < 0:
+        raise BenchError(f"{where} must be >= 0, got {first}")
+    if first + n - 1 > MAX_SEED:
+        raise BenchError(f"{where} {first} with {n} samples runs past the largest seed 2^64 - 1 = {MAX_SEED} "
+                         f"(the last would be {first + n - 1})")
+
+
 class PerSampleNoise:
     """One CPU generator per sample: draws for sample i depend only on its seed and call order."""
 

@@ -1,8 +1,12 @@
 """``modiff-bench report DIR [DIR ...]``: tables, figures, ``report.html`` and ``report.md``.
 
-Everything comes from the run directories' results tables, ``run.json`` and the files the
-cells saved (samples, traces); nothing is sampled here. Several directories are merged into one
-report, e.g. a new method's run next to the baselines' run, or a CPU run next to a GPU run.
+Everything comes from the run directories: the cells' results (``cells/*/result.json``, each
+validated; ``results.parquet`` only for a directory without cells), ``run.json`` and the files the
+cells saved (samples, traces); nothing is sampled here. The derived tables (``results.csv`` /
+``.parquet`` / ``.md``) are rewritten when they are stale or damaged (a run killed between a cell
+and its table), and a damaged ``run.json`` costs the header its matrix details, never the report.
+Several directories are merged into one report, e.g. a new method's run next to the baselines' run,
+or a CPU run next to a GPU run.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -32,20 +36,108 @@ class Run:
     label: str
     info: dict
     frame: pd.DataFrame
+    notes: list[str] = field(default_factory=list)  # what loading found damaged, and repaired
+
+
+def _read_info(path: Path) -> tuple[dict, str | None]:
+    """run.json, or ({}, why not): the report is built without it then."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        text = str(exc).strip().splitlines()
+        return {}, f"{type(exc).__name__}: {text[0] if text else ''}"
+    if not isinstance(info, dict):
+        return {}, f"a JSON {type(info).__name__}, not an object"
+    return info, None
+
+
+def _ordered_ids(directory: Path, info: dict) -> list[str]:
+    """The run's cell ids in run.json's order (the matrix order), then any others present, sorted."""
+    present = sorted(p.name for p in (directory / "cells").iterdir() if p.is_dir())
+    listed = [c.get("cell_id") for c in info.get("cells", []) if isinstance(c, dict)] \
+        if isinstance(info.get("cells"), list) else []
+    listed = [k for k in dict.fromkeys(listed) if k in present]
+    return listed + [k for k in present if k not in set(listed)]
+
+
+def _stale_tables(directory: Path, frame: pd.DataFrame) -> str | None:
+    """Why results.parquet / results.csv do not hold the cells' rows, or None when they do."""
+
+    def one_line(exc: Exception) -> str:
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+    by_cell = frame.sort_values("cell_id").reset_index(drop=True)
+    for name in ("results.parquet", "results.csv"):
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        try:
+            table = pd.read_parquet(path) if name.endswith(".parquet") else pd.read_csv(path)
+            ids = list(table["cell_id"])
+        except Exception as exc:  # garbled: ArrowInvalid, ParserError, OSError, no cell_id column
+            return f"{name} is unreadable ({one_line(exc)})"
+        if sorted(map(str, ids)) != sorted(by_cell["cell_id"]):
+            return f"{name} held {len(ids)} row(s) for {len(frame)} cell result(s)"
+        if name.endswith(".parquet"):  # every value (a metric added to a finished cell, ...)
+            try:
+                pd.testing.assert_frame_equal(table.sort_values("cell_id").reset_index(drop=True), by_cell,
+                                              check_dtype=False)
+            except (AssertionError, KeyError, TypeError, ValueError):
+                return f"{name} is out of date"
+    return None
+
+
+def _metric_names(info: dict) -> list[str] | None:
+    run = info.get("resolved", {}).get("run", {}) if isinstance(info.get("resolved"), dict) else {}
+    metrics = run.get("metrics") if isinstance(run, dict) else None
+    return metrics if isinstance(metrics, list) and all(isinstance(m, str) for m in metrics) else None
 
 
 def load_run(directory: str | Path) -> Run:
+    """One run directory. Its table is built from the cells' valid results (invalid ones are left out
+    with a note), and results.csv / .parquet / .md are rewritten when they do not hold those rows; a
+    directory without cells (tables copied alone) is read from results.parquet."""
+    from bench.runner import collect_rows, table_frame, write_tables  # (the runner's own rows and tables)
+
     directory = Path(directory)
+    label = directory.name or str(directory)
     results = directory / "results.parquet"
-    if not results.is_file():
+    has_cells = any((directory / "cells").glob("*/result.json")) if (directory / "cells").is_dir() else False
+    if not has_cells and not results.is_file():
         raise BenchError(f"{directory} is not a run directory (no results.parquet; run 'modiff-bench run' first)")
-    try:
-        info = json.loads((directory / "run.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read {directory / 'run.json'}: {exc}") from None
-    frame = pd.read_parquet(results)
+    notes = []
+    info, problem = _read_info(directory / "run.json")
+    if problem is not None:
+        notes.append(f"{label}: run.json could not be read ({problem}); the header shows what the cells record "
+                     "(the next 'modiff-bench run' of this matrix rebuilds it)")
+    if has_cells:
+        problems: dict[str, str] = {}
+        rows = collect_rows(directory, _ordered_ids(directory, info), problems)
+        for key, reason in sorted(problems.items()):
+            notes.append(f"{label}: cell {key} left out, its result.json is invalid ({reason}); the next "
+                         "'modiff-bench run' runs it again")
+        if not rows:
+            raise BenchError(f"{directory} holds no valid cell result ({len(problems)} invalid result.json file(s))")
+        frame = table_frame(rows)
+        stale = _stale_tables(directory, frame)
+        if stale is not None:
+            try:
+                write_tables(directory, rows, _metric_names(info))
+                notes.append(f"{label}: {stale}; results.csv, .parquet and .md were rebuilt from the "
+                             f"{len(rows)} cell result(s)")
+            except OSError as exc:
+                notes.append(f"{label}: {stale}; the tables could not be rebuilt ({exc}); this report uses "
+                             "the cell results")
+    else:
+        try:
+            frame = pd.read_parquet(results)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise BenchError(f"cannot read {results} ({type(exc).__name__}: {text[0] if text else ''}) and "
+                             f"{directory} has no cell results to rebuild it from") from None
     frame["run_dir"] = str(directory)
-    return Run(directory, directory.name or str(directory), info, frame)
+    return Run(directory, label, info, frame, notes)
 
 
 def merge(runs: list[Run]) -> pd.DataFrame:
@@ -71,14 +163,14 @@ def merge(runs: list[Run]) -> pd.DataFrame:
 
 def _meta(run: Run) -> list[tuple[str, str]]:
     frame, info = run.frame, run.info
-    prov = info.get("provenance", {})
-    versions = prov.get("versions", {})
+    prov = _dict(info.get("provenance"))
+    versions = _dict(prov.get("versions"))
     revisions = sorted(set(frame.git_rev.dropna()))
     seeds = sorted({(int(s), int(s) + int(n) - 1) for s, n in zip(frame.seed, frame.n_samples, strict=True)})
     status = frame.status.value_counts().to_dict()
     return [
         ("matrix", f"{info.get('source', '?')} (hash {info.get('matrix_hash', '?')})"),
-        ("cells", ", ".join(f"{n} {s}" for s, n in status.items()) + f"; {len(info.get('skipped', []))} "
+        ("cells", ", ".join(f"{n} {s}" for s, n in status.items()) + f"; {len(_skipped(info))} "
          "invalid combinations skipped"),
         ("model", ", ".join(sorted(set(frame.model)))),
         ("sampler / steps / eta", ", ".join(sorted({f"{a} / {b} / {c}" for a, b, c in
@@ -88,12 +180,27 @@ def _meta(run: Run) -> list[tuple[str, str]]:
         ("device", ", ".join(sorted(set(frame.device))) + (f" — {prov['device']}" if prov.get("device") else "")),
         ("git revision", ", ".join(revisions) or "unknown"),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)),
-        ("started", info.get("invocations", [{}])[0].get("started_utc", "?")),
+        ("started", _started(info)),
     ]
 
 
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _skipped(info: dict) -> list[dict]:
+    skipped = info.get("skipped")
+    return [s for s in skipped if isinstance(s, dict)] if isinstance(skipped, list) else []
+
+
+def _started(info: dict) -> str:
+    invocations = info.get("invocations")
+    first = invocations[0] if isinstance(invocations, list) and invocations else {}
+    return str(first.get("started_utc", "?")) if isinstance(first, dict) else "?"
+
+
 def _notes(runs: list[Run], frame: pd.DataFrame) -> list[str]:
-    notes = []
+    notes = [note for run in runs for note in run.notes]
     reasons: dict[tuple[str, str], int] = {}
     for missing in frame.missing_metrics.dropna():
         for column, reason in json.loads(missing).items():
@@ -103,7 +210,7 @@ def _notes(runs: list[Run], frame: pd.DataFrame) -> list[str]:
     for _, cell in frame[frame.status != "ok"].iterrows():
         notes.append(f"cell {cell.cell_id} ({cell.method} W{cell.w_bits}A{cell.a_bits}) failed: {cell.error}")
     for run in runs:
-        for skip in run.info.get("skipped", []):
+        for skip in _skipped(run.info):
             notes.append(f"{run.label}: skipped {skip.get('base')} {skip.get('modulation')} "
                          f"W{skip.get('w_bits')}A{skip.get('a_bits')}: {skip.get('reason')}")
         if frame[frame.run_dir == str(run.directory)].git_rev.nunique() > 1:

@@ -289,3 +289,8 @@ def test_the_harness_passes_matrix_inception_settings_through(weights, tmp_path,
     # pytorch-fid's file was not given and is not in the (empty) torch hub cache: missing, with the reason
     assert table.fid_pytorch_fid.isna().all()
     assert all("pytorch_fid_weights" in json.loads(m)["fid_pytorch_fid"] for m in table.missing_metrics)
+    # the weights file each row's Inception columns came from, with its SHA-256 (no published full hash)
+    from bench.provenance import sha256_file
+
+    for used in table.inception_weights:
+        assert json.loads(used)["torch-fidelity"] == {"path": str(weights), "sha256": sha256_file(weights)}

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from bench.errors import BenchError
-from bench.methods import BuildContext, CacheMethod, CellSpec, Prepared, register_method
+from bench.methods import BuildContext, CacheMethod, CellSpec, OrNone, Prepared, register_method
 
 from . import DeepCache, nonuniform_full_steps, uniform_full_steps
 
@@ -27,6 +27,7 @@ class DeepCacheMethod(CacheMethod):
     """DeepCache (CVPR 2024): partial steps reuse the feature entering up block U_branch (u<N>: uniform 1:N, nu<N>: non-uniform)."""  # noqa: E501
 
     PARAMS: ClassVar[dict[str, Any]] = {"branch": 0, "center": None, "power": 1.4}
+    PARAM_TYPES: ClassVar[dict[str, Any]] = {"center": OrNone(int)}
 
     def __init__(self, value: str, params: dict[str, Any] | None = None):
         super().__init__(value, params)

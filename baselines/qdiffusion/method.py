@@ -26,7 +26,7 @@ import torch
 
 import modiff
 from bench.errors import BenchError
-from bench.methods import AUTO, BaseQuantizer, BuildContext, CellSpec, Prepared, register_method
+from bench.methods import AUTO, BaseQuantizer, BuildContext, CellSpec, Choice, Prepared, register_method
 from bench.provenance import write_atomic
 from modiff.config import NOT_QUANTIZED
 from modiff.layers import QuantLayer
@@ -62,6 +62,10 @@ class QDiffusion(BaseQuantizer):
         "weight_init": "minmax", "weight_iters": 20000, "weight_lr": 1e-3, "round_weight": 0.01,
         "act_init": "mse", "act_iters": 5000, "act_lr": 4e-4, "p": 2.4, "batch_size": 32,
         "sm_abit": 8, "quant_attention": AUTO, "split_shortcut": True, "residual_scale": "minmax",
+    }
+    PARAM_TYPES: ClassVar[dict[str, Any]] = {
+        "weight_init": Choice("minmax", "mse"), "act_init": Choice("minmax", "mse"),
+        "residual_scale": Choice("minmax", "mse"), "quant_attention": Choice(AUTO, True, False),
     }
 
     def resolve(self, cell: CellSpec) -> str | None:
@@ -108,12 +112,19 @@ class QDiffusion(BaseQuantizer):
                 "cali_seed": p["cali_seed"], "seed": c.seed}
 
     def _cached(self, ctx: BuildContext, kind: str, payload: dict, make, info: dict):
-        """Load ``kind`` from the cache, or make and store it. Records hits and timings in ``info``."""
+        """Load ``kind`` from the cache, or make and store it. Records hits and timings in ``info``. The
+        cache is read with ``weights_only=True`` (no pickled code runs); a file that does not load (a
+        truncated copy, anything else) is a miss, made again and overwritten."""
         key = _key(payload)
         path = Path(ctx.cache_dir) / "qdiff" / f"{kind}-{key}.pt" if ctx.cache_dir is not None else None
         if path is not None and path.is_file():
-            info.setdefault("cache_hits", []).append(kind)
-            return torch.load(path, weights_only=True)
+            try:
+                cached = torch.load(path, weights_only=True)
+            except Exception:  # unreadable: recalibrate
+                cached = None
+            if isinstance(cached, dict):  # every product is a dict
+                info.setdefault("cache_hits", []).append(kind)
+                return cached
         t0 = time.perf_counter()
         value = make()
         info.setdefault("seconds", {})[kind] = round(time.perf_counter() - t0, 3)

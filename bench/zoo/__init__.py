@@ -101,6 +101,23 @@ MODELS: dict[str, Callable[[Path | None], ZooModel]] = {
 }
 
 
+# name -> the training schedule's T, known without loading the weights (steps are checked against it
+# before anything runs, by --dry-run too; the loaded model's schedule is checked again)
+TRAIN_TIMESTEPS: dict[str, Callable[[], int]] = {
+    "digits": lambda: _module("digits").NUM_TRAIN_TIMESTEPS,
+    "ddpm-cifar10": lambda: _module("ddpm_cifar10").schedule().num_train_timesteps,
+    "ldm-church": lambda: _module("ldm").CHURCH.num_train_timesteps,
+    "ldm-bedroom": lambda: _module("ldm").BEDROOM.num_train_timesteps,
+    "sd-v1-4": lambda: _module("sd").NUM_TRAIN_TIMESTEPS,
+}
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(f"{__name__}.{name}")
+
+
 DESCRIPTIONS: dict[str, str] = {
     "digits": "embedded default: 16x16 digits UNet trained by this project (committed, no download)",
     "ddpm-cifar10": "DDPM CIFAR-10 32x32 (Ho et al.): google/ddpm-cifar10-32, a diffusers directory, or the "

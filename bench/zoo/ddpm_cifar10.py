@@ -38,7 +38,6 @@ import copy
 import functools
 import hashlib
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,7 +49,7 @@ from ..provenance import sha256_file
 from ..schedules import NoiseSchedule
 from . import ZooModel
 from .architectures import DDPM_CIFAR10_32
-from .checkpoints import check_config
+from .checkpoints import check_config, check_loading_info, check_weights_only, read_safetensors, read_torch_file
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -164,13 +163,16 @@ def _load_diffusers_dir(directory: Path):
     weights = next((model_dir / f for f in WEIGHT_FILES if (model_dir / f).is_file()), None)
     if weights is None:
         raise BenchError(f"{model_dir} has a config.json but no {' or '.join(WEIGHT_FILES)}; {HINT}")
+    check_weights_only(weights, "DDPM CIFAR-10 weights")  # a .bin: no pickled code, whatever diffusers does
     try:
-        unet = UNet2DModel.from_pretrained(
+        unet, loading = UNet2DModel.from_pretrained(
             model_dir, local_files_only=True, use_safetensors=weights.suffix == ".safetensors",
             low_cpu_mem_usage=False,  # accelerate is not a dependency; without this diffusers warns every load
+            output_loading_info=True,  # diffusers would leave a missing tensor randomly initialised
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise BenchError(f"cannot load the DDPM CIFAR-10 UNet from {model_dir}: {_first_line(exc)}") from None
+    check_loading_info(loading, f"DDPM CIFAR-10 weights {weights}")
     return unet, {"files": {weights.relative_to(directory).as_posix(): sha256_file(weights)}}
 
 
@@ -288,14 +290,10 @@ def _is_state_dict(obj) -> bool:
 
 
 def _read(path: Path):
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise BenchError(f"cannot read DDPM CIFAR-10 checkpoint {path}: {_first_line(exc)}") from None
+    """safetensors, or ``torch.load(weights_only=True)``: never code from the file."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, "DDPM CIFAR-10 checkpoint")
+    return read_torch_file(path, "DDPM CIFAR-10 checkpoint")
 
 
 def _select(obj, element: str, path: Path) -> tuple[dict, str]:
@@ -354,7 +352,10 @@ def _load_original(path: Path, element: str):
     state = _strip_module_prefix(state)
     if "conv_in.weight" in state and any(k.startswith("down_blocks.") for k in state):
         raise BenchError(f"{path} holds diffusers-layout weights; pass the directory holding it and its config.json")
-    converted = original_to_diffusers(state)
+    try:
+        converted = original_to_diffusers(state)  # strict: every key known, present and of its shape
+    except BenchError as exc:
+        raise BenchError(f"{path}: {exc}") from None
     with torch.device("meta"):
         unet = UNet2DModel(**_unet_kwargs())
     # assign: the meta model takes the checkpoint's tensors instead of random ones it would overwrite

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from ..domain import DigitClassifier
 from ..errors import BenchError
 from ..schedules import NoiseSchedule
-from .checkpoints import check_config, read_manifest, verify_files
+from .checkpoints import (
+    check_config,
+    check_loading_info,
+    first_line,
+    load_strict,
+    read_config,
+    read_manifest,
+    read_safetensors,
+    verify_files,
+)
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
 HINT = "retrain with 'nox -s train-tiny' or restore the packaged files (git checkout bench/assets)"
@@ -47,25 +54,34 @@ def load_unet(checkpoint: Path | None = None):
     manifest = read_manifest(directory, HINT)
     verify_files(directory, manifest, UNET_FILES, HINT)
     check_config(directory / "unet" / "config.json", UNET_ARCH, "digits UNet")
+    # safetensors only (a .bin beside it is never read); the loading report: diffusers would leave a
+    # missing tensor at its random initialisation
     try:
-        unet = UNet2DModel.from_pretrained(directory / "unet", local_files_only=True, low_cpu_mem_usage=False)
+        unet, loading = UNet2DModel.from_pretrained(directory / "unet", local_files_only=True, use_safetensors=True,
+                                                    low_cpu_mem_usage=False, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise BenchError(f"cannot load the digits UNet from {directory / 'unet'}: {str(exc).splitlines()[0]}") from None
+        raise BenchError(f"cannot load the digits UNet from {directory / 'unet'}: {first_line(exc)}") from None
+    check_loading_info(loading, f"digits UNet weights {directory / UNET_FILES[1]}")
     return unet.eval().requires_grad_(False), manifest
 
 
-def load_classifier(checkpoint: Path | None = None) -> DigitClassifier:
-    import json
+CLASSIFIER_CONFIG_KEYS = ("width", "feature_dim", "num_classes")  # DigitClassifier's constructor arguments
 
+
+def load_classifier(checkpoint: Path | None = None) -> DigitClassifier:
     directory = Path(checkpoint) if checkpoint else ASSET_DIR
     manifest = read_manifest(directory, HINT)
     verify_files(directory, manifest, CLASSIFIER_FILES, HINT)
-    config = json.loads((directory / "classifier" / "config.json").read_text())
-    model = DigitClassifier(**config)
-    try:
-        model.load_state_dict(load_file(directory / "classifier" / "model.safetensors"))
-    except RuntimeError as exc:
-        raise BenchError(f"digits classifier weights do not match its config: {str(exc).splitlines()[0]}") from None
+    config_path = directory / CLASSIFIER_FILES[0]
+    config = read_config(config_path, "digits classifier")
+    bad = [k for k, v in config.items()
+           if k not in CLASSIFIER_CONFIG_KEYS or not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad:
+        raise BenchError(f"digits classifier config {config_path}: unknown or invalid {', '.join(bad)} (expected "
+                         f"positive integers {', '.join(CLASSIFIER_CONFIG_KEYS)})")
+    weights = directory / CLASSIFIER_FILES[1]
+    model = load_strict(DigitClassifier(**config), read_safetensors(weights, "digits classifier weights"),
+                        f"digits classifier weights {weights}")
     return model.eval().requires_grad_(False)
 
 

@@ -40,7 +40,8 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-import types
+import threading
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -53,7 +54,16 @@ from ..errors import BenchError
 from ..provenance import sha256_file
 from ..schedules import NoiseSchedule
 from . import ZooModel
-from .checkpoints import MANIFEST, check_config, read_manifest, verify_files
+from .checkpoints import (
+    MANIFEST,
+    PICKLE_SUFFIXES,
+    check_config,
+    check_loading_info,
+    check_weights_only,
+    first_line,
+    read_manifest,
+    verify_files,
+)
 
 UNET_PREFIX = "model.diffusion_model."  # LatentDiffusion.model (DiffusionWrapper).diffusion_model
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -517,16 +527,11 @@ def split_compvis_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[di
 
 # ---- reading a Lightning checkpoint without running its pickled code ----
 
-# Everything a state dict of plain tensors needs; anything else (callbacks, hyper-parameters) becomes inert.
-_TENSOR_GLOBALS = {
-    ("collections", "OrderedDict"), ("torch", "Size"), ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_tensor_v3"), ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-}
-
 
 class _Inert:
-    """Stands in for any pickled object other than tensors; none of the original class's code runs."""
+    """Stands in for every object a Lightning checkpoint pickles besides its tensors (callbacks such as
+    ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint``, numpy scalars, hyper-parameters):
+    constructed and given its state without any of the original class's code running."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -534,42 +539,41 @@ class _Inert:
     def __setstate__(self, state):
         pass
 
-    def __setitem__(self, key, value):
-        pass
 
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
-
-
-class _InertUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _TENSOR_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        return _Inert
-
-
-_INERT_PICKLE = types.ModuleType("bench_zoo_ldm_inert_pickle")
-_INERT_PICKLE.Unpickler = _InertUnpickler
-_INERT_PICKLE.load = lambda file, **kwargs: _InertUnpickler(file, **kwargs).load()
+# torch's allow-list of extra globals is process-wide while a ``safe_globals`` block lasts: one at a time
+_SAFE_GLOBALS_LOCK = threading.Lock()
 
 
 def read_lightning_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """``state_dict`` of a (PyTorch Lightning) ``model.ckpt``. Tried with ``weights_only=True`` first; the
-    callbacks and hyper-parameters Lightning pickles next to the weights are read as inert stand-ins."""
+    """``state_dict`` of a (PyTorch Lightning) ``model.ckpt``, always through ``torch.load(weights_only=True)``.
+
+    A plain file loads as it is. Lightning pickles more than tensors next to the weights; torch's restricted
+    unpickler refuses any global it does not know, and these classes are not installed here anyway. So every
+    global the file names beyond torch's own allow-list (listed by ``get_unsafe_globals_in_checkpoint``, which
+    reads the pickle without running it) is allowed for this one load as :class:`_Inert`, under its own name:
+    the callbacks and hyper-parameters come out as inert stand-ins, and torch still refuses globals from the
+    modules it blocks (``os``, ``sys``, ...). The weights are then whatever tensors ``state_dict`` holds."""
+    if not zipfile.is_zipfile(path):  # torch.save's format since 1.6; the restricted unpickler never sees junk
+        raise BenchError(f"cannot read the checkpoint {path}: not a zip archive, so not a PyTorch checkpoint "
+                         "(expected a CompVis LDM model.ckpt)")
     try:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            payload = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_INERT_PICKLE)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise BenchError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-                         ) from None
+            serialization = torch.serialization
+            if not hasattr(serialization, "get_unsafe_globals_in_checkpoint"):  # torch < 2.5
+                raise BenchError(f"{path} pickles Lightning objects besides its weights; reading it without "
+                                 "running them needs torch >= 2.5") from None
+            names = serialization.get_unsafe_globals_in_checkpoint(path)
+            with _SAFE_GLOBALS_LOCK, serialization.safe_globals([(_Inert, name) for name in names]):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+    except BenchError:
+        raise
+    except Exception as exc:  # UnpicklingError (a blocked global), RuntimeError, EOFError, ValueError, ...
+        raise BenchError(f"cannot read the checkpoint {path}: {first_line(exc)}") from None
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise BenchError(f"{path} holds no state dict of tensors (expected a CompVis LDM model.ckpt)")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
@@ -678,13 +682,17 @@ def _scale_factor_from_checkpoint(spec: LDMSpec, other: dict, path: Path) -> flo
 def _load_compvis(spec: LDMSpec, path: Path) -> ZooModel:
     digest = sha256_file(path)
     state = read_lightning_state_dict(path)
-    unet_state, autoencoder_state, other = split_compvis_state_dict(state)
-    del state
+    try:  # strict: a missing, unknown or misshapen tensor is an error naming the file
+        unet_state, autoencoder_state, other = split_compvis_state_dict(state)
+        del state
+        unet_state = original_to_diffusers(unet_state, f"{spec.key}-unet")
+        autoencoder_state = original_to_diffusers(autoencoder_state, f"{spec.key}-autoencoder")
+    except BenchError as exc:
+        raise BenchError(f"{path}: {exc}") from None
     _check_schedule_buffers(spec, other, path)
     scale_factor = _scale_factor_from_checkpoint(spec, other, path)
-    unet = build_unet(spec, original_to_diffusers(unet_state, f"{spec.key}-unet"))
-    autoencoder = build_autoencoder(spec, original_to_diffusers(autoencoder_state, f"{spec.key}-autoencoder"),
-                                    scale_factor)
+    unet = build_unet(spec, unet_state)
+    autoencoder = build_autoencoder(spec, autoencoder_state, scale_factor)
     info = _base_info(spec, path, "compvis", scale_factor)
     info["files"] = {path.name: digest}
     info["ignored"] = {"model_ema": sum(k.startswith("model_ema.") for k in other),
@@ -701,14 +709,15 @@ def _check_diffusers_config(directory: Path, cls_name: str, expected: dict, what
 
 
 def _from_pretrained(cls_name: str, directory: Path, what: str) -> nn.Module:
+    for path in sorted(directory.iterdir()):  # a .bin diffusers may read: no pickled code, whatever its version
+        if path.suffix in PICKLE_SUFFIXES:
+            check_weights_only(path, f"{what} weights")
     try:
         model, loading = _diffusers_class(cls_name).from_pretrained(
             directory, local_files_only=True, low_cpu_mem_usage=False, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise BenchError(f"cannot load the {what} from {directory}: {str(exc).splitlines()[0]}") from None
-    problems = [f"{kind.replace('_', ' ')} {_few([str(k) for k in keys])}" for kind, keys in loading.items() if keys]
-    if problems:
-        raise BenchError(f"the {what} weights in {directory} do not match its config: {'; '.join(problems)}")
+        raise BenchError(f"cannot load the {what} from {directory}: {first_line(exc)}") from None
+    check_loading_info(loading, f"the {what} weights in {directory}")
     return _finish(model)
 
 

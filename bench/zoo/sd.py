@@ -50,7 +50,15 @@ from ..provenance import sha256_file
 from ..samplers import Denoiser
 from ..schedules import NoiseSchedule
 from . import ZooModel
-from .checkpoints import constructor_defaults, read_config, same_json
+from .checkpoints import (
+    PICKLE_SUFFIXES,
+    check_loading_info,
+    check_weights_only,
+    constructor_defaults,
+    first_line,
+    read_config,
+    same_json,
+)
 
 NAME = "sd-v1-4"
 HUB_ID = "CompVis/stable-diffusion-v1-4"
@@ -377,29 +385,42 @@ def _check_configs(directory: Path) -> None:
     _check(path, text, {"hidden_size": TEXT_WIDTH, "max_position_embeddings": TEXT_TOKENS}, "text encoder")
 
 
-def _from_pretrained(what: str, load, path: Path, **kwargs):
+def _from_pretrained(what: str, load, path: Path, weights: str | None = None, **kwargs):
+    """``load(path)`` offline; with ``weights`` (the file it reads) the loading report is checked too: the
+    libraries leave a missing tensor randomly initialised, and a pickled file must hold no code."""
+    if weights is not None and Path(weights).suffix in PICKLE_SUFFIXES:
+        check_weights_only(path.parent / weights, f"Stable Diffusion v1.4 {what} weights")
+    if weights is not None:
+        kwargs["output_loading_info"] = True
     try:
-        return load(path, local_files_only=True, **kwargs)
+        loaded = load(path, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BenchError(f"cannot load the Stable Diffusion v1.4 {what} from {path}: {first}") from None
+        raise BenchError(f"cannot load the Stable Diffusion v1.4 {what} from {path}: {first_line(exc)}") from None
+    if weights is None:
+        return loaded
+    model, loading = loaded
+    check_loading_info(loading, f"Stable Diffusion v1.4 {what} weights {path.parent / weights}")
+    return model
 
 
 def _load_parts(directory: Path, files: list[str]):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    def weights(part: str) -> str:  # the weights file _find_files chose for the part (safetensors first)
+        return next(f for f in files if f.startswith(f"{part}/") and f.endswith((".safetensors", ".bin")))
+
     def safetensors(part: str) -> bool:
-        return any(f.startswith(f"{part}/") and f.endswith(".safetensors") for f in files)
+        return weights(part).endswith(".safetensors")
 
     # without accelerate, diffusers cannot skip the random initialisation and warns when asked to
     low_mem = importlib.util.find_spec("accelerate") is not None
-    unet = _from_pretrained("UNet", UNet2DConditionModel.from_pretrained, directory / "unet",
+    unet = _from_pretrained("UNet", UNet2DConditionModel.from_pretrained, directory / "unet", weights("unet"),
                             use_safetensors=safetensors("unet"), low_cpu_mem_usage=low_mem)
-    vae = _from_pretrained("autoencoder", AutoencoderKL.from_pretrained, directory / "vae",
+    vae = _from_pretrained("autoencoder", AutoencoderKL.from_pretrained, directory / "vae", weights("vae"),
                            use_safetensors=safetensors("vae"), low_cpu_mem_usage=low_mem)
     text_encoder = _from_pretrained("text encoder", CLIPTextModel.from_pretrained, directory / "text_encoder",
-                                    use_safetensors=safetensors("text_encoder"))
+                                    weights("text_encoder"), use_safetensors=safetensors("text_encoder"))
     tokenizer = _from_pretrained("tokenizer", CLIPTokenizer.from_pretrained, directory / "tokenizer")
     if tokenizer.model_max_length != TEXT_TOKENS:
         raise BenchError(f"the tokenizer in {directory / 'tokenizer'} pads to {tokenizer.model_max_length} tokens, "
