@@ -1,7 +1,8 @@
-"""Faithful reimplementations of the baselines, one subpackage each, registered as methods:
-DeepCache (``baselines.deepcache``, a cache scheme), Q-Diffusion (``baselines.qdiffusion``, the
-``qdiff`` base quantizer) and PTQD (``baselines.ptqd``, the ``ptqd`` base quantizer)."""
+"""Faithful reimplementations of the baselines, one subpackage each: DeepCache
+(``baselines.deepcache``), Q-Diffusion (``baselines.qdiffusion``) and PTQD (``baselines.ptqd``).
 
-from .deepcache import method as _deepcache_method  # noqa: F401  (registers "deepcache")
-from .ptqd import method as _ptqd_method  # noqa: F401  (registers "ptqd")
-from .qdiffusion import method as _qdiffusion_method  # noqa: F401  (registers "qdiff")
+Each subpackage is a library that needs ``torch`` and ``modiff`` only; its ``method`` module is the
+glue that registers it with the ``bench`` harness (the ``deepcache`` cache scheme, the ``qdiff``
+and ``ptqd`` base quantizers) and the only place that knows the harness. ``bench.methods`` imports
+those modules (``BUILTIN_MODULES``); importing ``baselines`` or a library module does not.
+"""

@@ -152,6 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also import this module or .py file that registers methods (repeatable)")
 
     p = sub.add_parser(
+        "evaluate", help="add missing metrics to the generated cells of a run directory (no resampling)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compute, from the saved samples of every generated cell of DIR, the metrics the cell does "
+                    "not have yet (the matrix's, plus --metrics), add them to its result.json and rewrite the "
+                    "tables. Finished metrics are not computed again. The matrix, [inception] settings and plugin "
+                    "imports come from DIR/run.json; a missing full-precision reference is made again.",
+        epilog="Cells still to generate are left for 'modiff-bench run'. Samples that do not match the SHA-256 "
+               "recorded when they were written are not used: the cell is marked to be generated again by the "
+               "next run, and the exit status is 1 (also when a metric raised; its columns stay empty with the "
+               "reason in missing_metrics). Bad input exits with status 2.\n\n"
+               "examples:\n"
+               "  modiff-bench evaluate runs/demo\n"
+               "  modiff-bench evaluate runs/cifar10 --metrics fid,is --device cuda")
+    p.add_argument("dir", metavar="DIR", help="a run directory written by 'modiff-bench run'")
+    p.add_argument("--metrics", default="", metavar="NAMES",
+                   help="comma-separated metrics to add besides the matrix's (see docs/metrics.md)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser(
         "report", help="render paper-style tables and figures from run directories (HTML + Markdown)",
         description="Write report.html (self-contained) and report.md with figures/ from the results of one or "
                     "more run directories: the paper's Table 1 layout, the error-compensation, warm-up, memory, "
@@ -226,13 +246,15 @@ def _sample_fp(args):
 def cmd_models(args) -> int:
     import json
 
-    from .zoo import DESCRIPTIONS, MODELS, load_model
+    from .zoo import DESCRIPTIONS, MODELS, load_model, schemes
 
     if args.checkpoint is not None and args.check is None:
         raise BenchError("--checkpoint needs --check NAME (the model to load it as)")
     if args.check is None:
         for name in MODELS:
             print(f"{name:13s} {DESCRIPTIONS.get(name, '')}")
+        for usage, description in schemes().items():
+            print(f"{usage}  {description}")
         return 0
     model = load_model(args.check, args.checkpoint, "cpu")
     print(json.dumps({"model": model.name, "image_shape": list(model.image_shape),
@@ -342,11 +364,23 @@ def cmd_run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     check_out_dir(out, probe=not (args.dry_run or args.estimate))
     if args.dry_run:
-        from .matrix import cell_id
+        import json
 
+        from .matrix import cell_id
+        from .methods import toml_value
+
+        def flat(cell) -> dict[str, object]:
+            return {f"{m}.{k}": v for m, values in sorted(cell.params.items()) for k, v in sorted(values.items())}
+
+        seen: dict[str, set] = {}
         for cell in matrix.cells:
+            for key, value in flat(cell).items():
+                seen.setdefault(key, set()).add(json.dumps(value, sort_keys=True))
+        varied = {key for key, values in seen.items() if len(values) > 1}  # swept or set per block
+        for cell in matrix.cells:
+            shown = "".join(f"  {key}={toml_value(value)}" for key, value in flat(cell).items() if key in varied)
             print(f"{cell_id(cell)}  {cell.model} {cell.sampler} {cell.steps} steps  {cell.method} "
-                  f"W{cell.w_bits}A{cell.a_bits} {cell.a_granularity}")
+                  f"W{cell.w_bits}A{cell.a_bits} {cell.a_granularity}{shown}")
         for skip in matrix.skipped:
             print(f"skipped: {skip}")
         print(f"{len(matrix.cells)} cells, {len(matrix.skipped)} combinations skipped -> {out}")
@@ -368,8 +402,8 @@ def cmd_run(args) -> int:
                         argv=args.argv, world=world)
         if args.estimate:
             if world.main:
-                runner._check_out_dir()
-                runner._load_models()
+                runner.store.check()
+                runner.load_models()
                 todo = runner.pending()
                 print(_estimate_line(runner, todo) if todo else f"nothing to run: every cell of {out} is finished")
             return 0
@@ -381,9 +415,15 @@ def cmd_run(args) -> int:
     print(f"{summary.total} cells: {summary.ran} run, {summary.reused} already finished, "
           f"{len(summary.failed)} failed, {summary.skipped} invalid combinations skipped, "
           f"{summary.seconds:.0f} s -> {summary.out / 'results.csv'}")
-    if summary.failed:
-        print(f"modiff-bench: {len(summary.failed)} cell(s) failed: {', '.join(summary.failed)} "
+    failed = [key for key in summary.failed if key not in summary.unevaluated]
+    if failed:
+        print(f"modiff-bench: {len(failed)} cell(s) failed: {', '.join(failed)} "
               f"(errors in the 'error' column and in cells/<id>/error.txt)", file=sys.stderr)
+    if summary.unevaluated:
+        print(f"modiff-bench: {len(summary.unevaluated)} cell(s) sampled but a metric failed: "
+              f"{', '.join(summary.unevaluated)} (reasons in the 'missing_metrics' column; the next run or "
+              f"'modiff-bench evaluate {summary.out}' tries again)", file=sys.stderr)
+    if summary.failed:
         return 1
     return 0
 
@@ -394,7 +434,7 @@ def _estimate_line(runner, todo) -> str:
 
     cells = [cell for _, cell in todo]
     try:
-        return estimate(cells, runner._models, runner.device, runner.world.size).describe(runner.device)
+        return estimate(cells, runner.models, runner.device, runner.world.size).describe(runner.device)
     except Exception as exc:  # e.g. out of memory at the measuring batch size: the cells will say more
         first = (str(exc).strip().splitlines() or [""])[0]
         return f"estimate: not available ({type(exc).__name__}: {first})"
@@ -423,6 +463,25 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
+    out = Path(args.dir)
+    if not (out / "run.json").exists() and not out.is_dir():
+        raise BenchError(f"{out} is not a run directory (no such directory)")
+    check_out_dir(out)
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    done, busy, bad = evaluate_run(out, names, args.device, progress=not args.no_progress and sys.stderr.isatty(),
+                                   argv=args.argv)
+    print(f"{done} cell(s) evaluated, {busy} held by another process, {len(bad)} not evaluated -> "
+          f"{out / 'results.csv'}")
+    if bad:
+        print(f"modiff-bench: {len(bad)} cell(s) could not be evaluated: {', '.join(bad)} (damaged samples are "
+              "generated again by 'modiff-bench run'; metric errors are in missing_metrics)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_report(args) -> int:
     from reports.render import build_report
 
@@ -440,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"models": cmd_models, "sample": cmd_sample, "quality": cmd_quality, "train-tiny": cmd_train_tiny,
-               "run": cmd_run, "presets": cmd_presets, "methods": cmd_methods, "report": cmd_report}[args.command]
+               "run": cmd_run, "presets": cmd_presets, "methods": cmd_methods, "evaluate": cmd_evaluate,
+               "report": cmd_report}[args.command]
     terminated = []
 
     def on_sigterm(signum, frame):  # SLURM, timeout, kill: leave the state Ctrl-C leaves

@@ -88,8 +88,8 @@ def submit(config: str, overrides: list[str], out: Path, device: str, options: L
         raise BenchError("--cells-per-task and --gpus-per-task must be >= 1")
     if options.cluster in (None, "slurm") and not options.partition:
         raise BenchError("--launcher submitit needs --slurm-partition (or --submitit-cluster local to test)")
-    with runner._locked():
-        runner.prepare_directory()
+    with runner.store.open():
+        runner.prepare()
     pending = [key for key, _ in runner.pending()]
     if not pending:
         log(f"nothing to submit: all {len(runner.ids)} cells of {out} are finished")
@@ -129,8 +129,8 @@ def submit(config: str, overrides: list[str], out: Path, device: str, options: L
             continue
         for result in results:
             failed.extend(result["failed"])
-    with runner._locked():
-        runner._write_tables()
+    with runner.store.open():
+        runner.store.write_tables()
     left = [key for key, _ in runner.pending()]
     log(f"array done: {len(pending) - len(left)} of {len(pending)} cell(s) finished -> {out / 'results.csv'}")
     return 1 if failed or left else 0

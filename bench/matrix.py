@@ -23,7 +23,9 @@
 
 ``model``, ``sampler``, ``steps`` and ``eta`` may be lists in ``[matrix]`` instead of scalars in
 ``[run]``. A ``[[matrix]]`` block may hold a ``params`` table (method -> values) that applies to its
-cells on top of the global ``[params]`` (e.g. a warm-up ablation next to the default). Several
+cells on top of the global ``[params]`` (e.g. a warm-up ablation next to the default). A parameter
+given as a list where the method declares one value (``warmup = [true, false]``) is an axis: the
+cells are crossed with each listed value (results show it as the ``p_<method>_<name>`` column). Several
 ``[[matrix]]`` blocks give the union of their products (e.g. a caching block
 next to the quantization grid); ``--set matrix.KEY=...`` then sets KEY in every block.
 
@@ -119,7 +121,8 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict, assignments: list[str]) -> dict:
     """``--set key=value``: ``run.steps=50``, ``matrix.a_bits=[4,3]``, ``params.lcq.warmup=false``,
-    or a bare key (``steps=50``), looked up in [matrix] then [run]. Values are TOML."""
+    ``matrix.params.lcq.warmup=[true,false]`` (in every [[matrix]] block), or a bare key (``steps=50``),
+    looked up in [matrix] then [run]. Values are TOML."""
     data = json.loads(json.dumps(data))  # deep copy
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
@@ -141,21 +144,25 @@ def apply_overrides(data: dict, assignments: list[str]) -> dict:
         if path[0] == "run" and path[-1] in AXES:
             for block in blocks:
                 block.pop(path[-1], None)  # a scalar in [run] replaces the axis
-        if path[0] == "matrix" and path[-1] in data.get("run", {}):
-            data["run"].pop(path[-1])
-        if path[0] == "matrix" and isinstance(data.get("matrix"), list):
-            if len(path) != 2:
-                raise BenchError(f"--set {key}: expected matrix.KEY")
-            for block in blocks:  # every [[matrix]] block
-                block[path[1]] = value
-            continue
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise BenchError(f"--set {key}: {part!r} is not a table")
-        node[path[-1]] = value
+        if len(path) > 2 and path[:2] != ["matrix", "params"] and path[0] != "params":
+            raise BenchError(f"--set {key}: expected {path[0]}.KEY")
+        if path[0] == "matrix" and len(path) == 2 and path[1] in data.get("run", {}):
+            data["run"].pop(path[1])
+        if path[0] == "matrix":
+            data.setdefault("matrix", {})
+            for block in _blocks(data):  # every [[matrix]] block
+                _set(block, path[1:], value, key)
+        else:
+            _set(data, path, value, key)
     return data
+
+
+def _set(node: dict, path: list[str], value: Any, key: str) -> None:
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BenchError(f"--set {key}: {part!r} is not a table")
+    node[path[-1]] = value
 
 
 def _blocks(data: dict) -> list[dict]:
@@ -263,19 +270,22 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     params = data.get("params", {})
     _check_type("[params]", params, dict)
     registered = methods()
-    block_params = []  # per [[matrix]] block: the global [params] with the block's own on top
     for where, table in [("[params]", params)] + [("matrix.params", b.get("params", {})) for b in raw_blocks]:
         _check_type(where, table, dict)
         for name, values in table.items():
             if name not in registered:
                 raise BenchError(f"{where}.{name}: unknown method; available: {', '.join(registered)}")
             _check_type(f"{where}.{name}", values, dict)
-            registered[name].check_params(values)
+    block_params = []  # per [[matrix]] block: every variant of the global [params] with the block's own on top
     for raw_axes in raw_blocks:
         merged = {name: dict(values) for name, values in params.items()}
         for name, values in raw_axes.get("params", {}).items():
             merged[name] = {**merged.get(name, {}), **values}
-        block_params.append(merged)
+        variants = _param_sweep(merged, registered)
+        for variant in variants:
+            for name, values in variant.items():
+                registered[name].check_params(values)
+        block_params.append(variants)
     inception = data.get("inception", {})
     _check_type("[inception]", inception, dict)
     for key, value in inception.items():
@@ -287,10 +297,9 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     check_settings(inception, [m for axes in blocks for m in axes["model"]])
 
     cells, skipped, seen = [], [], set()
-    combos = [(combo, index) for index, axes in enumerate(blocks)
-              for combo in itertools.product(*(axes[k] for k in AXES))]
-    for combo, index in combos:
-        params = block_params[index]
+    combos = [(combo, variant) for index, axes in enumerate(blocks)
+              for combo in itertools.product(*(axes[k] for k in AXES)) for variant in block_params[index]]
+    for combo, params in combos:
         values = dict(zip(AXES, combo, strict=True))
         try:  # eta > 0 with a deterministic solver (plms, dpm-solver++) is only wrong in combination
             SamplerConfig.from_name(values["sampler"], values["steps"], float(values["eta"]))
@@ -312,11 +321,34 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
         if key not in seen:
             seen.add(key)
             cells.append(cell)
+    skipped = list({json.dumps(s, sort_keys=True): s for s in skipped}.values())  # once per parameter variant
     if not cells:
         reasons = sorted({s["reason"] for s in skipped})
         raise BenchError(f"{source}: the matrix is empty: every combination is invalid ({'; '.join(reasons)})")
     params = data.get("params", {})  # the global table; blocks' own params are in resolved()["matrix"]
     return Matrix(source, run, blocks, params, inception, cells, skipped)
+
+
+def _param_sweep(table: dict[str, dict[str, Any]], registered: dict) -> list[dict[str, dict[str, Any]]]:
+    """A parameter given as a list where its method declares a single value (``warmup = [true, false]``)
+    is an axis: one table per combination of the listed values, in order. A parameter declared as a
+    list (or as anything) keeps a list as its value; unknown names are left to ``check_params``."""
+    sweeps = []
+    for name, values in table.items():
+        fields = registered[name].param_fields()
+        for key, value in values.items():
+            kind = fields[key].type if key in fields else None
+            if isinstance(value, list) and kind is not None and kind is not list:
+                if not value:
+                    raise BenchError(f"params.{name}.{key} = []: a swept parameter needs at least one value")
+                sweeps.append((name, key, value))
+    variants = []
+    for combo in itertools.product(*(values for _, _, values in sweeps)):
+        variant = {name: dict(values) for name, values in table.items()}
+        for (name, key, _), value in zip(sweeps, combo, strict=True):
+            variant[name][key] = value
+        variants.append(variant)
+    return variants
 
 
 def _block_axes(raw_axes: dict, run: dict, source: str) -> dict[str, list]:
@@ -339,14 +371,14 @@ def _block_axes(raw_axes: dict, run: dict, source: str) -> dict[str, list]:
 
 
 def _validate_axes(axes: dict[str, list]) -> None:
-    from .zoo import MODELS, TRAIN_TIMESTEPS
+    from .zoo import model_entry
 
     for model in axes["model"]:
-        if model not in MODELS:
-            raise BenchError(f"unknown model {model!r}; available: {', '.join(sorted(MODELS))}")
-        T = TRAIN_TIMESTEPS[model]() if model in TRAIN_TIMESTEPS else None
+        # a registered name, or diffusers:<directory or hub id> (its configs are read and checked, no weights);
+        # anything else is a one-line BenchError naming what is available
+        T = model_entry(model).train_timesteps
         for steps in axes["steps"]:
-            if T is not None and steps > T:
+            if steps > T:
                 raise BenchError(f"steps must be between 1 and {T} (T of {model}), got {steps}")
     for sampler in axes["sampler"]:
         if sampler not in SAMPLER_NAMES:

@@ -17,20 +17,37 @@ then wraps what the base built. A new method is one module:
 Matrix files load such modules with ``[run] imports = ["my_module"]`` (a module name or a .py
 path); ``modiff-bench methods --import my_module`` lists them.
 
-Each method may declare ``PARAMS`` (name -> default); a matrix sets them in ``[params.<name>]``
-and they become part of the cell's identity.
+Each method may declare its parameters as a frozen dataclass ``Params`` (fields with types and
+defaults; enums as ``Literal[...]``, "unset" as ``X | None = None``); a matrix sets them in
+``[params.<name>]``, the harness checks each table by building that dataclass, and they become part
+of the cell's identity:
+
+    @register_method("lcq-clip")
+    class ClippedLCQ(LCQ):
+        @dataclass(frozen=True)
+        class Params(LCQ.Params):
+            clip: float = 3.0
+            mode: Literal["hard", "soft"] = "hard"
+
+``self.settings`` is the built ``Params``; ``self.params`` the same values as a dict (what the
+cell records). The older ``PARAMS`` (name -> default) and ``PARAM_TYPES`` dicts keep working, with
+a DeprecationWarning when such a method is registered.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable
+import types
+import typing
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -176,49 +193,167 @@ def _describe_type(expected: Any) -> str:
             dict: "a table"}.get(expected, getattr(expected, "__name__", str(expected)))
 
 
+class ParamField(NamedTuple):
+    """One declared parameter of a method (``Method.param_fields``)."""
+
+    type: Any  # what is accepted: bool, int, float (integers too), str, another class, a Choice, an OrNone, None: any
+    default: Any
+    description: str  # the accepted values in words, as error messages put them ("true or false", ...)
+
+
 def param_type(method: type[Method], key: str) -> Any:
-    """The declared type of a parameter: ``PARAM_TYPES[key]``, else the type of its default (a default
-    of ``None`` declares nothing: any value is accepted)."""
-    if key in method.PARAM_TYPES:
-        return method.PARAM_TYPES[key]
-    default = method.PARAMS[key]
-    return None if default is None else type(default)
+    """The declared type of a parameter (``ParamField.type``): from the ``Params`` dataclass, or for
+    methods declared with dicts ``PARAM_TYPES[key]``, else the type of its default (a default of
+    ``None`` declares nothing: any value is accepted)."""
+    return method.param_fields()[key].type
+
+
+def _field(kind: Any, default: Any) -> ParamField:
+    return ParamField(kind, default, "anything" if kind is None else _describe_type(kind))
+
+
+_NONE_TYPE = type(None)
+
+
+def _type_of_annotation(annotation: Any, where: str) -> Any:
+    """The check of a ``Params`` field's annotation: ``Literal[...]`` -> Choice, ``X | None`` ->
+    OrNone(X), ``Any`` -> None (anything), ``list[int]`` -> list (the container only), a class -> itself."""
+    if annotation is Any:
+        return None
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return Choice(*typing.get_args(annotation))
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(annotation)
+        others = [a for a in args if a is not _NONE_TYPE]
+        if len(others) == 1 and len(args) == 2:
+            inner = _type_of_annotation(others[0], where)
+            return None if inner is None else OrNone(inner)
+        raise TypeError(f"{where}: {annotation} is not a parameter type (use Literal[...] for a choice of values, "
+                        "X | None for an optional one)")
+    if origin is not None and isinstance(origin, type):
+        return origin
+    if isinstance(annotation, type):
+        return annotation
+    raise TypeError(f"{where}: {annotation!r} is not a parameter type")
+
+
+def _dataclass_fields(params_cls: Any, owner: type) -> dict[str, ParamField]:
+    """The fields of a method's ``Params`` (TypeError for a declaration the harness cannot check)."""
+    where = f"{owner.__module__}.{owner.__qualname__}.Params"
+    if not (isinstance(params_cls, type) and dataclasses.is_dataclass(params_cls)):
+        raise TypeError(f"{where} must be a dataclass: @dataclass(frozen=True) class Params: ...")
+    if not params_cls.__dataclass_params__.frozen:
+        raise TypeError(f"{where} must be frozen: @dataclass(frozen=True)")
+    try:
+        hints = typing.get_type_hints(params_cls)
+    except Exception as exc:  # an annotation that names something undefined
+        raise TypeError(f"{where}: cannot resolve its annotations ({type(exc).__name__}: {exc})") from None
+    out = {}
+    for f in dataclasses.fields(params_cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{where}.{f.name} needs a default (a matrix may leave any parameter unset)")
+        kind = _type_of_annotation(hints[f.name], f"{where}.{f.name}")
+        if kind is not None and not _accepts(kind, default):
+            raise TypeError(f"{where}.{f.name}: the default {default!r} is not {_describe_type(kind)}")
+        out[f.name] = _field(kind, default)
+    return out
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """The ``Params`` of a method without parameters."""
 
 
 class Method:
     """Common part of base quantizers and cache schemes.
 
-    ``PARAMS`` maps each parameter to its default. Its type is the default's (``bool``, ``int``,
-    ``float``: integers accepted, ``str``), unless ``PARAM_TYPES`` declares it: a type, a
-    :class:`Choice` of values (enums) or an :class:`OrNone` type for defaults of ``None``. Every value
-    a matrix sets is checked when the matrix is resolved, before anything runs: ``warmup = "false"`` is
-    an error, not a true string."""
+    Parameters: a frozen dataclass ``Params`` whose fields (each with a default) are the parameters
+    a matrix may set in ``[params.<name>]``. Field types: ``bool``, ``int`` (a boolean is not an
+    integer), ``float`` (integers accepted), ``str``, ``list``, ``dict``, ``Literal[...]`` (one of
+    these values, compared with their type: ``true`` is not ``1``), ``X | None`` (may stay unset)
+    and ``Any``. Every table is checked when the matrix is resolved, before anything runs, by
+    building ``Params`` from it: a wrongly typed value (``warmup = "false"`` is an error, not a true
+    string) or a value ``Params.__post_init__`` refuses (raise ValueError) is a one-line error.
+    Values are kept as given (an integer stays an integer in a float field), so a cell's identity
+    does not depend on how its parameters are declared.
+
+    ``self.settings`` is the ``Params`` instance; ``self.params`` the same values as a dict, which
+    the cell records (``cell.params[<name>]``). ``PARAMS`` (name -> default) and ``PARAM_TYPES``
+    (name -> type) are derived from ``Params`` for code that reads them.
+
+    Deprecated, still accepted: declaring ``PARAMS`` (name -> default, the type is the default's)
+    and ``PARAM_TYPES`` (a type, :class:`Choice` or :class:`OrNone` where the default does not say
+    it) dicts instead of ``Params``; ``register_method`` warns (DeprecationWarning) and
+    ``self.settings`` is then a plain namespace."""
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
+    Params: ClassVar[type | None] = NoParams  # None for a method declared with PARAMS / PARAM_TYPES dicts
     PARAMS: ClassVar[dict[str, Any]] = {}
     PARAM_TYPES: ClassVar[dict[str, Any]] = {}
+    _declared_fields: ClassVar[dict[str, ParamField]] = {}
+    _dict_params: ClassVar[type | None] = None  # the class that declared PARAMS / PARAM_TYPES dicts, if any
 
-    def __init__(self, params: dict[str, Any] | None = None):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "Params" in own:
+            if "PARAMS" in own or "PARAM_TYPES" in own:
+                raise TypeError(f"{cls.__module__}.{cls.__qualname__} declares both Params and PARAMS/PARAM_TYPES; "
+                                "keep the Params dataclass")
+            fields = _dataclass_fields(cls.Params, cls)
+            cls._declared_fields = fields
+            cls._dict_params = None
+            cls.PARAMS = {key: f.default for key, f in fields.items()}
+            cls.PARAM_TYPES = {key: f.type for key, f in fields.items()}
+        elif "PARAMS" in own or "PARAM_TYPES" in own:
+            cls._dict_params = cls
+            cls.Params = None
+
+    @classmethod
+    def param_fields(cls) -> dict[str, ParamField]:
+        """Each parameter: name -> ``ParamField(type, default, description)``, in declaration order."""
+        if cls._dict_params is None:
+            return dict(cls._declared_fields)
+        types_ = cls.PARAM_TYPES
+        return {key: _field(types_[key] if key in types_ else None if default is None else type(default), default)
+                for key, default in cls.PARAMS.items()}
+
+    def __init__(self, params: Mapping[str, Any] | None = None):
         params = dict(params or {})
-        self.check_params(params)
+        self.settings = self.check_params(params)
         self.params = {**self.PARAMS, **params}
 
     @classmethod
-    def check_params(cls, params: dict[str, Any]) -> None:
-        """Known names, declared types (BenchError otherwise); run for every ``[params.<name>]`` table
-        when a matrix is resolved, whether or not a cell uses the method."""
-        unknown = sorted(set(params) - set(cls.PARAMS))
+    def check_params(cls, params: Mapping[str, Any]) -> Any:
+        """Known names, declared types, then ``Params`` built from them (BenchError otherwise); run for
+        every ``[params.<name>]`` table when a matrix is resolved, whether or not a cell uses the
+        method. Returns the built ``Params`` (a namespace for a method declared with dicts)."""
+        fields = cls.param_fields()
+        unknown = sorted(set(params) - set(fields))
         if unknown:
-            known = ", ".join(sorted(cls.PARAMS)) or "none"
+            known = ", ".join(sorted(fields)) or "none"
             raise BenchError(f"method {cls.name!r} has no parameter {', '.join(map(repr, unknown))} (known: {known})")
         for key, value in params.items():
-            expected = param_type(cls, key)
+            expected = fields[key].type
             if expected is not None and not _accepts(expected, value):
                 hint = ""
                 if expected is bool and isinstance(value, str) and value.lower() in ("true", "false"):
                     hint = f" (TOML booleans are lower case, unquoted: {value.lower()})"
                 raise BenchError(f"params.{cls.name}.{key} must be {_describe_type(expected)}, got {value!r}{hint}")
+        if cls.Params is None:
+            return types.SimpleNamespace(**{**{key: f.default for key, f in fields.items()}, **params})
+        try:
+            return cls.Params(**params)
+        except (TypeError, ValueError) as exc:  # refused by Params.__post_init__
+            raise BenchError(f"params.{cls.name}: {' '.join(str(exc).split())}") from None
 
     def depends_on(self) -> tuple[str, ...]:
         """Other registered methods this one builds on: their ``[params.<name>]`` become part of
@@ -291,13 +426,21 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
             raise ValueError(f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
         cls.name = name
         REGISTRY[name] = cls
+        declared_by = cls._dict_params
+        if declared_by is not None:
+            warnings.warn(f"method {name!r} declares its parameters with PARAMS/PARAM_TYPES dicts "
+                          f"({declared_by.__module__}.{declared_by.__qualname__}), which is deprecated: declare them "
+                          "as a frozen dataclass Params (see bench.methods.Method)", DeprecationWarning, stacklevel=2)
         return cls
 
     return decorate
 
 
-# Modules that register the built-in methods; imported on first use of the registry.
-BUILTIN_MODULES = ("bench.methods", "baselines")
+# Modules that register the built-in methods; imported on first use of the registry. The baselines'
+# ``method`` modules are their glue to the harness (the libraries beside them never import bench).
+BUILTIN_MODULES = ("bench.methods", "baselines.deepcache.method", "baselines.ptqd.method",
+                   "baselines.qdiffusion.method")
+_DICT_PARAMS_WARNING = r"method '.*' declares its parameters with PARAMS/PARAM_TYPES dicts"
 
 
 def _load_builtins() -> None:
@@ -308,28 +451,35 @@ def _load_builtins() -> None:
 def import_plugins(specs: list[str] | tuple[str, ...], base_dir: Path | None = None) -> None:
     """Import user modules that register methods: dotted module names or paths to .py files
     (relative paths are taken from ``base_dir``, the matrix file's folder, then the cwd). Whatever
-    goes wrong, including an exception raised by the module's own code, is a one-line BenchError."""
-    for spec in specs:
-        if not isinstance(spec, str) or not spec.strip():
-            raise BenchError(f"cannot import {spec!r}: expected a module name or a path to a .py file")
-        found = _plugin_file(spec, base_dir)
-        if found is None:
-            try:
-                importlib.import_module(spec)
-            except ImportError as exc:
-                raise BenchError(f"cannot import module {spec!r}: {exc}") from None
-            except Exception as exc:  # the module's own code raised
-                raise BenchError(f"importing {spec!r} failed: {_one_line(exc)}") from None
-            continue
-        name = f"modiff_bench_plugin_{found.stem}"
-        module_spec = importlib.util.spec_from_file_location(name, found)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
+    goes wrong, including an exception raised by the module's own code, is a one-line BenchError.
+    A method that still declares its parameters with dicts is reported (DeprecationWarning, shown)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("default", message=_DICT_PARAMS_WARNING, category=DeprecationWarning)
+        for spec in specs:
+            _import_plugin(spec, base_dir)
+
+
+def _import_plugin(spec: str, base_dir: Path | None) -> None:
+    if not isinstance(spec, str) or not spec.strip():
+        raise BenchError(f"cannot import {spec!r}: expected a module name or a path to a .py file")
+    found = _plugin_file(spec, base_dir)
+    if found is None:
         try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
+            importlib.import_module(spec)
+        except ImportError as exc:
+            raise BenchError(f"cannot import module {spec!r}: {exc}") from None
+        except Exception as exc:  # the module's own code raised
             raise BenchError(f"importing {spec!r} failed: {_one_line(exc)}") from None
+        return
+    name = f"modiff_bench_plugin_{found.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, found)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise BenchError(f"importing {spec!r} failed: {_one_line(exc)}") from None
 
 
 def _plugin_file(spec: str, base_dir: Path | None) -> Path | None:
@@ -408,11 +558,12 @@ class FullPrecision(BaseQuantizer):
 class DynamicQuantizer(BaseQuantizer):
     """Min-max fake quantization with dynamic activation scales at any a_granularity (auto: channel)."""
 
-    PARAMS: ClassVar[dict[str, Any]] = {
-        "symmetric": False, "warmup": True, "weight_method": "minmax", "residual_tolerance": None,
-    }
-    PARAM_TYPES: ClassVar[dict[str, Any]] = {"weight_method": Choice(*WEIGHT_METHODS),
-                                             "residual_tolerance": OrNone(float)}
+    @dataclass(frozen=True)
+    class Params:
+        symmetric: bool = False  # symmetric (zero-point-free) activation grid
+        warmup: bool = True  # the first step of a trajectory in full precision (modulated modes)
+        weight_method: Literal["minmax", "mse"] = "minmax"  # modiff.config.WEIGHT_METHODS
+        residual_tolerance: float | None = None  # adaptive caching: reuse the output below this residual range
 
     def modiff_options(self) -> dict[str, Any]:
         """Extra ``ModiffConfig`` fields; subclasses override this to vary the quantizer."""
@@ -430,6 +581,9 @@ class DynamicQuantizer(BaseQuantizer):
         unet = modiff.quantize(ctx.fp_unet_copy(), config)
         return Prepared(unet=unet, on_trajectory_start=[lambda: modiff.reset(unet)],
                         info={"quantized_layers": len(modiff.quant_layers(unet))})
+
+
+assert DynamicQuantizer.param_fields()["weight_method"].type == Choice(*WEIGHT_METHODS)
 
 
 @register_method("ltq")

@@ -1,4 +1,23 @@
-"""Metrics of a cell's samples, each a small function; the registry maps metric names to columns.
+"""Metrics of a cell's samples: a registry, like the methods', of small functions.
+
+A metric is one function registered with :func:`register_metric`; what the harness and the report
+need to know about it lives beside it: its result columns, each column's label and whether higher or
+lower is better, and what it needs (the full-precision samples from the same seeds, a model)::
+
+    from bench.metrics import Column, register_metric
+
+    @register_metric("mean_abs", columns=[Column("mean_abs", "mean |x|", better="lower")],
+                     summary="mean absolute pixel value")
+    def mean_abs(inputs):                      # inputs: MetricInputs
+        return {"mean_abs": float(inputs.samples.float().abs().mean())}
+
+A matrix uses it by name (``[run] metrics = ["mean_abs"]``) once the file is imported
+(``[run] imports = ["my_metric.py"]``, as for user methods); ``modiff-bench evaluate DIR`` adds it to
+finished cells from their saved samples. ``inputs.samples`` is the stored float16 tensor as saved
+(possibly memory-mapped): convert it chunk by chunk, never all at once (a 50,000-image LSUN cell is
+19.6 GB as float16).
+
+Built in:
 
 - ``psnr_to_fp`` / ``mse_to_fp``: final samples vs the full-precision model's samples from the
   same noise (same seeds, sampler and steps).
@@ -6,21 +25,125 @@
   analogue, in the feature space of the digits model's domain classifier (digits only).
 - ``fid``, ``is``, ``sfid``, ``prc``: Inception-based, through torch-fidelity and pytorch-fid
   (``bench.inception``), against each model's reference data (``bench.references``); missing with
-  a reason when the weights or the reference data are unavailable.
+  a reason when the weights or the reference data are unavailable. They share one feature pass
+  (``group="inception"``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import BenchError
 
+NEEDS = ("fp_reference",)  # what a metric may declare it needs beyond the samples
 
+
+@dataclass(frozen=True)
+class Column:
+    """One result column of a metric: its label in tables and figures and which way is better
+    (``None``: not a quality figure, e.g. a standard deviation). ``quality``: whether the report's
+    quality tables and figures show it."""
+
+    name: str
+    label: str | None = None
+    better: str | None = None  # "higher" | "lower" | None
+    quality: bool = True
+
+    def __post_init__(self):
+        if self.better not in (None, "higher", "lower"):
+            raise ValueError(f"column {self.name!r}: better must be 'higher', 'lower' or None, not {self.better!r}")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    columns: tuple[str, ...]
+    summary: str
+    needs: tuple[str, ...] = ()
+    models: tuple[str, ...] | None = None  # None: any model
+    compute: Callable[[MetricInputs], dict] | None = None
+    group: str | None = None  # metrics of one group are computed together (the Inception ones)
+    column_info: tuple[Column, ...] = ()
+    builtin: bool = False
+
+    @property
+    def needs_fp_reference(self) -> bool:
+        return "fp_reference" in self.needs
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register_metric(name: str, columns: Sequence[str | Column] | None = None, summary: str = "",
+                    needs: Iterable[str] = (), models: Iterable[str] | None = None, group: str | None = None,
+                    _builtin: bool = False):
+    """Decorator: register ``fn(inputs: MetricInputs) -> {column: value}`` as metric ``name``.
+
+    ``columns``: its result columns, names or :class:`Column` (label, better); default one column
+    named like the metric. ``needs``: ``"fp_reference"`` to get the full-precision samples of the
+    same seeds as ``inputs.reference``. ``models``: the zoo models it is defined for (default any).
+    The function may also return a single number (for a one-column metric) or a tuple (one value per
+    column); a column it leaves out is recorded as missing."""
+    info = tuple(c if isinstance(c, Column) else Column(c) for c in (columns or [name]))
+    needs = tuple(needs)
+    unknown = [n for n in needs if n not in NEEDS]
+    if unknown:
+        raise ValueError(f"metric {name!r}: unknown needs {unknown}; available: {', '.join(NEEDS)}")
+    taken = {c for m in METRICS.values() if m.name != name for c in m.columns}
+    if not _builtin:
+        from .store import NON_METRIC_COLUMNS
+
+        taken |= set(NON_METRIC_COLUMNS)
+    clash = [c.name for c in info if c.name in taken]
+    if clash:
+        raise ValueError(f"metric {name!r}: column(s) {', '.join(clash)} already used by another metric or "
+                         "by the results table")
+
+    def decorate(fn):
+        text = summary or ((fn.__doc__ or "").strip().split("\n")[0] if fn is not None else "")
+        METRICS[name] = MetricSpec(name, tuple(c.name for c in info), text, needs,
+                                   None if models is None else tuple(models), fn, group, info, _builtin)
+        return fn
+
+    return decorate
+
+
+def metric_columns(names: Iterable[str] | None = None) -> tuple[str, ...]:
+    """The result columns of the named metrics (default: every registered one), in order."""
+    chosen = METRICS if names is None else {n: METRICS[n] for n in names if n in METRICS}
+    return tuple(c for m in chosen.values() for c in m.columns)
+
+
+def column_info() -> dict[str, Column]:
+    """Every registered metric column -> its :class:`Column` (label, better, quality)."""
+    return {c.name: c for m in METRICS.values() for c in m.column_info}
+
+
+def check_metrics(names: Iterable[str], model: str) -> None:
+    for name in names:
+        spec = METRICS.get(name)
+        if spec is None:
+            raise BenchError(f"unknown metric {name!r}; available: {', '.join(METRICS)}")
+        if spec.models is not None and model not in spec.models:
+            raise BenchError(f"metric {name!r} is defined for {', '.join(spec.models)} only, not model {model!r}")
+
+
+@dataclass
+class MetricInputs:
+    samples: torch.Tensor  # images in [-1, 1], (N, C, H, W), float16 or float32 (as stored; maybe memory-mapped)
+    model: str
+    checkpoint: str | None = None
+    reference: torch.Tensor | None = None  # full-precision samples from the same seeds
+    inception: object | None = None  # bench.inception.InceptionSettings
+    extra: dict = field(default_factory=dict)
+
+
+# -- the built-in metrics ----------------------------------------------------------------------
 def mse_to_fp(samples: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean squared error on images mapped to [0, 1] (clipped), over all pixels of all images."""
     if samples.shape != reference.shape:
@@ -38,50 +161,6 @@ def psnr_to_fp(samples: torch.Tensor, reference: torch.Tensor) -> float:
     the whole set (inf when identical)."""
     mse = mse_to_fp(samples, reference)
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    columns: tuple[str, ...]
-    summary: str
-    needs_fp_reference: bool = False
-    models: tuple[str, ...] | None = None  # None: any model
-
-
-METRICS: dict[str, MetricSpec] = {m.name: m for m in (
-    MetricSpec("psnr_to_fp", ("psnr_to_fp",), "PSNR (dB) of the samples vs full precision from the same noise", True),
-    MetricSpec("mse_to_fp", ("mse_to_fp",), "MSE of [0, 1] samples vs full precision from the same noise", True),
-    MetricSpec("fd_domain", ("fd_domain",), "Frechet distance to the held-out digits in the domain classifier's "
-               "64-d features", models=("digits",)),
-    MetricSpec("is_domain", ("is_domain", "is_domain_std"), "Inception-score analogue on the domain classifier's "
-               "logits (10 splits)", models=("digits",)),
-    MetricSpec("fid", ("fid", "fid_pytorch_fid"), "FID via torch-fidelity, and pytorch-fid as a cross-check"),
-    MetricSpec("is", ("is_mean", "is_std"), "Inception score via torch-fidelity"),
-    MetricSpec("sfid", ("sfid",), "spatial FID (guided-diffusion: Inception mixed_6/conv, first 7 channels)"),
-    MetricSpec("prc", ("precision", "recall"), "precision / recall (torch-fidelity prc, k=3)"),
-)}
-INCEPTION_METRICS = ("fid", "is", "sfid", "prc")
-ALL_COLUMNS = tuple(c for m in METRICS.values() for c in m.columns)
-
-
-def check_metrics(names: Iterable[str], model: str) -> None:
-    for name in names:
-        spec = METRICS.get(name)
-        if spec is None:
-            raise BenchError(f"unknown metric {name!r}; available: {', '.join(METRICS)}")
-        if spec.models is not None and model not in spec.models:
-            raise BenchError(f"metric {name!r} is defined for {', '.join(spec.models)} only, not model {model!r}")
-
-
-@dataclass
-class MetricInputs:
-    samples: torch.Tensor  # images in [-1, 1], (N, C, H, W), float16 or float32 (as stored)
-    model: str
-    checkpoint: str | None = None
-    reference: torch.Tensor | None = None  # full-precision samples from the same seeds
-    inception: object | None = None  # bench.inception.InceptionSettings
-    extra: dict = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,6 +191,35 @@ def is_domain(samples: torch.Tensor, checkpoint: str | None = None) -> tuple[flo
     return inception_score(features_and_logits(classifier, samples.float())[1], splits=min(10, len(samples)))
 
 
+register_metric("psnr_to_fp", [Column("psnr_to_fp", "PSNR to FP (dB)", "higher")],
+                "PSNR (dB) of the samples vs full precision from the same noise", needs=["fp_reference"],
+                _builtin=True)(lambda inputs: {"psnr_to_fp": psnr_to_fp(inputs.samples, inputs.reference)})
+register_metric("mse_to_fp", [Column("mse_to_fp", "MSE to FP", "lower", quality=False)],
+                "MSE of [0, 1] samples vs full precision from the same noise", needs=["fp_reference"],
+                _builtin=True)(lambda inputs: {"mse_to_fp": mse_to_fp(inputs.samples, inputs.reference)})
+register_metric("fd_domain", [Column("fd_domain", "FD (domain)", "lower")],
+                "Frechet distance to the held-out digits in the domain classifier's 64-d features",
+                models=["digits"], _builtin=True)(
+    lambda inputs: {"fd_domain": fd_domain(inputs.samples, inputs.checkpoint)})
+register_metric("is_domain", [Column("is_domain", "IS (domain)", "higher"), Column("is_domain_std", quality=False)],
+                "Inception-score analogue on the domain classifier's logits (10 splits)", models=["digits"],
+                _builtin=True)(
+    lambda inputs: dict(zip(("is_domain", "is_domain_std"), is_domain(inputs.samples, inputs.checkpoint),
+                            strict=True)))
+for _name, _columns, _summary in (
+    ("fid", [Column("fid", "FID", "lower"), Column("fid_pytorch_fid", "FID (pytorch-fid)", "lower", quality=False)],
+     "FID via torch-fidelity, and pytorch-fid as a cross-check"),
+    ("is", [Column("is_mean", "IS", "higher"), Column("is_std", quality=False)], "Inception score via torch-fidelity"),
+    ("sfid", [Column("sfid", "sFID", "lower")], "spatial FID (guided-diffusion: Inception mixed_6/conv, first 7 "
+     "channels)"),
+    ("prc", [Column("precision", "precision", "higher", quality=False),
+             Column("recall", "recall", "higher", quality=False)], "precision / recall (torch-fidelity prc, k=3)"),
+):
+    register_metric(_name, _columns, _summary, group="inception", _builtin=True)(None)
+INCEPTION_METRICS = tuple(n for n, m in METRICS.items() if m.group == "inception")
+ALL_COLUMNS = metric_columns()  # the built-in metrics' columns (user metrics add theirs when imported)
+
+
 def inception_reference(model: str, settings=None, size: tuple[int, int] | None = None):
     """The real images FID / sFID / precision-recall compare against: a ``bench.inception.ReferenceSet``
     for ``model`` under the ``[inception]`` settings (``InceptionSettings``), or a one-line reason why
@@ -119,6 +227,33 @@ def inception_reference(model: str, settings=None, size: tuple[int, int] | None 
     from .references import reference_for
 
     return reference_for(model, settings, size)
+
+
+def _as_values(spec: MetricSpec, result) -> dict:
+    """A metric function's result as {column: value} (a dict, a number, or one value per column)."""
+    if isinstance(result, dict):
+        unknown = [c for c in result if c not in spec.columns]
+        if unknown:
+            raise ValueError(f"metric {spec.name!r} returned column(s) {unknown} it did not declare "
+                             f"({', '.join(spec.columns)})")
+        return dict(result)
+    if isinstance(result, (tuple, list)):
+        if len(result) != len(spec.columns):
+            raise ValueError(f"metric {spec.name!r} returned {len(result)} values for {len(spec.columns)} columns")
+        return dict(zip(spec.columns, result, strict=True))
+    if len(spec.columns) != 1:
+        raise ValueError(f"metric {spec.name!r} returned one value for {len(spec.columns)} columns")
+    return {spec.columns[0]: result}
+
+
+def _number(value):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
 
 
 def compute_metrics(names: Iterable[str], inputs: MetricInputs) -> tuple[dict[str, float | None], dict[str, str]]:
@@ -133,15 +268,17 @@ def compute_metrics(names: Iterable[str], inputs: MetricInputs) -> tuple[dict[st
             for column in spec.columns:
                 values[column], missing[column] = None, "no full-precision reference samples"
             continue
-        if name == "psnr_to_fp":
-            values[name] = psnr_to_fp(inputs.samples, inputs.reference)
-        elif name == "mse_to_fp":
-            values[name] = mse_to_fp(inputs.samples, inputs.reference)
-        elif name == "fd_domain":
-            values[name] = fd_domain(inputs.samples, inputs.checkpoint)
-        elif name == "is_domain":
-            values["is_domain"], values["is_domain_std"] = is_domain(inputs.samples, inputs.checkpoint)
-    wanted = [n for n in names if n in INCEPTION_METRICS]
+        if spec.compute is None:  # a group's metric: below
+            continue
+        got = _as_values(spec, spec.compute(inputs))
+        for column in spec.columns:
+            try:
+                values[column] = _number(got.get(column))
+            except TypeError as exc:
+                raise ValueError(f"metric {name!r}, column {column!r}: {exc}") from None
+            if values[column] is None:
+                missing[column] = f"metric {name!r} returned no value"
+    wanted = [n for n in names if METRICS[n].group == "inception"]
     if wanted:
         from .inception import InceptionSettings, inception_metrics
 

@@ -1,12 +1,13 @@
 """Reference data of the Inception metrics: the real images FID, sFID and precision / recall compare against.
 
-Per zoo model (:func:`reference_for`), unless ``[inception] reference_images`` or ``reference_stats``
-names other data (either one replaces the default of every model in the matrix, so a matrix using
-one holds one model):
+Per zoo model, the data its entry declares (``bench.zoo.registry.ReferenceData``: a dataset of
+:data:`DATASETS`, or none), unless ``[inception] reference_images`` or ``reference_stats`` names
+other data (either one replaces the default of every model in the matrix, so a matrix using one
+holds one model); see :func:`reference_for`. The datasets:
 
-``digits``
-    the training digits shipped with the package (``digits-train``).
-``ddpm-cifar10``
+``digits-train`` (model ``digits``)
+    the training digits shipped with the package.
+``cifar10-train`` (model ``ddpm-cifar10``)
     CIFAR-10 train, 50,000 images: the images of torch-fidelity's registered input ``cifar10-train``
     (torchvision's ``CIFAR10(train=True)``, 32 x 32 uint8, no resize), in its order. Read from
     ``[inception] cifar10_root`` (the folder holding torchvision's ``cifar-10-batches-py``, or that
@@ -17,12 +18,12 @@ one holds one model):
     The batches are pickles, and torchvision would ``pickle.load`` them (code execution from a user
     folder), so they are read here by an unpickler that accepts only what a genuine batch holds: a
     dict of strings, lists and one uint8 numpy array (numpy's array reconstruction and nothing else).
-``ldm-church``, ``ldm-bedroom``
-    LSUN Churches (``church_outdoor`` train) and LSUN Bedrooms: not redistributable, so no default:
-    give a folder of their images or a reference batch (guided-diffusion publishes
-    ``VIRTUAL_lsun_bedroom256.npz``; it has no church batch).
-``sd-v1-4``
-    none by default; an image folder or a reference batch when given.
+
+Models without a dataset: ``ldm-church`` and ``ldm-bedroom`` (LSUN Churches, ``church_outdoor``
+train, and LSUN Bedrooms are not redistributable: give a folder of their images or a reference
+batch; guided-diffusion publishes ``VIRTUAL_lsun_bedroom256.npz``, it has no church batch),
+``sd-v1-4`` and every ``diffusers:<directory or hub id>`` model: the Inception metrics that need a
+reference are missing with a reason naming what to give.
 
 Sources:
 
@@ -66,7 +67,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -88,44 +89,63 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RESIZE_RULE = "ldm-lsun-centre-crop-pil-bicubic"
 CIFAR10_INPUT = "cifar10-train"  # torch-fidelity's registered input
 CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 reads under its root
-# decoded size of each zoo model's images, used when the caller does not pass the generated images' size
-OUTPUT_SIZES: dict[str, tuple[int, int]] = {
-    "digits": (16, 16), "ddpm-cifar10": (32, 32), "ldm-church": (256, 256), "ldm-bedroom": (256, 256),
-    "sd-v1-4": (512, 512),
-}
 PATH_KEYS = {"weights": "file", "pytorch_fid_weights": "file", "reference_stats": "file",
              "reference_images": "folder", "cifar10_root": "folder"}
 _NPZ_STATS = {"mu": (POOL_DIMS,), "sigma": (POOL_DIMS, POOL_DIMS), "mu_s": (SPATIAL_DIMS,),
               "sigma_s": (SPATIAL_DIMS, SPATIAL_DIMS)}
 _GIVE = ("set [inception] reference_images = '/path/to/images' (a folder of PNG / JPEG files) or "
          "reference_stats = '/path/to/batch.npz' (guided-diffusion's reference-batch format)")
-_DEFAULT_MISSING = {
-    "ldm-church": f"no reference images for ldm-church (LSUN Churches, church_outdoor train); {_GIVE}",
-    "ldm-bedroom": (f"no reference images for ldm-bedroom (LSUN Bedrooms; guided-diffusion's reference batch is "
-                    f"VIRTUAL_lsun_bedroom256.npz); {_GIVE}"),
-    "sd-v1-4": f"sd-v1-4 has no default reference set; {_GIVE}",
+
+
+def _digits_train(settings: InceptionSettings) -> ReferenceSet:
+    from .data import load_digits_split
+
+    return ReferenceSet("digits-train", lambda: load_digits_split("train").images)
+
+
+# the reference datasets a zoo entry can declare (ReferenceData.dataset) -> its set under the settings
+DATASETS: dict[str, Callable[[InceptionSettings], ReferenceSet]] = {
+    "digits-train": _digits_train,
+    CIFAR10_INPUT: lambda settings: cifar10_reference(settings),  # (defined below)
 }
+
+
+def _entry(model: str):
+    """The model's zoo entry (a ``diffusers:...`` entry reads its configs), or None when it has none."""
+    from .zoo import model_entry
+
+    try:
+        return model_entry(model)
+    except BenchError:
+        return None
 
 
 def reference_for(model: str, settings: InceptionSettings | None = None,
                   size: tuple[int, int] | None = None) -> ReferenceSet | str:
     """The reference set of ``model`` under ``settings``, or a one-line reason why there is none.
-    ``size``: the generated images' (height, width), the size folder images are brought to."""
+    ``size``: the generated images' (height, width), the size folder images are brought to (default:
+    the output size the model's zoo entry declares)."""
     settings = settings or InceptionSettings()
     if settings.reference_stats:
         return npz_reference(settings.reference_stats, settings.batch_size)
     if settings.reference_images:
-        size = size or OUTPUT_SIZES.get(model)
+        entry = _entry(model) if size is None else None
+        size = size or (entry.output_size if entry is not None else None)
         if size is None:
             raise BenchError(f"the output size of model {model!r} is unknown: cannot resize the reference images")
         return folder_reference(settings.reference_images, size, settings.batch_size)
-    if model == "digits":
-        from .data import load_digits_split
-
-        return ReferenceSet("digits-train", lambda: load_digits_split("train").images)
-    if model == "ddpm-cifar10":
-        return cifar10_reference(settings)
-    return _DEFAULT_MISSING.get(model, f"no reference image set for model {model!r}; {_GIVE}")
+    entry = _entry(model)
+    if entry is None:
+        return f"no reference image set for model {model!r}; {_GIVE}"
+    reference = entry.reference
+    if reference.dataset is not None:
+        if reference.dataset not in DATASETS:
+            raise BenchError(f"model {model!r} declares reference dataset {reference.dataset!r}, which "
+                             f"bench.references does not provide (it has {', '.join(DATASETS)})")
+        return DATASETS[reference.dataset](settings)
+    if reference.about:
+        return f"no reference images for {model} ({reference.about}); {_GIVE}"
+    return f"{model} has no default reference set; {_GIVE}"
 
 
 # --- load-time checks ----------------------------------------------------------------------------

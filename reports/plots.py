@@ -26,11 +26,12 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from .tables import METRIC_LABELS
+from .tables import MetricLabels
 
 DPI = 120
 
-QUALITY_METRICS = {m: METRIC_LABELS[m] for m in ("fid", "fd_domain", "psnr_to_fp", "sfid", "is_mean", "is_domain")}
+# quality columns -> (label, direction), from the metric registry: these first, then any other (user metrics)
+QUALITY_METRICS = MetricLabels(("fid", "fd_domain", "psnr_to_fp", "sfid", "is_mean", "is_domain"), quality_only=True)
 PRIMARY_ORDER = ("fid", "fd_domain", "psnr_to_fp", "sfid")
 
 # A figure compares methods within one experiment. These settings also change a metric's value, so a
@@ -38,7 +39,7 @@ PRIMARY_ORDER = ("fid", "fd_domain", "psnr_to_fp", "sfid")
 # as one point or one line.
 GROUP_KEYS = ("model", "sampler", "steps", "w_bits")
 CONTEXT_KEYS = ("checkpoint", "eta", "n_samples", "seed")
-NUMERIC_COLUMNS = (*QUALITY_METRICS, "mse_to_fp", "gbops", "gbops_honest", "macs_g", "wall_s", "img_per_s",
+NUMERIC_COLUMNS = ("mse_to_fp", "gbops", "gbops_honest", "macs_g", "wall_s", "img_per_s",
                    "steps", "w_bits", "a_bits", "n_samples", "eta", "seed")
 
 MODULATIONS = ("off", "plain", "ec")
@@ -132,7 +133,7 @@ def _prepared(frame: pd.DataFrame, ok_only: bool = True) -> pd.DataFrame:
     out = frame.copy()
     if ok_only and "status" in out.columns:
         out = out[out["status"] == "ok"]
-    for column in NUMERIC_COLUMNS:
+    for column in (*QUALITY_METRICS, *NUMERIC_COLUMNS):
         if column in out.columns:
             out[column] = pd.to_numeric(out[column], errors="coerce")
     if "modulation" not in out.columns:

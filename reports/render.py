@@ -94,11 +94,26 @@ def _metric_names(info: dict) -> list[str] | None:
     return metrics if isinstance(metrics, list) and all(isinstance(m, str) for m in metrics) else None
 
 
+def _import_plugins(info: dict | None, label: str, notes: list[str]) -> None:
+    """Import the plugins the run's matrix imported (user metrics bring their columns' labels)."""
+    from bench.methods import import_plugins
+
+    resolved = (info or {}).get("resolved") if isinstance((info or {}).get("resolved"), dict) else {}
+    run = resolved.get("run") if isinstance(resolved.get("run"), dict) else {}
+    imports = run.get("imports") if isinstance(run.get("imports"), list) else []
+    source = str((info or {}).get("source") or "")
+    try:
+        import_plugins(imports, Path(source).parent if source.endswith(".toml") else None)
+    except BenchError as exc:
+        notes.append(f"{label}: the matrix's plugins could not be imported ({exc}); their metrics show under "
+                     "their column names")
+
+
 def load_run(directory: str | Path) -> Run:
     """One run directory. Its table is built from the cells' valid results (invalid ones are left out
     with a note), and results.csv / .parquet / .md are rewritten when they do not hold those rows; a
     directory without cells (tables copied alone) is read from results.parquet."""
-    from bench.runner import collect_rows, table_frame, write_tables  # (the runner's own rows and tables)
+    from bench.store import collect_rows, table_frame, write_tables  # (the run directory's own rows and tables)
 
     directory = Path(directory)
     label = directory.name or str(directory)
@@ -111,6 +126,7 @@ def load_run(directory: str | Path) -> Run:
     if problem is not None:
         notes.append(f"{label}: run.json could not be read ({problem}); the header shows what the cells record "
                      "(the next 'modiff-bench run' of this matrix rebuilds it)")
+    _import_plugins(info, label, notes)
     if has_cells:
         problems: dict[str, str] = {}
         rows = collect_rows(directory, _ordered_ids(directory, info), problems)

@@ -8,22 +8,48 @@ for it. Values never measured render as an em dash, never as 0 or NaN. Published
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
+import numpy as np
 import pandas as pd
 
+from bench.metrics import column_info
+
 MISSING = "—"
-METRIC_LABELS = {
-    "fid": ("FID", "lower"), "sfid": ("sFID", "lower"), "is_mean": ("IS", "higher"),
-    "fd_domain": ("FD (domain)", "lower"), "is_domain": ("IS (domain)", "higher"),
-    "psnr_to_fp": ("PSNR to FP (dB)", "higher"), "mse_to_fp": ("MSE to FP", "lower"),
-    "precision": ("precision", "higher"), "recall": ("recall", "higher"),
-}
+
+
+class MetricLabels(Mapping):
+    """Metric column -> (label, "higher" | "lower"), for every registered metric column with a
+    direction, read from the metric registry (``bench.metrics``) at each use: the labels live beside
+    the metrics, and a user metric imported later shows with its own. ``order``: the columns to put
+    first (the rest follow in registration order); ``quality_only``: only the quality columns."""
+
+    def __init__(self, order: tuple[str, ...] = (), quality_only: bool = False):
+        self.order, self.quality_only = order, quality_only
+
+    def _items(self) -> dict[str, tuple[str, str]]:
+        info = {n: c for n, c in column_info().items() if c.better and (c.quality or not self.quality_only)}
+        names = [*(n for n in self.order if n in info), *(n for n in info if n not in self.order)]
+        return {n: (info[n].label or n, info[n].better) for n in names}
+
+    def __getitem__(self, key: str) -> tuple[str, str]:
+        return self._items()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
+# the papers' order of the built-in quality columns; other quality columns (user metrics) follow
 QUALITY_ORDER = ("fid", "sfid", "is_mean", "fd_domain", "is_domain", "psnr_to_fp")
+METRIC_LABELS = MetricLabels(QUALITY_ORDER)
+QUALITY_LABELS = MetricLabels(QUALITY_ORDER, quality_only=True)
 MODULATION_LABELS = {"off": "alone", "plain": "+ plain mod.", "ec": "+ MoDiff"}
 # zoo model name -> (dataset, model) in the papers' tables
 PAPER_MODELS = {
@@ -80,7 +106,7 @@ def fmt(value, digits: int = 2) -> str:
 
 def quality_metrics(frame: pd.DataFrame) -> list[str]:
     """The quality columns the run measured, in the papers' order."""
-    return [m for m in QUALITY_ORDER if m in frame and frame[m].notna().any()]
+    return [m for m in QUALITY_LABELS if m in frame and frame[m].notna().any()]
 
 
 def ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -264,14 +290,12 @@ def ablation_ec(frame: pd.DataFrame) -> list[Table]:
     return tables
 
 
-def _param(params: str | None, key: str):
-    try:
-        decoded = json.loads(params) if isinstance(params, str) else {}
-    except ValueError:
-        return None
-    for values in decoded.values():
-        if key in values:
-            return values[key]
+def _param(row: pd.Series, key: str):
+    """A method parameter of a row, from its flat ``p_<method>_<key>`` column (the first set)."""
+    for column, value in row.items():
+        if isinstance(column, str) and column.startswith("p_") and column.endswith(f"_{key}") \
+                and not (pd.api.types.is_scalar(value) and pd.isna(value)):  # None, NaN, pd.NA: not set
+            return bool(value) if isinstance(value, (bool, np.bool_)) else value
     return None
 
 
@@ -279,9 +303,9 @@ def warmup_table(frame: pd.DataFrame) -> list[Table]:
     """Paper Table 18: the same cells with and without the full-precision warm-up step."""
     frame = ok_rows(frame)
     frame = frame[frame.base != "fp"].copy()
-    if frame.empty or "params" not in frame:
+    if frame.empty:
         return []
-    frame["warmup"] = [_param(p, "warmup") for p in frame.params]
+    frame["warmup"] = [_param(row, "warmup") for _, row in frame.iterrows()]
     if not ((frame.warmup == False).any() and (frame.warmup == True).any()):  # noqa: E712 (object column)
         return []
     metrics = quality_metrics(frame)

@@ -20,12 +20,15 @@ import pandas as pd
 import pytest
 import torch
 
+import bench.generate
 import bench.runner
+import bench.store
 from bench.cli import main
 from bench.matrix import load_matrix
 from bench.methods import BaseQuantizer, Prepared, register_method
 from bench.provenance import save_torch_atomic, sha256_file, write_atomic
-from bench.runner import Runner, collect_rows, read_result, read_results, write_tables
+from bench.runner import Runner
+from bench.store import collect_rows, read_result, read_results, write_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -196,7 +199,7 @@ def test_cells_of_older_versions_stay_finished_while_their_samples_exist(copy, b
         path.write_text(json.dumps(row))
     stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*.pt")}
     with monkeypatch.context() as m:  # deciding what is finished hashes nothing (a cell may be 19.6 GB)
-        m.setattr(bench.runner, "sha256_file", lambda path: pytest.fail(f"hashed {path}"))
+        m.setattr(bench.store, "sha256_file", lambda path: pytest.fail(f"hashed {path}"))
         assert Runner(_matrix(), copy, device="cpu", progress=False, log=lambda text: None).pending() == []
         summary, _ = _run(copy)
     assert summary.ran == 0 and summary.reused == 3
@@ -450,7 +453,9 @@ def test_a_full_disk_stops_the_run_and_records_nothing(tmp_path, baseline, monke
 def test_a_full_disk_while_writing_a_result(tmp_path, baseline, monkeypatch):
     out = tmp_path / "o"
     with monkeypatch.context() as m:
-        _full_disk_on_write_text(m, "result.json", n=2)
+        # each cell writes result.json twice: its generation record, then with its metrics; the third
+        # write is the second cell's generation record
+        _full_disk_on_write_text(m, "result.json", n=3)
         with pytest.raises(OSError) as raised:
             _run(out)
     assert raised.value.errno == errno.ENOSPC
@@ -495,7 +500,7 @@ def test_a_full_disk_is_one_line_and_exit_status_1(tmp_path, baseline, monkeypat
 
 def test_an_interrupt_during_a_cell_leaves_a_clean_state(tmp_path, baseline, monkeypatch):
     out = tmp_path / "o"
-    real, calls = bench.runner.sample, []
+    real, calls = bench.generate.sample, []
 
     def sample(*args, **kwargs):  # the second batch of the second cell
         calls.append(1)
@@ -504,7 +509,7 @@ def test_an_interrupt_during_a_cell_leaves_a_clean_state(tmp_path, baseline, mon
         return real(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(bench.runner, "sample", sample)
+        m.setattr(bench.generate, "sample", sample)
         with pytest.raises(KeyboardInterrupt):
             _run(out)
     _assert_nothing_half_written(out)

@@ -167,8 +167,10 @@ def test_downloaded_weights_never_run_pickled_code(payload, tmp_path, monkeypatc
     assert not marker.exists()
 
 
-def test_run_with_malicious_inception_weights_fails_the_cell_without_running_them(tmp_path, monkeypatch):
-    """The issue's scenario: ``modiff-bench run`` with ``[inception] weights`` and an ``is`` cell."""
+def test_run_with_malicious_inception_weights_fails_the_metric_without_running_them(tmp_path, monkeypatch, capsys):
+    """The issue's scenario: ``modiff-bench run`` with ``[inception] weights`` and an ``is`` cell. Since
+    the generate / evaluate split (#15) the samples stay (status ok); the metric's columns are empty with
+    the reason, the run exits 1 and the next run or ``evaluate`` tries the metric again."""
     import pandas as pd
 
     marker = tmp_path / "marker"
@@ -179,9 +181,13 @@ def test_run_with_malicious_inception_weights_fails_the_cell_without_running_the
                       f'[inception]\nweights = "{bad}"\ncache_dir = "{tmp_path / "c"}"\n')
     assert main(["run", str(config), "--out", str(tmp_path / "o"), "--no-progress"]) == 1  # the cell failed
     assert not marker.exists()
+    assert "sampled but a metric failed" in capsys.readouterr().err
     table = pd.read_csv(tmp_path / "o" / "results.csv")
-    assert (table.status == "failed").all()
-    assert all("not a torch-fidelity Inception weights file" in e for e in table.error)
+    assert (table.status == "ok").all() and table.is_mean.isna().all()
+    assert all("not a torch-fidelity Inception weights file" in json.loads(m)["is_mean"]
+               for m in table.missing_metrics)
+    assert main(["evaluate", str(tmp_path / "o"), "--no-progress"]) == 1  # tried again, refused again
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("library", ["torch-fidelity", "pytorch-fid"])

@@ -132,14 +132,35 @@ def run(weights, tmp_path_factory) -> dict:
             "settings": settings}
 
 
-@pytest.mark.parametrize("n, dims", [(40, 8), (25, 64)])
-def test_our_frechet_distance_is_pytorch_fids(n, dims):
-    from pytorch_fid.fid_score import calculate_frechet_distance
+@pytest.mark.parametrize("n, dims, dead", [(40, 8, 0), (300, 64, 0), (200, 64, 16)])
+def test_our_frechet_distance_is_the_closed_form_on_gaussians(n, dims, dead):
+    """With commuting covariances B diag(s1^2) B^T and B diag(s2^2) B^T (one orthogonal B, not the identity, so the
+    matrix square root is exercised), FD = |mu1 - mu2|^2 + sum (s1 - s2)^2. ``dead`` directions have zero variance in
+    both sets (dead ReLU units: singular covariances). A shifted copy of a set is at FD |shift|^2."""
 
-    rng = np.random.default_rng(dims)
-    a, b = rng.normal(size=(n, dims)), rng.normal(0.3, 1.5, size=(n + 7, dims))
-    expected = calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    def exact_gaussian_features(mean, std, basis, n, seed):
+        """n Gaussian draws made to have sample mean ``mean`` and sample covariance (normalised by n - 1, as np.cov)
+        ``basis @ diag(std ** 2) @ basis.T`` exactly: the centred draws are orthonormalised (their columns stay
+        orthogonal to the all-ones vector) and scaled by sqrt(n - 1)."""
+        draws = np.random.default_rng(seed).normal(size=(n, len(mean)))
+        white, _ = np.linalg.qr(draws - draws.mean(0))
+        return mean + np.sqrt(n - 1) * (white * std) @ basis.T
+
+    rng = np.random.default_rng(dims + dead)
+    basis, _ = np.linalg.qr(rng.normal(size=(dims, dims)))
+    mu1, mu2 = rng.normal(size=dims), rng.normal(0.3, 1.0, size=dims)
+    s1, s2 = rng.uniform(0.2, 2.0, size=dims), rng.uniform(0.2, 2.0, size=dims)
+    s1[:dead] = s2[:dead] = 0.0
+    a = exact_gaussian_features(mu1, s1, basis, n, seed=1)
+    b = exact_gaussian_features(mu2, s2, basis, n + 7, seed=2)
+    np.testing.assert_allclose(np.cov(a, rowvar=False), basis @ np.diag(s1**2) @ basis.T, atol=1e-9)  # the setup
+
+    expected = float(np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2))
     assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(torch.from_numpy(b), torch.from_numpy(a)) == pytest.approx(expected, rel=1e-6)
+    shift = rng.normal(size=dims)
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(a + shift)) == pytest.approx(
+        float(shift @ shift), rel=1e-6)
 
 
 def test_fid_libraries_see_the_same_pixels_at_299(run):

@@ -16,8 +16,9 @@ from bench.matrix import load_matrix
 from bench.methods import BuildContext, CellSpec, base_quantizer, build
 from bench.metrics import psnr_to_fp
 from bench.runner import Runner
-from bench.samplers import PerSampleNoise, SamplerConfig, _step, sample
+from bench.samplers import PerSampleNoise, SamplerConfig, sample
 from bench.schedules import NoiseSchedule, step_pairs
+from modiff.samplers import denoising_step as _step
 
 SHAPE = (3, 8, 8)
 SCHEDULE = NoiseSchedule.linear()

@@ -47,7 +47,7 @@ def cali(digits_model):
 def test_calibration_steps_are_spread_uniformly_as_the_authors_do():
     assert calibration.calibration_steps(100, 20) == list(range(0, 100, 5))
     assert calibration.calibration_steps(10, 5) == [0, 2, 4, 6, 8]
-    with pytest.raises(BenchError, match="cali_st"):
+    with pytest.raises(ValueError, match="cali_st"):  # a library: ValueError (the harness glue makes it a BenchError)
         calibration.calibration_steps(10, 11)
 
 

@@ -75,13 +75,13 @@ def tensor_stats(five, settings) -> dict[str, np.ndarray]:
 def count_passes(monkeypatch):
     """The number of Inception passes (over either side) from here on."""
     calls = []
-    run = inception._run
+    run = inception.features._run
 
     def counted(stream, passes, device):
         calls.append(len(passes))
         return run(stream, passes, device)
 
-    monkeypatch.setattr(inception, "_run", counted)
+    monkeypatch.setattr(inception.features, "_run", counted)
     return calls
 
 
@@ -152,7 +152,7 @@ def test_cifar10_from_a_local_copy_without_download_then_from_the_cache(
     def fail(*args, **kwargs):
         pytest.fail("the CIFAR-10 statistics were recomputed")
 
-    monkeypatch.setattr(inception, "_run", fail)
+    monkeypatch.setattr(inception.features, "_run", fail)
     # the cifar-10-batches-py folder itself is accepted too, and is the same data: the cache answers
     itself = replace(settings, cifar10_root=str(tmp_path / "data" / "cifar-10-batches-py"))
     _assert_same_stats(reference_statistics(reference_for("ddpm-cifar10", itself, (32, 32)), itself), stats)

@@ -1,11 +1,17 @@
 """`modiff-bench report`: from a real (small) run directory to report.html and report.md."""
 
+import os
 import re
 
 import pytest
 
 from bench.cli import main
-from reports.check import check, find_browser
+from reports.check import BROWSERS, check, find_browser
+
+BROWSER = find_browser()  # the first of reports.check.BROWSERS on PATH: Debian's package installs /usr/bin/chromium
+NO_BROWSER = (f"none of {', '.join(BROWSERS)} is on PATH; install Debian's chromium to run the browser check: "
+              "apt-get install -y chromium (as root; .ci/run does it)")
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +58,16 @@ def test_report_bad_input_is_one_line_exit_2(run_dir, tmp_path, capsys):
     assert "more than one run" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(find_browser() is None, reason="Debian's chromium is not installed")
+@pytest.mark.skipif(BROWSER is None and not IN_CI, reason=NO_BROWSER)
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    """Skipped only off CI: with CI set a missing browser fails, so CI cannot silently lose this check."""
+    if BROWSER is None:
+        pytest.fail(f"CI is set but {NO_BROWSER}")
     shot = tmp_path / "shot.png"
-    assert check(run_dir / "report.html", shot, find_browser()) == []
+    assert check(run_dir / "report.html", shot, BROWSER) == []
     assert shot.stat().st_size > 10_000
     broken = tmp_path / "broken.html"
     html = (run_dir / "report.html").read_text()
     broken.write_text(html.replace("data:image/png;base64,", "data:image/png;base64,X"))
-    problems = check(broken, tmp_path / "broken.png", find_browser())
+    problems = check(broken, tmp_path / "broken.png", BROWSER)
     assert any("images decoded" in p or "missing image" in p for p in problems)

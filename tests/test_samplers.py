@@ -61,11 +61,45 @@ def test_ldm_and_dpm_solver_samplers_reproduce_a_gaussian_under_its_exact_denois
     assert x.std().item() == pytest.approx(s, rel=rel)
 
 
-def test_sampler_names():
-    assert SAMPLER_NAMES == ("ddim-uniform", "ddim-quad", "ddpm-uniform", "ddpm-quad", "ddim-ldm", "plms",
-                             "dpm-solver++")
+def test_every_registered_sampler_runs_its_grid_and_lands_on_the_exact_answer():
+    """Every name builds a config that names itself, and on a toy 100-step schedule its sampler calls the network at
+    exactly ``evaluation_timesteps`` (what the accounting counts): one call per step, PLMS one more (pseudo improved
+    Euler), from the top of the grid down. With the exact denoiser of a point mass at c, x0 is c at every call and
+    the noise prediction stays eps0 = (x_T - sqrt(ab_T) c) / sqrt(1 - ab_T), so every deterministic update (DDIM,
+    PLMS's eps combinations, DPM-Solver++'s data prediction) ends on sqrt(ab_end) c + sqrt(1 - ab_end) eps0, and
+    DDPM's clipped posterior mean on c itself at ab(-1) = 1. An unknown name is a one-line error listing them all."""
+    schedule = NoiseSchedule.linear(1e-3, 0.2, num_train_timesteps=100)
+    c, steps, seeds, shape = 0.37, 5, range(3), (1, 2, 2)  # 5 divides T: every grid has exactly 5 points
+    assert len(set(SAMPLER_NAMES)) == len(SAMPLER_NAMES) >= 7
     for name in SAMPLER_NAMES:
-        assert SamplerConfig.from_name(name, 10).name == name
+        config = SamplerConfig.from_name(name, steps)
+        assert config.name == name and config.steps == steps and config.eta == 0.0
+        exact = gaussian_oracle(c, 0.0, schedule)
+        calls = []
+
+        def denoise(x, t, calls=calls, exact=exact):
+            assert (t == t[0]).all() and x.shape == (len(seeds), *shape)
+            calls.append(int(t[0]))
+            return exact(x, t)
+
+        x = sample(denoise, schedule, config, seeds, shape, batch_size=len(seeds), progress=False)
+        grid = config.timesteps(schedule)
+        assert calls == config.evaluation_timesteps(schedule), name
+        assert len(grid) == steps and calls[0] == max(grid) <= 99, name
+        assert len(calls) == steps + (1 if config.algorithm == "plms" else 0), name
+        assert all(a >= b for a, b in zip(calls, calls[1:], strict=False)), name
+        x_T = PerSampleNoise(list(seeds)).randn(shape)
+        # the DDIM code base's grids end at alpha_bar(-1) = 1; latent-diffusion's and DPM-Solver's at t = 0
+        t_end = -1 if name.endswith(("-uniform", "-quad")) else 0
+        assert config.step_pairs(schedule)[-1][1] == t_end, name
+        ab_T, ab_end = schedule.alpha_bar(calls[0]), schedule.alpha_bar(t_end)
+        eps0 = (x_T - ab_T**0.5 * c) / (1 - ab_T) ** 0.5
+        torch.testing.assert_close(x, ab_end**0.5 * c + (1 - ab_end) ** 0.5 * eps0, atol=1e-5, rtol=1e-5, msg=name)
+    with pytest.raises(BenchError) as err:
+        SamplerConfig.from_name("ddim-linear", steps)
+    message = str(err.value)
+    assert "\n" not in message and "unknown sampler 'ddim-linear'" in message
+    assert all(name in message for name in SAMPLER_NAMES)
 
 
 def test_ddim_eta0_ends_exactly_on_the_predicted_x0_of_a_point_mass():

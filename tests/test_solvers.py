@@ -17,8 +17,9 @@ from baselines.ptqd.method import PTQD
 from baselines.qdiffusion import calibration
 from bench.errors import BenchError
 from bench.methods import BuildContext, CellSpec, Prepared
-from bench.samplers import SAMPLER_NAMES, PerSampleNoise, SamplerConfig, _dpm_solver_pp, dpm_solver_orders, sample
+from bench.samplers import SAMPLER_NAMES, PerSampleNoise, SamplerConfig, dpm_solver_orders, sample
 from bench.schedules import NoiseSchedule
+from modiff.samplers import _dpm_solver_pp
 
 SCHEDULE = NoiseSchedule.linear()
 T = SCHEDULE.num_train_timesteps

@@ -162,10 +162,39 @@ def test_load_model_gives_sd_v14(sd_model, sd_dir):
 
 
 def test_load_directly_matches_registry(sd_model, sd_dir):
+    """``sd.load(dir)`` and ``load_model("sd-v1-4", dir)`` (the registry's lazy loader) give the same model, and it
+    is the one on disk: every tensor of the UNet, the autoencoder and the text encoder equals the one in its
+    safetensors file (a tensor left at its random initialisation, renamed or cast would differ), the rest (buffers
+    the files do not hold) agree between the two loads, and so do the configs, the schedule, the prompts and the
+    sampling settings."""
+    from safetensors import safe_open
+
     m = sd.load(str(sd_dir))
-    for name in ("conv_in.weight", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"):
-        assert torch.equal(m.unet.get_parameter(name), sd_model.unet.get_parameter(name))
-    assert m.info == sd_model.info
+    parts = {"unet": (m.unet, sd_model.unet, "unet/diffusion_pytorch_model.safetensors"),
+             "vae": (m.parts["vae"], sd_model.parts["vae"], "vae/diffusion_pytorch_model.safetensors"),
+             "text_encoder": (m.parts["text_encoder"], sd_model.parts["text_encoder"],
+                              "text_encoder/model.safetensors")}
+    assert set(m.parts) == set(sd_model.parts) == {"vae", "text_encoder"}
+    for part, (direct, registry, weights) in parts.items():
+        assert type(direct) is type(registry) and direct.config == registry.config, part
+        ours, theirs = direct.state_dict(), registry.state_dict()
+        assert list(ours) == list(theirs), part
+        with safe_open(sd_dir / weights, framework="pt") as saved:
+            on_disk = set(saved.keys())
+            assert {name for name, _ in direct.named_parameters()} <= on_disk <= set(ours), part
+            for key in on_disk:
+                want = saved.get_tensor(key)
+                assert ours[key].dtype == want.dtype == torch.float32 and torch.equal(ours[key], want), key
+                assert torch.equal(theirs[key], want), key
+        for key in set(ours) - on_disk:
+            assert torch.equal(ours[key], theirs[key]), key
+    assert torch.equal(m.schedule.betas, sd_model.schedule.betas)
+    settings = ("name", "image_shape", "output_shape", "default_sampler", "default_steps", "default_eta",
+                "default_batch_size", "info")
+    assert {k: getattr(m, k) for k in settings} == {k: getattr(sd_model, k) for k in settings}
+    direct_prompts, registry_prompts = m.start_batch.__self__, sd_model.start_batch.__self__
+    assert direct_prompts.prompts == registry_prompts.prompts == PROMPTS
+    assert direct_prompts.guidance_scale == registry_prompts.guidance_scale == 7.5
 
 
 @pytest.mark.parametrize("part, edit, key", [

@@ -12,12 +12,13 @@ diffusers' PNDM scheduler. ``mac_fraction`` averages over the evaluations actual
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from bench.errors import BenchError
-from bench.methods import BuildContext, CacheMethod, CellSpec, OrNone, Prepared, register_method
+from bench.methods import BuildContext, CacheMethod, CellSpec, Prepared, register_method
 
 from . import DeepCache, nonuniform_full_steps, uniform_full_steps
 
@@ -26,8 +27,11 @@ from . import DeepCache, nonuniform_full_steps, uniform_full_steps
 class DeepCacheMethod(CacheMethod):
     """DeepCache (CVPR 2024): partial steps reuse the feature entering up block U_branch (u<N>: uniform 1:N, nu<N>: non-uniform)."""  # noqa: E501
 
-    PARAMS: ClassVar[dict[str, Any]] = {"branch": 0, "center": None, "power": 1.4}
-    PARAM_TYPES: ClassVar[dict[str, Any]] = {"center": OrNone(int)}
+    @dataclass(frozen=True)
+    class Params:
+        branch: int = 0  # skip branch m: the feature entering up block U_m is cached
+        center: int | None = None  # non-uniform schedule: the step its full steps cluster around (default: middle)
+        power: float = 1.4  # non-uniform schedule: the starting exponent
 
     def __init__(self, value: str, params: dict[str, Any] | None = None):
         super().__init__(value, params)
@@ -44,11 +48,12 @@ class DeepCacheMethod(CacheMethod):
     def full_steps(self, steps: int) -> list[int]:
         if self.uniform:
             return uniform_full_steps(steps, self.interval)
-        return nonuniform_full_steps(steps, self.interval, self.params["center"], self.params["power"])
+        return nonuniform_full_steps(steps, self.interval, self.settings.center, self.settings.power)
 
     def resolve(self, cell: CellSpec) -> str | None:
-        if self.params["center"] is not None and not 0 <= self.params["center"] < cell.steps:
-            return f"deepcache center {self.params['center']} is not a step index for {cell.steps} steps"
+        center = self.settings.center
+        if center is not None and not 0 <= center < cell.steps:
+            return f"deepcache center {center} is not a step index for {cell.steps} steps"
         return None
 
     def apply(self, ctx: BuildContext, prepared: Prepared) -> Prepared:
@@ -56,7 +61,7 @@ class DeepCacheMethod(CacheMethod):
         if unet is ctx.model.unet:  # never hook the shared full-precision model
             unet = prepared.unet = ctx.fp_unet_copy()
         try:
-            cache = DeepCache(unet, self.params["branch"])
+            cache = DeepCache(unet, self.settings.branch)
         except (TypeError, ValueError) as exc:
             raise BenchError(f"{self.value}: {exc}") from None
         full = set(self.full_steps(ctx.cell.steps))
@@ -86,7 +91,7 @@ class DeepCacheMethod(CacheMethod):
         n_eval = len(ctx.sampler.evaluation_timesteps(ctx.model.schedule))
         n_full = sum(1 for i in full if i < n_eval)
         prepared.mac_fraction = (n_full * full_macs + (n_eval - n_full) * partial_macs) / (n_eval * full_macs)
-        prepared.info.update({"deepcache_full_steps": sorted(full), "deepcache_branch": self.params["branch"],
+        prepared.info.update({"deepcache_full_steps": sorted(full), "deepcache_branch": self.settings.branch,
                               "macs_full_g": full_macs / 1e9, "macs_partial_g": partial_macs / 1e9})
         return prepared
 

@@ -58,8 +58,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench.samplers import ALGORITHMS, Denoiser, PerSampleNoise, SamplerConfig, _step
-from bench.schedules import NoiseSchedule
+from modiff.samplers import ALGORITHMS, Denoiser, PerSampleNoise, SamplerConfig, denoising_step
+from modiff.schedules import NoiseSchedule
 
 __all__ = ["PTQDStats", "PTQDCorrection", "collect_statistics"]
 
@@ -163,7 +163,7 @@ def collect_statistics(
     on_batch: Callable[[Sequence[int]], None] | None = None,
 ) -> PTQDStats:
     """Run ``len(seeds)`` full-precision trajectories (the sampler of ``sampler_config``, noise
-    drawn per seed exactly as ``bench.samplers.sample`` draws it); at every step also call the
+    drawn per seed exactly as ``modiff.samplers.sample`` draws it); at every step also call the
     quantized denoiser on the same ``x_t`` and accumulate the statistics of
     ``Delta = eps_Q - eps_FP`` against ``eps_FP`` (see the module docstring).
     ``on_trajectory_start`` (the quantized model's per-trajectory reset) runs before each batch."""
@@ -189,8 +189,8 @@ def collect_statistics(
             eps_fp = fp_denoiser(x, t_batch)
             eps_q = q_denoiser(x, t_batch)
             moments[index].add(eps_fp, eps_q - eps_fp)
-            x = _step(sampler_config.algorithm, x, eps_fp, schedule.alpha_bar(t), schedule.alpha_bar(t_prev),
-                      sampler_config.eta, noise)
+            x = denoising_step(sampler_config.algorithm, x, eps_fp, schedule.alpha_bar(t),
+                               schedule.alpha_bar(t_prev), sampler_config.eta, noise)
     ks, biases, stds = zip(*(m.finish() for m in moments), strict=True)
     return PTQDStats(k=torch.tensor(ks, dtype=torch.float64), bias=torch.stack(biases),
                      residual_std=torch.tensor(stds, dtype=torch.float64), timesteps=[t for t, _ in pairs],

@@ -12,7 +12,8 @@ Building a cell builds the base quantizer for the cell's bit widths, with the ba
 ``calib_samples`` full-precision trajectories with the cell's sampler (seeds ``10_000_000 + seed``
 onwards, disjoint from any evaluation seeds), calling the quantized denoiser on the same ``x_t`` at
 each step, and turns the errors into per-step statistics (``baselines.ptqd.collect_statistics``).
-Those are kept in ``<cache_dir>/ptqd/<key>.pt``, keyed by everything they depend on, and reused.
+Those are kept in ``<cache_dir>/ptqd/<key>.pt`` (``bench.cache``), keyed by everything they depend on,
+and reused.
 
 Samplers: the statistics and the variance calibration re-implement the DDIM / DDPM update, one
 network evaluation per step, so cells with ``plms`` or ``dpm-solver++`` are skipped (``resolve``
@@ -21,17 +22,15 @@ gives the reason); ``ddim-ldm`` is DDIM on latent-diffusion's grid and is suppor
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import torch
 
+from bench.cache import DiskCache, key
 from bench.errors import BenchError
 from bench.methods import BaseQuantizer, BuildContext, CellSpec, Prepared, base_quantizer, register_method
-from bench.provenance import write_atomic
-from bench.samplers import ALGORITHMS, SAMPLERS
 from modiff.config import NOT_QUANTIZED
+from modiff.samplers import ALGORITHMS, SAMPLERS
 
 from . import PTQDCorrection, PTQDStats, collect_statistics
 
@@ -43,28 +42,28 @@ STATS_FORMAT = 1  # bump when the statistics' definition changes (invalidates ca
 class PTQD(BaseQuantizer):
     """PTQD (NeurIPS 2023): corrects a base quantizer's correlated noise, bias and added variance per step."""
 
-    PARAMS: ClassVar[dict[str, Any]] = {"base": "qdiff", "calib_samples": 256, "correct_variance": True}
+    @dataclass(frozen=True)
+    class Params:
+        base: str = "qdiff"  # the base quantizer whose error is corrected
+        calib_samples: int = 256  # full-precision calibration trajectories
+        correct_variance: bool = True  # variance schedule calibration (matters only with eta > 0 or DDPM)
+
+        def __post_init__(self) -> None:
+            if not isinstance(self.base, str) or not self.base:
+                raise ValueError(f"base must be the name of a base quantizer, got {self.base!r}")
+            if self.base == "ptqd":
+                raise ValueError("base cannot be ptqd itself")
+            n = self.calib_samples
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"calib_samples must be an integer >= 1, got {n!r}")
 
     # -- parameters and the base ----------------------------------------------------------------
-    def _check_params(self) -> None:
-        base, n, variance = self.params["base"], self.params["calib_samples"], self.params["correct_variance"]
-        if not isinstance(base, str) or not base:
-            raise BenchError(f"ptqd: base must be the name of a base quantizer, got {base!r}")
-        if base == self.name:
-            raise BenchError("ptqd: base cannot be ptqd itself")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise BenchError(f"ptqd: calib_samples must be an integer >= 1, got {n!r}")
-        if not isinstance(variance, bool):
-            raise BenchError(f"ptqd: correct_variance must be true or false, got {variance!r}")
-
     def depends_on(self) -> tuple[str, ...]:
-        self._check_params()
-        return (self.params["base"],)
+        return (self.settings.base,)
 
     def base(self, cell: CellSpec) -> BaseQuantizer:
         """The quantizer being corrected, with its own parameters from ``cell.params[base]``."""
-        self._check_params()
-        name = self.params["base"]
+        name = self.settings.base
         base = base_quantizer(name, cell.params.get(name))  # BenchError for an unknown name
         if isinstance(base, PTQD):
             raise BenchError(f"ptqd: base {name!r} is itself a PTQD correction")
@@ -98,7 +97,7 @@ class PTQD(BaseQuantizer):
 
         prepared.wrap = wrap
         prepared.on_trajectory_start = [*prepared.on_trajectory_start, correction.reset]
-        if self.params["correct_variance"]:
+        if self.settings.correct_variance:
             prepared.noise_std = correction.noise_std
         prepared.info.update({
             "ptqd_base": base.name,
@@ -107,7 +106,7 @@ class PTQD(BaseQuantizer):
             "ptqd_k": _rounded(stats.k),
             "ptqd_mean_abs_bias": _rounded(stats.bias.abs().mean(dim=1)),
             "ptqd_residual_std": _rounded(stats.residual_std),
-            "ptqd_correct_variance": bool(self.params["correct_variance"]),
+            "ptqd_correct_variance": bool(self.settings.correct_variance),
             "ptqd_stats_from_cache": cached,
         })
         return prepared
@@ -119,37 +118,33 @@ class PTQD(BaseQuantizer):
             "format": STATS_FORMAT, "model": cell.model, "checkpoint": cell.checkpoint, "model_info": ctx.model.info,
             "sampler": cell.sampler, "steps": cell.steps, "eta": cell.eta, "w_bits": cell.w_bits,
             "a_bits": cell.a_bits, "a_granularity": cell.a_granularity, "modulation": cell.modulation,
-            "base": base.name, "base_params": base.params, "calib_samples": self.params["calib_samples"],
+            "base": base.name, "base_params": base.params, "calib_samples": self.settings.calib_samples,
             "calib_seed": CALIB_SEED_OFFSET + cell.seed, "batch_size": self._batch_size(cell),
             "device": ctx.device.type,
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return key(payload)
 
     def _batch_size(self, cell: CellSpec) -> int:
         # batch-wise activation scales (tensor / channel granularity) make the error depend on the batch
-        return min(cell.batch_size, self.params["calib_samples"])
+        return min(cell.batch_size, self.settings.calib_samples)
 
     def statistics(self, ctx: BuildContext, base: BaseQuantizer, prepared: Prepared) -> tuple[PTQDStats, bool]:
-        """The cell's statistics and whether they came from the cache."""
-        path = None
-        if ctx.cache_dir is not None:
-            path = ctx.cache_dir / "ptqd" / f"{self.cache_key(ctx, base)}.pt"
-            if path.is_file():
-                try:
-                    return PTQDStats.from_dict(torch.load(path, map_location="cpu", weights_only=True)), True
-                except Exception:  # unreadable or inconsistent (e.g. a truncated copy): collect again
-                    pass
+        """The cell's statistics and whether they came from the cache (a file that does not load or
+        is inconsistent, e.g. a truncated copy, is collected again and overwritten)."""
+        cache = DiskCache(ctx.cache_dir, "ptqd")
+        name = self.cache_key(ctx, base) if cache.enabled else ""
+        stats = cache.load(name, check=PTQDStats.from_dict, map_location="cpu")
+        if stats is not None:
+            return stats, True
         cell = ctx.cell
         start = CALIB_SEED_OFFSET + cell.seed
         stats = collect_statistics(
             ctx.model.denoiser(), prepared.denoiser(), ctx.model.schedule, ctx.sampler,
-            range(start, start + self.params["calib_samples"]), ctx.model.image_shape, self._batch_size(cell),
+            range(start, start + self.settings.calib_samples), ctx.model.image_shape, self._batch_size(cell),
             ctx.device, on_trajectory_start=prepared.start_trajectory, progress=ctx.progress,
             on_batch=ctx.model.start_batch)
-        if path is not None:
-            data = stats.to_dict()
-            write_atomic(path, lambda tmp: torch.save(data, tmp))
+        if cache.enabled:
+            cache.save(name, stats.to_dict())
         return stats, False
 
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.errors import BenchError
-from bench.samplers import SamplerConfig, sample
-from bench.schedules import NoiseSchedule
+from modiff.samplers import SamplerConfig, sample
+from modiff.schedules import NoiseSchedule
 
 
 def calibration_steps(n_steps: int, cali_st: int) -> list[int]:
-    """Step indices (0 = the first, noisiest step) whose inputs are kept."""
+    """Step indices (0 = the first, noisiest step) whose inputs are kept; ValueError unless
+    ``1 <= cali_st <= n_steps``."""
     if not 1 <= cali_st <= n_steps:
-        raise BenchError(f"cali_st must be between 1 and the number of sampling steps ({n_steps}); got {cali_st}")
+        raise ValueError(f"cali_st must be between 1 and the number of sampling steps ({n_steps}); got {cali_st}")
     return list(range(0, n_steps, n_steps // cali_st))
 
 

@@ -2,8 +2,8 @@
 (``plain`` / ``ec``: the Q-Diffusion weights with static residual scales, paper Table 1's
 "Q-Diff + MoDiff" columns).
 
-Preparation, cached under the run's ``cache/qdiff/`` and keyed by everything each product
-depends on, so a matrix calibrates once per (model, sampler, w_bits, a_bits):
+Preparation, cached under the run's ``cache/qdiff/`` (``bench.cache``) and keyed by everything each
+product depends on, so a matrix calibrates once per (model, sampler, w_bits, a_bits):
 
 1. calibration data (full-precision trajectories from seeds disjoint from any evaluation seed);
 2. the AdaRound weights (weight phase; depends on w_bits, not on a_bits);
@@ -16,18 +16,16 @@ per-tensor scales are fitted by ``modiff.calibrate`` on the residuals of the cal
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 import modiff
+from bench.cache import DiskCache, as_dict, key
 from bench.errors import BenchError
-from bench.methods import AUTO, BaseQuantizer, BuildContext, CellSpec, Choice, Prepared, register_method
-from bench.provenance import write_atomic
+from bench.methods import AUTO, BaseQuantizer, BuildContext, CellSpec, Prepared, register_method
 from modiff.config import NOT_QUANTIZED
 from modiff.layers import QuantLayer
 
@@ -49,7 +47,8 @@ FORMAT = 2  # bump when what is cached changes meaning (2: calibration steps ind
 
 
 def _key(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The cache key of a product: 16 hex digits of ``bench.cache.key``."""
+    return key(payload, 16)
 
 
 @register_method("qdiff")
@@ -57,89 +56,86 @@ class QDiffusion(BaseQuantizer):
     """Q-Diffusion (ICCV 2023): time-step-aware calibration, AdaRound + BRECQ block reconstruction, learned static step sizes."""  # noqa: E501
 
     granularity = "tensor"
-    PARAMS: ClassVar[dict[str, Any]] = {
-        "cali_st": 20, "cali_n": 256, "cali_seed": 0,
-        "weight_init": "minmax", "weight_iters": 20000, "weight_lr": 1e-3, "round_weight": 0.01,
-        "act_init": "mse", "act_iters": 5000, "act_lr": 4e-4, "p": 2.4, "batch_size": 32,
-        "sm_abit": 8, "quant_attention": AUTO, "split_shortcut": True, "residual_scale": "minmax",
-    }
-    PARAM_TYPES: ClassVar[dict[str, Any]] = {
-        "weight_init": Choice("minmax", "mse"), "act_init": Choice("minmax", "mse"),
-        "residual_scale": Choice("minmax", "mse"), "quant_attention": Choice(AUTO, True, False),
-    }
+
+    @dataclass(frozen=True)
+    class Params:
+        cali_st: int = 20  # calibration steps, spread uniformly over the trajectory
+        cali_n: int = 256  # calibration trajectories (samples per step)
+        cali_seed: int = 0  # offset of the calibration seeds (and of the reconstruction's)
+        weight_init: Literal["minmax", "mse"] = "minmax"  # initial weight range
+        weight_iters: int = 20000  # AdaRound iterations per block (0: min-max / MSE weights, rounded to nearest)
+        weight_lr: float = 1e-3
+        round_weight: float = 0.01  # AdaRound's rounding regulariser
+        act_init: Literal["minmax", "mse"] = "mse"  # initial activation step sizes
+        act_iters: int = 5000  # step-size learning iterations per block (0: the initial ones)
+        act_lr: float = 4e-4
+        p: float = 2.4  # the Lp reconstruction loss
+        batch_size: int = 32  # reconstruction batch
+        sm_abit: int = 8  # bits of the softmax output
+        quant_attention: Literal["auto", True, False] = "auto"  # auto: without modulation only
+        split_shortcut: bool = True  # two quantizers for a concatenated shortcut input
+        residual_scale: Literal["minmax", "mse"] = "minmax"  # static residual scales under modulation
+
+        def __post_init__(self) -> None:
+            for name, least, words in (("cali_st", 1, "a positive"), ("cali_n", 1, "a positive"),
+                                       ("batch_size", 1, "a positive"), ("weight_iters", 0, "a non-negative"),
+                                       ("act_iters", 0, "a non-negative")):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ValueError(f"{name} must be {words} integer; got {value!r}")
 
     def resolve(self, cell: CellSpec) -> str | None:
-        self._check_params()  # a bad parameter stops the matrix before anything runs
         reason = super().resolve(cell)
         if reason:
             return reason
         if cell.w_bits == NOT_QUANTIZED and cell.a_bits == NOT_QUANTIZED:
             return "qdiff at W32A32 is the full-precision model"
-        if not 1 <= self.params["cali_st"] <= cell.steps:
-            return f"qdiff cali_st={self.params['cali_st']} must be between 1 and steps={cell.steps}"
+        if not 1 <= self.settings.cali_st <= cell.steps:
+            return f"qdiff cali_st={self.settings.cali_st} must be between 1 and steps={cell.steps}"
         return None
 
-    def _check_params(self) -> None:
-        p = self.params
-        for name, choices in (("weight_init", ("minmax", "mse")), ("act_init", ("minmax", "mse")),
-                              ("residual_scale", ("minmax", "mse")), ("quant_attention", (AUTO, True, False))):
-            if p[name] not in choices:
-                raise BenchError(f"qdiff: {name} must be one of {', '.join(map(str, choices))}; got {p[name]!r}")
-        for name in ("cali_st", "cali_n", "batch_size"):
-            if not isinstance(p[name], int) or p[name] < 1:
-                raise BenchError(f"qdiff: {name} must be a positive integer; got {p[name]!r}")
-        for name in ("weight_iters", "act_iters"):
-            if not isinstance(p[name], int) or p[name] < 0:
-                raise BenchError(f"qdiff: {name} must be a non-negative integer; got {p[name]!r}")
-
     def recon_config(self, cell: CellSpec) -> ReconConfig:
-        p = self.params
-        quant_attention = p["quant_attention"]
+        s = self.settings
+        quant_attention = s.quant_attention
         if quant_attention == AUTO:  # Q-Diffusion quantizes the matmuls; MoDiff's code keeps them in float
             quant_attention = cell.modulation == "off"
         return ReconConfig(
-            w_bits=cell.w_bits, a_bits=cell.a_bits, sm_abit=p["sm_abit"], quant_attention=bool(quant_attention),
-            split_shortcut=bool(p["split_shortcut"]), weight_init=p["weight_init"], weight_iters=p["weight_iters"],
-            weight_lr=p["weight_lr"], round_weight=p["round_weight"], act_init=p["act_init"],
-            act_iters=p["act_iters"], act_lr=p["act_lr"], p=p["p"], batch_size=p["batch_size"],
-            seed=cell.seed + p["cali_seed"])
+            w_bits=cell.w_bits, a_bits=cell.a_bits, sm_abit=s.sm_abit, quant_attention=bool(quant_attention),
+            split_shortcut=bool(s.split_shortcut), weight_init=s.weight_init, weight_iters=s.weight_iters,
+            weight_lr=s.weight_lr, round_weight=s.round_weight, act_init=s.act_init,
+            act_iters=s.act_iters, act_lr=s.act_lr, p=s.p, batch_size=s.batch_size,
+            seed=cell.seed + s.cali_seed)
 
     # -- cached products -------------------------------------------------------------------------
     def _data_key(self, ctx: BuildContext) -> dict:
-        c, p = ctx.cell, self.params
+        c, s = ctx.cell, self.settings
         return {"format": FORMAT, "model": c.model, "checkpoint": c.checkpoint, "model_info": ctx.model.info,
-                "sampler": c.sampler, "steps": c.steps, "eta": c.eta, "cali_st": p["cali_st"], "cali_n": p["cali_n"],
-                "cali_seed": p["cali_seed"], "seed": c.seed}
+                "sampler": c.sampler, "steps": c.steps, "eta": c.eta, "cali_st": s.cali_st, "cali_n": s.cali_n,
+                "cali_seed": s.cali_seed, "seed": c.seed}
 
     def _cached(self, ctx: BuildContext, kind: str, payload: dict, make, info: dict):
-        """Load ``kind`` from the cache, or make and store it. Records hits and timings in ``info``. The
-        cache is read with ``weights_only=True`` (no pickled code runs); a file that does not load (a
-        truncated copy, anything else) is a miss, made again and overwritten."""
-        key = _key(payload)
-        path = Path(ctx.cache_dir) / "qdiff" / f"{kind}-{key}.pt" if ctx.cache_dir is not None else None
-        if path is not None and path.is_file():
-            try:
-                cached = torch.load(path, weights_only=True)
-            except Exception:  # unreadable: recalibrate
-                cached = None
-            if isinstance(cached, dict):  # every product is a dict
-                info.setdefault("cache_hits", []).append(kind)
-                return cached
+        """Load ``kind`` from ``<cache_dir>/qdiff/<kind>-<key>.pt``, or make and store it (``bench.cache``:
+        read with ``weights_only=True``, a damaged file is a miss, made again and overwritten). Records
+        hits and timings in ``info``."""
+        cache = DiskCache(ctx.cache_dir, "qdiff")
+        name = f"{kind}-{_key(payload)}"
+        cached = cache.load(name, check=as_dict)  # every product is a dict
+        if cached is not None:
+            info.setdefault("cache_hits", []).append(kind)
+            return cached
         t0 = time.perf_counter()
         value = make()
         info.setdefault("seconds", {})[kind] = round(time.perf_counter() - t0, 3)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda tmp: torch.save(value, tmp))
+        cache.save(name, value)
         return value
 
     def calibration_data(self, ctx: BuildContext, info: dict) -> calibration.CalibrationData:
-        c, p = ctx.cell, self.params
+        c, s = ctx.cell, self.settings
 
         def make():
-            seeds = range(CALIBRATION_SEED_OFFSET + c.seed + p["cali_seed"],
-                          CALIBRATION_SEED_OFFSET + c.seed + p["cali_seed"] + p["cali_n"])
-            data = calibration.collect(ctx.model.denoiser(), ctx.model.schedule, ctx.sampler, p["cali_st"],
+            seeds = range(CALIBRATION_SEED_OFFSET + c.seed + s.cali_seed,
+                          CALIBRATION_SEED_OFFSET + c.seed + s.cali_seed + s.cali_n)
+            data = calibration.collect(ctx.model.denoiser(), ctx.model.schedule, ctx.sampler, s.cali_st,
                                        seeds, ctx.model.image_shape, c.batch_size, ctx.device, ctx.progress,
                                        on_batch=ctx.model.start_batch)
             return data.to_dict()
@@ -147,11 +143,14 @@ class QDiffusion(BaseQuantizer):
         return calibration.CalibrationData.from_dict(self._cached(ctx, "data", self._data_key(ctx), make, info))
 
     def build(self, ctx: BuildContext) -> Prepared:
-        self._check_params()  # also here: build() may be called without resolve()
-        cell, p = ctx.cell, self.params
+        cell, s = ctx.cell, self.settings
         if ctx.model.start_batch is not None:  # block reconstruction calls the UNet on (x, t) alone
             raise BenchError(f"qdiff: calibrating the text-conditioned model {ctx.model.name!r} (its cross-attention "
                              "inputs) is not implemented; use the dynamic bases (ltq, lcq, psq) for it")
+        try:  # resolve() checks cali_st against the steps; build() may be called without it
+            calibration.calibration_steps(len(ctx.sampler.evaluation_timesteps(ctx.model.schedule)), s.cali_st)
+        except ValueError as exc:
+            raise BenchError(f"qdiff: {exc}") from None
         config = self.recon_config(cell)
         info: dict[str, Any] = {}
         data = self.calibration_data(ctx, info)
@@ -161,8 +160,8 @@ class QDiffusion(BaseQuantizer):
         qmodel = prepare(fp, config, example)
         data_key = self._data_key(ctx)
         weight_payload = {"data": data_key, "w_bits": cell.w_bits, "split": config.split_shortcut,
-                          **{k: p[k] for k in ("weight_init", "weight_iters", "weight_lr", "round_weight", "p",
-                                               "batch_size")}}
+                          **{k: getattr(s, k) for k in ("weight_init", "weight_iters", "weight_lr", "round_weight",
+                                                        "p", "batch_size")}}
         reports: dict[str, list] = {}
 
         def make_weights():
@@ -181,7 +180,7 @@ class QDiffusion(BaseQuantizer):
         if needs_act_phase:
             act_payload = {"weights": weight_payload, "a_bits": cell.a_bits, "sm_abit": config.sm_abit,
                            "quant_attention": config.quant_attention,
-                           **{k: p[k] for k in ("act_init", "act_iters", "act_lr")}}
+                           **{k: getattr(s, k) for k in ("act_init", "act_iters", "act_lr")}}
 
             def make_acts():
                 reports["act"] = reconstruct_activations(qmodel, fp, xs, ts, config, ctx.device, ctx.progress)
@@ -195,7 +194,7 @@ class QDiffusion(BaseQuantizer):
         unet = to_modiff(qmodel, cell)
         if cell.modulation != "off" and cell.a_bits not in (0, NOT_QUANTIZED):
             t0 = time.perf_counter()
-            calibrate_residual_scales(unet, data, p["batch_size"] * 8, ctx.device, p["residual_scale"])
+            calibrate_residual_scales(unet, data, s.batch_size * 8, ctx.device, s.residual_scale)
             info.setdefault("seconds", {})["residual_scales"] = round(time.perf_counter() - t0, 3)
         info.update({"quantized_layers": len(modiff.quant_layers(unet)), "calibration_samples": data.n,
                      "calibration_steps": data.steps, "quant_attention": config.quant_attention,

@@ -1,5 +1,10 @@
 """Model zoo: a name -> a loaded denoiser with its schedule and the sampler settings it uses.
 
+Every model is a :class:`~bench.zoo.registry.ZooEntry` (loader, training T, description, output size, reference
+data) registered beside its loader: ``digits``, ``ddpm_cifar10``, ``ldm`` and ``sd`` here, and the generic
+``diffusers:<directory or hub id>`` entry (``generic``) for any unconditional ``UNet2DModel`` pipeline. Checkpoint
+converters (the original DDPM and CompVis LDM layouts -> diffusers) live apart, in ``bench.zoo.convert``.
+
 A :class:`ZooModel` is what the samplers, methods and runner need from a model:
 - ``unet``: the denoiser network that quantization applies to (only it: a latent model's autoencoder
   and a text encoder stay in full precision, as in the papers);
@@ -23,6 +28,18 @@ from torch import nn
 from ..errors import BenchError
 from ..samplers import Denoiser
 from ..schedules import NoiseSchedule
+from .registry import (
+    DESCRIPTIONS,
+    MODELS,
+    TRAIN_TIMESTEPS,
+    ReferenceData,
+    ZooEntry,
+    model_entry,
+    model_names,
+    register_model,
+    register_scheme,
+    schemes,
+)
 
 
 def unet_denoiser(unet: nn.Module) -> Denoiser:
@@ -67,70 +84,6 @@ class ZooModel:
         return self.output_shape or self.image_shape
 
 
-def _load_digits(checkpoint: Path | None) -> ZooModel:
-    from . import digits
-
-    unet, manifest = digits.load_unet(checkpoint)
-    return ZooModel(
-        name="digits", unet=unet, schedule=digits.schedule(), image_shape=digits.IMAGE_SHAPE,
-        default_sampler="ddim-quad", default_steps=100,
-        info={"checkpoint": str(checkpoint or digits.ASSET_DIR), "files": manifest["files"]},
-    )
-
-
-def _lazy(module: str, function: str) -> Callable[[Path | None], ZooModel]:
-    """A loader living in ``bench.zoo.<module>``, imported only when the model is asked for."""
-
-    def load(checkpoint: Path | None) -> ZooModel:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(checkpoint)
-
-    load.__qualname__ = f"{module}.{function}"
-    return load
-
-
-# name -> loader(checkpoint or None) -> ZooModel. The paper-scale entries need their weights (see the
-# README's "Model zoo"): a missing checkpoint is a one-line BenchError saying what to get and where.
-MODELS: dict[str, Callable[[Path | None], ZooModel]] = {
-    "digits": _load_digits,
-    "ddpm-cifar10": _lazy("ddpm_cifar10", "load"),
-    "ldm-church": _lazy("ldm", "load_church"),
-    "ldm-bedroom": _lazy("ldm", "load_bedroom"),
-    "sd-v1-4": _lazy("sd", "load"),
-}
-
-
-# name -> the training schedule's T, known without loading the weights (steps are checked against it
-# before anything runs, by --dry-run too; the loaded model's schedule is checked again)
-TRAIN_TIMESTEPS: dict[str, Callable[[], int]] = {
-    "digits": lambda: _module("digits").NUM_TRAIN_TIMESTEPS,
-    "ddpm-cifar10": lambda: _module("ddpm_cifar10").schedule().num_train_timesteps,
-    "ldm-church": lambda: _module("ldm").CHURCH.num_train_timesteps,
-    "ldm-bedroom": lambda: _module("ldm").BEDROOM.num_train_timesteps,
-    "sd-v1-4": lambda: _module("sd").NUM_TRAIN_TIMESTEPS,
-}
-
-
-def _module(name: str):
-    import importlib
-
-    return importlib.import_module(f"{__name__}.{name}")
-
-
-DESCRIPTIONS: dict[str, str] = {
-    "digits": "embedded default: 16x16 digits UNet trained by this project (committed, no download)",
-    "ddpm-cifar10": "DDPM CIFAR-10 32x32 (Ho et al.): google/ddpm-cifar10-32, a diffusers directory, or the "
-                    "original model-790000.ckpt (the papers used the EMA one)",
-    "ldm-church": "LDM-8 LSUN-Churches 256x256 (CompVis latent-diffusion, KL-f8 autoencoder): lsun_churches "
-                  "model.ckpt or a diffusers directory",
-    "ldm-bedroom": "LDM-4 LSUN-Bedrooms 256x256 (CompVis latent-diffusion, VQ-f4 autoencoder): lsun_bedrooms "
-                   "model.ckpt or a diffusers directory",
-    "sd-v1-4": "Stable Diffusion v1.4 512x512, guidance 7.5 (optional extra: pip install 'modiff-bench[sd]'): "
-               "CompVis/stable-diffusion-v1-4 in diffusers layout",
-}
-
-
 def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -144,11 +97,24 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, device: str = "cpu") -> ZooModel:
-    if name not in MODELS:
-        raise BenchError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    """The model ``name`` (a registered name or ``diffusers:<directory or hub id>``) from ``checkpoint`` (its
+    default source when None), on ``device``."""
+    entry = model_entry(name)
     dev = resolve_device(device)
-    model = MODELS[name](Path(checkpoint) if checkpoint else None)
+    model = entry.load(Path(checkpoint) if checkpoint else None)
+    if tuple(model.image_output_shape[-2:]) != entry.output_size:  # the declaration is what references use
+        raise RuntimeError(f"model {name!r} decodes {tuple(model.image_output_shape)} images but its zoo entry "
+                           f"declares output_size {entry.output_size}")
     model.unet.to(dev)
     for part in model.parts.values():
         part.to(dev)
     return model
+
+
+__all__ = [
+    "DESCRIPTIONS", "MODELS", "TRAIN_TIMESTEPS", "ReferenceData", "ZooEntry", "ZooModel", "load_model",
+    "model_entry", "model_names", "register_model", "register_scheme", "resolve_device", "schemes", "unet_denoiser",
+]
+
+# the built-in entries register themselves on import (registration order = listing order)
+from . import digits, ddpm_cifar10, ldm, sd, generic  # noqa: E402, F401, I001

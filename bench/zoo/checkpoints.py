@@ -190,3 +190,35 @@ def check_loading_info(info: Mapping, where: str) -> None:
             problems.append(f"{len(items)} {label}: {few(' '.join(str(i).split()) for i in items)}")
     if problems:
         raise BenchError(f"{where} does not match the model: {'; '.join(problems)}")
+
+
+# ---- diffusers model folders ----
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
+
+
+def load_diffusers_model(cls, model_dir: Path, what: str, hint: str = "", weights_what: str | None = None):
+    """``cls.from_pretrained(model_dir)`` for a diffusers model folder (``config.json`` + weights), read safely and
+    strictly: the safetensors file when there is one, else the ``.bin`` only after ``torch.load(weights_only=True)``
+    accepted it (:func:`check_weights_only`, whatever the installed diffusers does), offline, and a missing,
+    unexpected or misshapen tensor is a one-line BenchError naming the file (diffusers would leave a missing tensor
+    at its random initialisation). ``what`` names the model in messages (``"DDPM CIFAR-10 UNet"``), ``weights_what``
+    its weights (default: ``"<what> weights"``); ``hint`` is appended to a missing-file message.
+    Returns ``(model in eval mode without gradients, the weights file read)``; the config is the caller's to check."""
+    model_dir = Path(model_dir)
+    weights_what = weights_what or f"{what} weights"
+    weights = next((model_dir / f for f in DIFFUSERS_WEIGHTS if (model_dir / f).is_file()), None)
+    if weights is None:
+        raise BenchError(f"{model_dir} has a config.json but no {' or '.join(DIFFUSERS_WEIGHTS)}"
+                         + (f"; {hint}" if hint else ""))
+    check_weights_only(weights, weights_what)  # a .bin: no pickled code, whatever diffusers does with it
+    try:
+        model, loading = cls.from_pretrained(
+            model_dir, local_files_only=True, use_safetensors=weights.suffix == ".safetensors",
+            low_cpu_mem_usage=False,  # accelerate is not a dependency; without this diffusers warns every load
+            output_loading_info=True,  # diffusers would leave a missing tensor randomly initialised
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BenchError(f"cannot load the {what} from {model_dir}: {first_line(exc)}") from None
+    check_loading_info(loading, f"{weights_what} {weights}")
+    return model.eval().requires_grad_(False), weights

@@ -15,7 +15,7 @@ What ``load(checkpoint)`` accepts
       under ``unet/``), e.g. from ``hf download google/ddpm-cifar10-32 --local-dir DIR``;
     - a file in the original PyTorch layout (``model-790000.ckpt``): a plain state dict, or a DDIM training
       checkpoint ``[model, optimizer, epoch, step(, ema)]``, whose EMA element is taken when present (``element=``
-      chooses). It is converted by :func:`original_to_diffusers` and loaded strictly.
+      chooses). It is converted by :mod:`bench.zoo.convert.ddpm` (``original_to_diffusers``) and loaded strictly.
     Every config must match ``architectures.DDPM_CIFAR10_32``.
 
 Which weights did I load?
@@ -34,22 +34,27 @@ Not verified here (no network)
 
 from __future__ import annotations
 
-import copy
-import functools
 import hashlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from ..errors import BenchError
 from ..provenance import sha256_file
 from ..schedules import NoiseSchedule
 from . import ZooModel
 from .architectures import DDPM_CIFAR10_32
-from .checkpoints import check_config, check_loading_info, check_weights_only, read_safetensors, read_torch_file
+from .checkpoints import DIFFUSERS_WEIGHTS, check_config, load_diffusers_model, read_safetensors, read_torch_file
+from .convert.ddpm import (
+    ELEMENTS,
+    diffusers_to_original,
+    layout,
+    original_to_diffusers,
+    select_state_dict,
+    strip_module_prefix,
+    to_unet,
+)
+from .registry import ReferenceData, ZooEntry, register_model
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -57,7 +62,7 @@ if TYPE_CHECKING:
 NAME = "ddpm-cifar10"
 HUB_ID = "google/ddpm-cifar10-32"
 IMAGE_SHAPE = (3, 32, 32)
-ELEMENTS = ("auto", "ema", "model")  # which state dict of a DDIM training checkpoint to load
+NUM_TRAIN_TIMESTEPS = 1000
 
 HINT = (
     f"download it with 'hf download {HUB_ID} --local-dir DIR' and pass DIR as the checkpoint (--checkpoint DIR or "
@@ -72,17 +77,14 @@ RELEASE_MD5 = {
     "82ed3067fd1002f5cf4c339fb80c4669": ("non-ema", "diffusion_cifar10_model/model-790000.ckpt"),
 }
 
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-# sub-layers of one block: original name -> diffusers name
-_RESNET_LAYERS = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
-                  "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-_ATTENTION_LAYERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTENTION_1X1 = ("q", "k", "v", "proj_out")  # 1x1 convs in the original, Linear layers in diffusers
+WEIGHT_FILES = DIFFUSERS_WEIGHTS  # safetensors preferred
+# the converter's functions, re-exported from their historical home (callers and tests import them from here)
+_layout = layout
+__all__ = ["ENTRY", "diffusers_to_original", "load", "load_unet", "original_to_diffusers", "schedule"]
 
 
 def schedule() -> NoiseSchedule:
-    return NoiseSchedule.linear(1e-4, 0.02, 1000)
+    return NoiseSchedule.linear(1e-4, 0.02, NUM_TRAIN_TIMESTEPS)
 
 
 def load(checkpoint: str | Path | None = None, *, element: str = "auto") -> ZooModel:
@@ -160,133 +162,12 @@ def _load_diffusers_dir(directory: Path):
         raise BenchError(f"{directory} holds neither config.json nor unet/config.json; {HINT}")
     # the file over UNet2DModel's defaults: an old config.json may leave out keys diffusers added later
     check_config(model_dir / "config.json", DDPM_CIFAR10_32, "DDPM CIFAR-10 UNet", defaults_from=UNet2DModel)
-    weights = next((model_dir / f for f in WEIGHT_FILES if (model_dir / f).is_file()), None)
-    if weights is None:
-        raise BenchError(f"{model_dir} has a config.json but no {' or '.join(WEIGHT_FILES)}; {HINT}")
-    check_weights_only(weights, "DDPM CIFAR-10 weights")  # a .bin: no pickled code, whatever diffusers does
-    try:
-        unet, loading = UNet2DModel.from_pretrained(
-            model_dir, local_files_only=True, use_safetensors=weights.suffix == ".safetensors",
-            low_cpu_mem_usage=False,  # accelerate is not a dependency; without this diffusers warns every load
-            output_loading_info=True,  # diffusers would leave a missing tensor randomly initialised
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise BenchError(f"cannot load the DDPM CIFAR-10 UNet from {model_dir}: {_first_line(exc)}") from None
-    check_loading_info(loading, f"DDPM CIFAR-10 weights {weights}")
+    unet, weights = load_diffusers_model(UNet2DModel, model_dir, "DDPM CIFAR-10 UNet", HINT,
+                                         weights_what="DDPM CIFAR-10 weights")
     return unet, {"files": {weights.relative_to(directory).as_posix(): sha256_file(weights)}}
 
 
 # ----------------------------------------------------------------------------------------------------- original layout
-
-
-def _unet_kwargs() -> dict:
-    return copy.deepcopy(DDPM_CIFAR10_32)  # so the module-level config cannot be mutated through a model
-
-
-@functools.lru_cache(maxsize=1)
-def _layout() -> tuple[dict[str, tuple[str, bool]], dict[str, tuple[str, bool]], dict[str, tuple[int, ...]]]:
-    """``(original key -> (diffusers key, is 1x1 attention weight), the inverse, original key -> shape)``.
-
-    Built from the two module trees: the original ``Model`` (ermongroup/ddim ``models/diffusion.py``) lists its
-    up path with ``up[0]`` at the highest resolution and gives every up level ``num_res_blocks + 1`` blocks; diffusers
-    lists ``up_blocks[0]`` at the lowest resolution, so original up level ``i`` is ``up_blocks[levels - 1 - i]``.
-    Only keys the diffusers model really has are kept (e.g. ``nin_shortcut`` exists where channels change).
-    """
-    from diffusers import UNet2DModel
-
-    config = DDPM_CIFAR10_32
-    levels = len(config["block_out_channels"])
-    per_level = config["layers_per_block"]
-    attention = [kind.startswith("Attn") for kind in config["down_block_types"]]
-
-    blocks: list[tuple[str, str, dict[str, str]]] = [
-        ("temb.dense.0", "time_embedding.linear_1", {}), ("temb.dense.1", "time_embedding.linear_2", {}),
-        ("conv_in", "conv_in", {}), ("norm_out", "conv_norm_out", {}), ("conv_out", "conv_out", {}),
-        ("mid.block_1", "mid_block.resnets.0", _RESNET_LAYERS),
-        ("mid.attn_1", "mid_block.attentions.0", _ATTENTION_LAYERS),
-        ("mid.block_2", "mid_block.resnets.1", _RESNET_LAYERS),
-    ]
-    for i in range(levels):
-        for j in range(per_level):
-            blocks.append((f"down.{i}.block.{j}", f"down_blocks.{i}.resnets.{j}", _RESNET_LAYERS))
-            if attention[i]:
-                blocks.append((f"down.{i}.attn.{j}", f"down_blocks.{i}.attentions.{j}", _ATTENTION_LAYERS))
-        if i != levels - 1:
-            blocks.append((f"down.{i}.downsample.conv", f"down_blocks.{i}.downsamplers.0.conv", {}))
-        k = levels - 1 - i
-        for j in range(per_level + 1):
-            blocks.append((f"up.{i}.block.{j}", f"up_blocks.{k}.resnets.{j}", _RESNET_LAYERS))
-            if attention[i]:
-                blocks.append((f"up.{i}.attn.{j}", f"up_blocks.{k}.attentions.{j}", _ATTENTION_LAYERS))
-        if i != 0:
-            blocks.append((f"up.{i}.upsample.conv", f"up_blocks.{k}.upsamplers.0.conv", {}))
-
-    with torch.device("meta"):
-        target = {key: tuple(t.shape) for key, t in UNet2DModel(**_unet_kwargs()).state_dict().items()}
-    forward: dict[str, tuple[str, bool]] = {}
-    for original, converted, layers in blocks:
-        for sub, sub_converted in (layers or {"": ""}).items():
-            for param in ("weight", "bias"):
-                key = ".".join(p for p in (original, sub, param) if p)
-                new = ".".join(p for p in (converted, sub_converted, param) if p)
-                if new in target:
-                    forward[key] = (new, sub in _ATTENTION_1X1 and param == "weight")
-    unmapped = sorted(set(target) - {new for new, _ in forward.values()})
-    if unmapped:  # a diffusers release renamed something: a bug here, not a user mistake
-        raise RuntimeError(f"diffusers keys without an original counterpart: {unmapped[:5]}")
-    inverse = {new: (key, squeeze) for key, (new, squeeze) in forward.items()}
-    shapes = {key: target[new] + ((1, 1) if squeeze else ()) for key, (new, squeeze) in forward.items()}
-    return forward, inverse, shapes
-
-
-def _listing(keys: list[str]) -> str:
-    return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-
-def _check_state_dict(state_dict: Mapping, known: Mapping, shapes: Mapping, what: str) -> None:
-    """One-line BenchError naming the first offending keys: unknown, missing, wrong shape or not a tensor."""
-    problems = []
-    unknown = [k for k in state_dict if k not in known]
-    missing = [k for k in known if k not in state_dict]
-    not_tensors = [k for k, v in state_dict.items() if k in known and not isinstance(v, torch.Tensor)]
-    wrong = [f"{k} {tuple(v.shape)} != {shapes[k]}" for k, v in state_dict.items()
-             if k in known and isinstance(v, torch.Tensor) and tuple(v.shape) != shapes[k]]
-    for label, keys in (("unknown keys", unknown), ("missing keys", missing), ("not tensors", not_tensors),
-                        ("shape mismatches", wrong)):
-        if keys:
-            problems.append(f"{len(keys)} {label}: {_listing(keys)}")
-    if problems:
-        raise BenchError(f"not a DDPM CIFAR-10 state dict in the {what} layout: {'; '.join(problems)}")
-
-
-def original_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original DDPM/DDIM ``Model`` keys -> ``UNet2DModel(**DDPM_CIFAR10_32)`` keys; values are not copied, and the
-    attention's 1x1 conv weights ``(C, C, 1, 1)`` become Linear weights ``(C, C)``."""
-    forward, _, shapes = _layout()
-    _check_state_dict(state_dict, forward, shapes, "original")
-    out = {}
-    for key, value in state_dict.items():
-        new, squeeze = forward[key]
-        out[new] = value.reshape(value.shape[:2]) if squeeze else value
-    return out
-
-
-def diffusers_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`original_to_diffusers`."""
-    _, inverse, original_shapes = _layout()
-    shapes = {new: original_shapes[key][:2] if squeeze else original_shapes[key]
-              for new, (key, squeeze) in inverse.items()}
-    _check_state_dict(state_dict, inverse, shapes, "diffusers")
-    out = {}
-    for key, value in state_dict.items():
-        old, squeeze = inverse[key]
-        out[old] = value.reshape(*value.shape, 1, 1) if squeeze else value
-    return out
-
-
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def _read(path: Path):
@@ -294,30 +175,6 @@ def _read(path: Path):
     if path.suffix == ".safetensors":
         return read_safetensors(path, "DDPM CIFAR-10 checkpoint")
     return read_torch_file(path, "DDPM CIFAR-10 checkpoint")
-
-
-def _select(obj, element: str, path: Path) -> tuple[dict, str]:
-    """``(state dict, which)``: which is "state_dict" (a plain one), "model" or "ema" (of a training checkpoint)."""
-    if _is_state_dict(obj):
-        if element != "auto":
-            raise BenchError(f"{path} is a plain state dict; element={element!r} applies to DDIM training checkpoints")
-        return dict(obj), "state_dict"
-    if isinstance(obj, (list, tuple)) and obj and _is_state_dict(obj[0]):
-        has_ema = len(obj) > 1 and _is_state_dict(obj[-1])
-        if element == "model" or (element == "auto" and not has_ema):
-            return dict(obj[0]), "model"
-        if not has_ema:
-            raise BenchError(f"{path} holds no EMA weights (its last element is not a state dict); use element='model'")
-        return dict(obj[-1]), "ema"
-    raise BenchError(f"{path} is neither a state dict nor a DDIM training checkpoint [model, optimizer, epoch, step"
-                     f"(, ema)]: it holds a {type(obj).__name__}")
-
-
-def _strip_module_prefix(state_dict: dict) -> dict:
-    """``nn.DataParallel`` prefixes every key with ``module.`` (DDIM saves its training model wrapped)."""
-    if all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 def _md5_file(path: Path) -> str:
@@ -345,23 +202,25 @@ def _original_variant(path: Path, which: str, md5: str) -> tuple[str, str]:
 
 
 def _load_original(path: Path, element: str):
-    from diffusers import UNet2DModel
-
     obj = _read(path)
-    state, which = _select(obj, element, path)
-    state = _strip_module_prefix(state)
+    state, which = select_state_dict(obj, element, path)
+    state = strip_module_prefix(state)
     if "conv_in.weight" in state and any(k.startswith("down_blocks.") for k in state):
         raise BenchError(f"{path} holds diffusers-layout weights; pass the directory holding it and its config.json")
     try:
-        converted = original_to_diffusers(state)  # strict: every key known, present and of its shape
+        unet = to_unet(state)  # strict: every key known, present and of its shape
     except BenchError as exc:
         raise BenchError(f"{path}: {exc}") from None
-    with torch.device("meta"):
-        unet = UNet2DModel(**_unet_kwargs())
-    # assign: the meta model takes the checkpoint's tensors instead of random ones it would overwrite
-    unet.load_state_dict({k: v.float().contiguous() for k, v in converted.items()}, strict=True, assign=True)
     md5 = _md5_file(path)
     variant, evidence = _original_variant(path, which, md5)
     info = {"source": "original", "checkpoint": str(path), "files": {path.name: sha256_file(path)}, "md5": md5,
             "element": which, "variant": variant, "variant_source": evidence}
     return unet, info
+
+
+ENTRY = register_model(ZooEntry(
+    name=NAME, load=load, train_timesteps=NUM_TRAIN_TIMESTEPS, output_size=IMAGE_SHAPE[1:],
+    description=f"DDPM CIFAR-10 32x32 (Ho et al.): {HUB_ID}, a diffusers directory, or the original "
+                "model-790000.ckpt (the papers used the EMA one)",
+    reference=ReferenceData("cifar10-train", "CIFAR-10 train, 50,000 images"),
+))

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..domain import DigitClassifier
 from ..errors import BenchError
 from ..schedules import NoiseSchedule
+from . import ZooModel, unet_denoiser
 from .checkpoints import (
     check_config,
     check_loading_info,
@@ -17,6 +18,7 @@ from .checkpoints import (
     read_safetensors,
     verify_files,
 )
+from .registry import ReferenceData, ZooEntry, register_model
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
 HINT = "retrain with 'nox -s train-tiny' or restore the packaged files (git checkout bench/assets)"
@@ -85,6 +87,20 @@ def load_classifier(checkpoint: Path | None = None) -> DigitClassifier:
     return model.eval().requires_grad_(False)
 
 
-from . import unet_denoiser  # noqa: E402  (re-exported: its historical home)
+def load(checkpoint: Path | None = None) -> ZooModel:
+    """The zoo entry: the packaged model, or a retrained one in ``checkpoint`` (``modiff-bench train-tiny``)."""
+    unet, manifest = load_unet(checkpoint)
+    return ZooModel(
+        name="digits", unet=unet, schedule=schedule(), image_shape=IMAGE_SHAPE,
+        default_sampler="ddim-quad", default_steps=100,
+        info={"checkpoint": str(checkpoint or ASSET_DIR), "files": manifest["files"]},
+    )
 
-__all__ = ["unet_denoiser"]
+
+ENTRY = register_model(ZooEntry(
+    name="digits", load=load, train_timesteps=NUM_TRAIN_TIMESTEPS, output_size=IMAGE_SHAPE[1:],
+    description="embedded default: 16x16 digits UNet trained by this project (committed, no download)",
+    reference=ReferenceData("digits-train", "the training digits shipped with the package"),
+))
+
+__all__ = ["ENTRY", "load", "load_classifier", "load_unet", "schedule", "unet_denoiser"]  # unet_denoiser: its old home

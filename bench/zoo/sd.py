@@ -59,6 +59,7 @@ from .checkpoints import (
     read_config,
     same_json,
 )
+from .registry import ReferenceData, ZooEntry, register_model
 
 NAME = "sd-v1-4"
 HUB_ID = "CompVis/stable-diffusion-v1-4"
@@ -308,6 +309,14 @@ def load(checkpoint: str | Path | None = None) -> ZooModel:
         start_batch=conditioning.start_batch, output_shape=OUTPUT_SHAPE, default_eta=0.0,
         default_batch_size=DEFAULT_BATCH_SIZE, parts={"vae": vae, "text_encoder": text_encoder},
     )
+
+
+ENTRY = register_model(ZooEntry(
+    name=NAME, load=load, train_timesteps=NUM_TRAIN_TIMESTEPS, output_size=OUTPUT_SHAPE[1:],
+    description=f"Stable Diffusion v1.4 512x512, guidance {GUIDANCE_SCALE} (optional extra: pip install "
+                f"'modiff-bench[sd]'): {HUB_ID} in diffusers layout",
+    reference=ReferenceData(),  # no default: an image folder or a reference batch when given
+))
 
 
 def _hub_offline() -> bool:

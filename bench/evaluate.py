@@ -1,0 +1,235 @@
+"""Evaluating cells: their metrics, from their files, computing only what is missing.
+
+Like NVlabs/edm's ``fid.py`` beside ``generate.py``: a generated cell's ``result.json`` holds its
+generation record; evaluation reads the cell's samples (memory-mapped and verified against the
+SHA-256 recorded when they were written), computes the metrics the cell lacks, and adds them to the
+same record. It is idempotent (a metric already there is not computed again), runs on one process
+(rank 0), and is what ``modiff-bench evaluate DIR`` runs after an interrupted or finished
+``modiff-bench run``, e.g. to add FID to a finished matrix without sampling again.
+
+A metric that raises leaves its columns empty with the reason in ``missing_metrics`` and is tried
+again by the next evaluation; the cell's samples stay. Damaged samples mark the cell for generating
+again (``RunStore.damaged``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .methods import CellSpec
+from .metrics import METRICS, MetricInputs, compute_metrics
+from .store import Cell, RunStore, now, one_line
+
+
+class Evaluator:
+    """Computes the metrics ``metrics`` (names) of a run directory's cells.
+
+    ``ensure_reference(spec)``: makes the full-precision reference of a cell when a metric needs it
+    and it is missing (None: such metrics are left missing, with the reason)."""
+
+    def __init__(self, store: RunStore, metrics: list[str], inception: dict, device: torch.device,
+                 ensure_reference: Callable[[CellSpec], None] | None = None):
+        self.store = store
+        self.metrics = list(dict.fromkeys(metrics))
+        self.inception = dict(inception)
+        self.device = device
+        self.ensure_reference = ensure_reference
+        self.errors: dict[str, str] = {}  # cell id -> the metric that raised, and its one-line error
+
+    def wanted(self, row: dict) -> list[str]:
+        """The metrics of this evaluator the row does not have yet."""
+        have = set(row.get("metrics") or [])
+        return [n for n in self.metrics if n not in have]
+
+    def todo(self) -> list[Cell]:
+        """Generated cells (of this process's share) that lack a metric."""
+        cells = []
+        for cell in self.store.cells():
+            if not self.store.mine(cell.key) or not self.store.finished(cell.key)[0]:
+                continue
+            row, _ = cell.read_result()
+            if row is not None and self.wanted(row):
+                cells.append(cell)
+        return cells
+
+    def needs_reference(self, names: list[str]) -> bool:
+        return any(METRICS[n].needs_fp_reference for n in names if n in METRICS)
+
+    def reference_path(self, row: dict, spec: CellSpec) -> Path:
+        """The reference of the device the cell was generated on."""
+        return self.store.reference_path(spec, torch.device(row.get("device") or "cpu").type)
+
+    def evaluate(self, cell: Cell, samples: torch.Tensor | None = None) -> dict | None:
+        """Add the missing metrics to a generated cell and rewrite its result.json; returns the row
+        (None when the cell has no valid ok result, or its samples turned out damaged: then it is
+        marked for generating again). ``samples``: the images just generated (else read from disk)."""
+        row, _ = cell.read_result()
+        if row is None or row["status"] != "ok":
+            return None
+        names = self.wanted(row)
+        if not names:
+            return row
+        spec = cell.spec
+        store = self.store
+        if samples is None:
+            samples, reason = cell.load_samples(row)
+            if samples is None:
+                store.mark_damaged(cell.key, reason)
+                store.log(f"cell {cell.key} ({spec.method} W{spec.w_bits}A{spec.a_bits}): {reason}; sampling it "
+                          "again")
+                reference = self.reference_path(row, spec)
+                if store.out / row["samples_file"] == reference:
+                    store.discard_reference(reference)  # the fp cell's samples: made again
+                return None
+        reference = None
+        if self.needs_reference(names):
+            path = self.reference_path(row, spec)
+            if not path.is_file() and self.ensure_reference is not None:
+                self.ensure_reference(spec)
+            if path.is_file():
+                reference = store.load_reference(path)["images"]
+        inception = None
+        if any(METRICS[n].group == "inception" for n in names):
+            from .inception import InceptionSettings
+
+            inception = InceptionSettings(device=str(self.device), **self.inception)
+        # the stored float16 samples as they are: metrics convert chunk by chunk (LSUN at 50k would need
+        # 39 GB as one float32 tensor)
+        done, values, missing = [], {}, {}
+        for name in names:  # one by one: a metric that raises costs only its own columns
+            try:
+                got, why = compute_metrics([name], MetricInputs(samples, spec.model, spec.checkpoint, reference,
+                                                                inception))
+            except Exception as exc:  # recorded; tried again by the next evaluation
+                error = f"metric {name!r} failed: {one_line(exc)}"
+                self.errors[cell.key] = error
+                store.log(f"cell {cell.key} ({spec.method}): {error}")
+                for column in METRICS[name].columns:
+                    values[column], missing[column] = None, error
+                continue
+            values.update(got)
+            missing.update(why)
+            done.append(name)
+        if inception is not None:  # provenance of the Inception columns: which weights file, its SHA-256
+            from .inception import weights_used
+
+            used = weights_used() or None
+            values["inception_weights"] = {**(row.get("inception_weights") or {}), **(used or {})} or None
+        row.update(values)
+        row["missing_metrics"] = {**{k: v for k, v in (row.get("missing_metrics") or {}).items()
+                                     if k not in values}, **missing}
+        row["metrics"] = list(dict.fromkeys([*(row.get("metrics") or []), *done]))
+        row["metric_columns"] = {**(row.get("metric_columns") or {}),
+                                 **{n: list(METRICS[n].columns) for n in done}}
+        row["finished_utc"] = now()
+        cell.write_result(row)
+        return row
+
+
+def evaluate_run(out: str | Path, metrics: list[str] | None = None, device: str = "auto", progress: bool = True,
+                 argv: list[str] | None = None, log: Callable[[str], None] = print) -> tuple[int, int, list[str]]:
+    """``modiff-bench evaluate``: add the missing metrics (the matrix's, plus ``metrics``) to every
+    generated cell of a run directory, then rewrite its tables. Returns (cells evaluated, cells
+    skipped because another process holds them, cells that need generating again or whose metric
+    failed). The matrix comes from ``run.json``; full-precision references that are missing are made
+    again (this loads the model)."""
+    from tqdm.auto import tqdm
+
+    from .metrics import check_metrics
+    from .runner import pick_device
+
+    out = Path(out)
+    matrix = matrix_from_run_json(out)
+    names = list(dict.fromkeys([*matrix.metrics, *(metrics or [])]))
+    for model in {c.model for c in matrix.cells}:
+        check_metrics(names, model)
+    dev = pick_device(device)
+    store = RunStore(out, matrix, log=log)
+    store.check()
+    generator = None
+
+    def ensure_reference(spec: CellSpec) -> None:
+        nonlocal generator
+        if generator is None:
+            from .distributed import World
+            from .generate import Generator
+            from .zoo import load_model
+
+            models = {m: load_model(m, c.checkpoint, str(dev)) for m, c in
+                      {c.model: c for c in matrix.cells}.items()}
+            generator = Generator(store, models, dev, World())
+        log(f"making the full-precision reference of {spec.model} {spec.sampler} {spec.steps} steps")
+        generator.reference(spec, load=False)
+
+    evaluator = Evaluator(store, names, matrix.inception, dev, ensure_reference)
+    with store.open(exclusive=False):
+        store.share()
+        store.record_invocation({"started_utc": now(), "argv": argv, "command": "evaluate", "metrics": names,
+                                 "device": str(dev), "world_size": 1, "force": False, "cells": None})
+        todo = evaluator.todo()
+        log(f"{out}: {len(todo)} generated cell(s) lack some of {', '.join(names)}")
+        done, busy, bad = 0, 0, []
+        for cell in tqdm(todo, desc="evaluate", unit="cell", disable=not progress):
+            with cell.lock() as mine:
+                if not mine:
+                    log(f"cell {cell.key}: held by another process, skipped")
+                    busy += 1
+                    continue
+                row = evaluator.evaluate(cell)
+            if row is None or cell.key in evaluator.errors:
+                bad.append(cell.key)
+                continue
+            done += 1
+        store.write_tables()
+    return done, busy, bad
+
+
+def matrix_from_run_json(out: Path):
+    """The matrix of a run directory, from its ``run.json``: the cells as recorded (their ids checked
+    against this version's), the run settings, ``[inception]``, and the plugins it imported (metrics
+    and methods of user files)."""
+    from dataclasses import fields
+
+    from .errors import BenchError
+    from .matrix import Matrix, cell_id
+    from .methods import import_plugins
+    from .store import read_run_json
+
+    data, problem = read_run_json(out / "run.json")
+    if data is None:
+        if not out.is_dir():
+            raise BenchError(f"{out} is not a run directory (no such directory)")
+        raise BenchError(f"{out}/run.json is {problem}; run 'modiff-bench run MATRIX --out {out}' (it repairs "
+                         "run.json from the matrix)")
+    resolved = data.get("resolved") if isinstance(data.get("resolved"), dict) else {}
+    run = resolved.get("run") if isinstance(resolved.get("run"), dict) else {}
+    source = str(data.get("source") or resolved.get("source") or out)
+    imports = run.get("imports") or []
+    folder = Path(source).parent if source.endswith(".toml") else None
+    import_plugins(imports, folder)
+    names = {f.name for f in fields(CellSpec)}
+    cells = []
+    for entry in data.get("cells") if isinstance(data.get("cells"), list) else []:
+        try:
+            spec = CellSpec(**{k: v for k, v in entry.items() if k in names})
+        except TypeError as exc:
+            raise BenchError(f"{out}/run.json: a cell cannot be read ({one_line(exc)}); run 'modiff-bench run "
+                             f"MATRIX --out {out}'") from None
+        if cell_id(spec) != entry.get("cell_id"):
+            raise BenchError(f"{out}/run.json was written by a version whose cell ids differ from this one's; run "
+                             f"'modiff-bench run MATRIX --out {out}' instead")
+        cells.append(spec)
+    if not cells:
+        raise BenchError(f"{out}/run.json lists no cells")
+    metrics = run.get("metrics") if isinstance(run.get("metrics"), list) else []
+    axes = resolved.get("matrix") or {}
+    matrix = Matrix(source=source, run={**run, "metrics": metrics}, axes=axes if isinstance(axes, list) else [axes],
+                    params=resolved.get("params") or {}, inception=resolved.get("inception") or {}, cells=cells,
+                    skipped=data.get("skipped") or [])
+    if matrix.matrix_hash != data["matrix_hash"]:
+        raise BenchError(f"{out}/run.json's cells do not match its matrix_hash; run 'modiff-bench run MATRIX "
+                         f"--out {out}'")
+    return matrix
