@@ -1,25 +1,24 @@
 """How long a matrix will take, from throughput measured on this device before anything runs.
 
 For every (model, batch size) of the pending cells, one denoiser call on a full batch is timed, after
-an untimed warm-up, in full precision, with plain fake quantization (LCQ, W8A8) and with MoDiff (LCQ,
-W8A8, error compensation). A cell then costs (number of batches) x (network evaluations per batch) x
-(the time of its kind of call). Not included: calibration (Q-Diffusion, PTQD), decoding latents, the
-metrics, and DeepCache's saving (cached cells are charged as full steps, an upper bound). It is an
-estimate: it says so, with what it measured, next to the number.
+an untimed warm-up, for each kind of cell among them: full precision, plain quantization (W8A8) and
+MoDiff (W8A8, error compensation), each at the execution (fake: LCQ; int8 / fp8: LTQ on the real
+kernels) and dtype (float32, bfloat16) of the cells that need it. A cell then costs (number of
+batches) x (network evaluations per batch) x (the time of its kind of call). Not included:
+calibration (Q-Diffusion, PTQD), decoding latents, the metrics, and DeepCache's saving (cached cells
+are charged as full steps, an upper bound). It is an estimate: it says so, with what it measured, next
+to the number.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-import modiff
-
-from .methods import CellSpec
+from .methods import LATER_DEFAULTS, BuildContext, CellSpec, Prepared, build
 from .samplers import SamplerConfig
 from .zoo import ZooModel
 
@@ -47,19 +46,33 @@ class Estimate:
 
 
 def _kind(cell: CellSpec) -> str:
-    if cell.base == "fp":
-        return "fp"
-    return "modulated" if cell.modulation != "off" else "quantized"
+    """What a cell's denoiser call costs like: ``fp``, ``quantized`` or ``modulated``, then its execution
+    and dtype where they are not the defaults (``quantized int8 bfloat16``)."""
+    kind = "fp" if cell.base == "fp" else "modulated" if cell.modulation != "off" else "quantized"
+    return " ".join([kind, *(getattr(cell, k) for k, v in LATER_DEFAULTS.items() if getattr(cell, k) != v)])
 
 
-def _time_call(model: ZooModel, unet: torch.nn.Module, batch: int, device: torch.device, t: int,
+def _representative(cell: CellSpec) -> CellSpec:
+    """The cell timed for ``cell``'s kind: full precision, or W8A8 dynamic quantization (LCQ; LTQ for
+    real execution, whose kernels need tensor scales) without or with MoDiff, at its execution and dtype.
+    Calibrated baselines (Q-Diffusion, PTQD) run fake-quantized layers and are timed as LCQ."""
+    kind = _kind(cell).split()[0]
+    if kind == "fp":
+        return replace(cell, base="fp", cache="none", params={}, execution="fake")
+    base = "lcq" if cell.execution == "fake" else "ltq"
+    return replace(cell, base=base, cache="none", params={}, w_bits=8, a_bits=8,
+                   a_granularity="channel" if base == "lcq" else "tensor",
+                   modulation="ec" if kind == "modulated" else "off")
+
+
+def _time_call(model: ZooModel, prepared: Prepared, batch: int, device: torch.device, t: int,
                repeats: int = 2) -> float:
-    denoiser = model.denoiser(unet)
+    denoiser = prepared.denoiser()
     x = torch.randn((batch, *model.image_shape), generator=torch.Generator().manual_seed(0)).to(device)
     steps = torch.full((batch,), t, dtype=torch.long, device=device)
     if model.start_batch is not None:
         model.start_batch(list(range(batch)))
-    modiff.reset(unet)
+    prepared.start_trajectory()
     with torch.no_grad():
         denoiser(x, steps)  # warm-up (and MoDiff's full-precision first step)
         if device.type == "cuda":
@@ -74,21 +87,20 @@ def _time_call(model: ZooModel, unet: torch.nn.Module, batch: int, device: torch
 
 def estimate(cells: list[CellSpec], models: dict[str, ZooModel], device: torch.device, world_size: int = 1
              ) -> Estimate:
-    groups: dict[tuple[str, int], set[str]] = {}
+    groups: dict[tuple[str, int], dict[str, CellSpec]] = {}
     for cell in cells:
-        groups.setdefault((cell.model, min(cell.batch_size, cell.n_samples)), set()).add(_kind(cell))
+        groups.setdefault((cell.model, min(cell.batch_size, cell.n_samples)), {}).setdefault(_kind(cell), cell)
     timed: dict[tuple[str, int], dict[str, float]] = {}
     for (name, batch), kinds in groups.items():
         model = models[name]
         t = model.schedule.num_train_timesteps // 2
-        timed[(name, batch)] = {"fp": _time_call(model, model.unet, batch, device, t)}
-        for kind in ("quantized", "modulated"):
-            if kind in kinds:
-                config = modiff.ModiffConfig(w_bits=8, a_bits=8, granularity="channel",
-                                             modulation="ec" if kind == "modulated" else "off")
-                unet = modiff.quantize(copy.deepcopy(model.unet), config)
-                timed[(name, batch)][kind] = _time_call(model, unet, batch, device, t)
-                del unet
+        timed[(name, batch)] = {}
+        for kind, cell in sorted(kinds.items(), key=lambda item: (KINDS.index(item[0].split()[0]), item[0])):
+            rep = _representative(cell)
+            sampler = SamplerConfig.from_name(rep.sampler, rep.steps, rep.eta)
+            prepared = build(BuildContext(model, rep, sampler, device))
+            timed[(name, batch)][kind] = _time_call(model, prepared, batch, device, t)
+            del prepared
     seconds = 0.0
     for cell in cells:
         model = models[cell.model]

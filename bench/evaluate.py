@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .methods import CellSpec
+from .methods import CellSpec, metric_reference
 from .metrics import METRICS, MetricInputs, compute_metrics
 from .store import Cell, RunStore, now, one_line
 
@@ -78,7 +78,7 @@ class Evaluator:
             samples, reason = cell.load_samples(row)
             if samples is None:
                 store.mark_damaged(cell.key, reason)
-                store.log(f"cell {cell.key} ({spec.method} W{spec.w_bits}A{spec.a_bits}): {reason}; sampling it "
+                store.log(f"cell {cell.key} ({spec.label}): {reason}; sampling it "
                           "again")
                 reference = self.reference_path(row, spec)
                 if store.out / row["samples_file"] == reference:
@@ -86,9 +86,9 @@ class Evaluator:
                 return None
         reference = None
         if self.needs_reference(names):
-            path = self.reference_path(row, spec)
+            path = self.reference_path(row, metric_reference(spec))
             if not path.is_file() and self.ensure_reference is not None:
-                self.ensure_reference(spec)
+                self.ensure_reference(metric_reference(spec))
             if path.is_file():
                 reference = store.load_reference(path)["images"]
         inception = None

@@ -31,8 +31,8 @@ from modiff.layers import QuantLayer
 from .distributed import World
 from .errors import BenchError
 from .measure import measured
-from .methods import BuildContext, CellSpec, Prepared, build
-from .provenance import git_revision, is_disk_full, package_versions, save_torch_atomic
+from .methods import BuildContext, CellSpec, Prepared, build, metric_reference
+from .provenance import git_revision, is_disk_full, package_versions, save_torch_atomic, timing_environment
 from .samplers import SamplerConfig, sample
 from .store import RESULT_COLUMNS, Cell, RunStore, now, one_line, read_chunk
 from .zoo import ZooModel
@@ -149,7 +149,7 @@ class Generator:
                 row["prepare_s"] = time.perf_counter() - t0
                 record = self._sample_chunks(prepared, model, spec, sampler, cell.key, cell.chunk_dir)
             if self.needs_reference:
-                self.reference(spec, load=False)
+                self.reference(metric_reference(spec), load=False)
             if self.world.main and reference:
                 path = self.reference_path(spec)
                 row["samples_file"] = cell.relative(path)
@@ -197,7 +197,8 @@ class Generator:
         row.update({"cell_id": key, "status": "running", "error": "", **asdict(cell), "method": cell.method,
                     "device": str(self.device), "world_size": self.world.size, "torch_version": versions["torch"],
                     "git_rev": git_revision(), "modiff_bench_version": versions["modiff-bench"],
-                    "started_utc": now(), "versions": versions, "missing_metrics": {}, "metrics": []})
+                    "started_utc": now(), "versions": versions, "missing_metrics": {}, "metrics": [],
+                    "timing_env": timing_environment(str(self.device), cell.memory_format)})
         return row
 
     # -- the full-precision reference -------------------------------------------------------
@@ -229,7 +230,7 @@ class Generator:
                     data = store.load_reference(path)
                 return SampleRecord(**{k: v for k, v in data.items() if k in SampleRecord.__dataclass_fields__})
             fp_cell = CellSpec(**{**asdict(cell), "base": "fp", "cache": "none", "modulation": "off", "w_bits": 32,
-                                  "a_bits": 32, "a_granularity": "none", "params": {}})
+                                  "a_bits": 32, "a_granularity": "none", "params": {}, "execution": "fake"})
             sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)
             prepared = build(BuildContext(model, fp_cell, sampler, self.device))
             record = self._sample_chunks(prepared, model, fp_cell, sampler, path.stem, path.with_suffix(".chunks"))
@@ -258,7 +259,7 @@ class Generator:
             chunk_dir.mkdir(parents=True, exist_ok=True)
             denoiser = prepared.denoiser()
             self._warm_up(prepared, denoiser, model, cell, sampler)
-            desc = f"{cell.method} W{cell.w_bits}A{cell.a_bits}" if cell.base != "fp" else "full precision"
+            desc = cell.label if cell.base != "fp" else f"full precision {cell.dtype}".removesuffix(" float32")
             for k in tqdm(todo, desc=desc, unit="batch", disable=not self.progress, leave=False):
                 images, m = measured(lambda k=k: sample(
                     denoiser, model.schedule, sampler, chunks[k], model.image_shape, size, self.device,

@@ -16,6 +16,9 @@
     a_granularity = ["auto"]  # auto: the base quantizer's own
     modulation = ["off", "plain", "ec"]
     cache = ["none"]
+    execution = ["fake"]      # fake | int8 | fp8 (real low-bit kernels; modiff-wrapped bases)
+    dtype = ["float32"]       # float32 | bfloat16 (what is not quantized, and full precision)
+    memory_format = ["contiguous"]  # contiguous | channels_last (the faster layout for convs on CPU)
     [params.lcq]              # optional, per method (see 'modiff-bench methods')
     warmup = true
     [inception]               # optional: offline Inception weights for fid / is / sfid / prc
@@ -50,7 +53,19 @@ from typing import Any
 from modiff.config import GRANULARITIES, MODULATIONS, check_bits
 
 from .errors import BenchError
-from .methods import AUTO, CellSpec, base_quantizer, cache_method, import_plugins, methods
+from .methods import (
+    AUTO,
+    DTYPES,
+    EXECUTIONS,
+    LATER_DEFAULTS,
+    LATER_PARAM_DEFAULTS,
+    MEMORY_FORMATS,
+    CellSpec,
+    base_quantizer,
+    cache_method,
+    import_plugins,
+    methods,
+)
 from .metrics import check_metrics
 from .samplers import SAMPLER_NAMES, SamplerConfig, check_seeds
 
@@ -65,9 +80,10 @@ RUN_DEFAULTS: dict[str, Any] = {
     "trace_samples": 16,
 }
 AXES: tuple[str, ...] = ("model", "sampler", "steps", "eta", "w_bits", "a_bits", "base", "a_granularity",
-                         "modulation", "cache")
+                         "modulation", "cache", "execution", "dtype", "memory_format")
 AXIS_DEFAULTS: dict[str, list] = {"w_bits": [8], "a_bits": [8], "base": ["lcq"], "a_granularity": [AUTO],
-                                  "modulation": ["off"], "cache": ["none"]}
+                                  "modulation": ["off"], "cache": ["none"], "execution": ["fake"],
+                                  "dtype": ["float32"], "memory_format": ["contiguous"]}
 INCEPTION_KEYS = {"weights": str, "pytorch_fid_weights": str, "cache_dir": str, "batch_size": int, "download": bool,
                   "cifar10_root": str, "reference_images": str, "reference_stats": str}  # see bench.references
 SECTIONS = ("run", "matrix", "params", "inception")
@@ -198,8 +214,15 @@ class Matrix:
 
 
 def cell_id(cell: CellSpec) -> str:
-    """Stable id: a hash of every resolved setting the samples depend on."""
-    payload = json.dumps(asdict(cell), sort_keys=True, separators=(",", ":"))
+    """Stable id: a hash of every resolved setting the samples depend on. Settings added later
+    (``methods.LATER_DEFAULTS``: ``execution``, ``dtype``; method parameters in
+    ``methods.LATER_PARAM_DEFAULTS``) count only away from their default, so the ids of cells made
+    before they existed do not change."""
+    fields = {k: v for k, v in asdict(cell).items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+    fields["params"] = {method: {k: v for k, v in values.items()
+                                 if k not in LATER_PARAM_DEFAULTS or v != LATER_PARAM_DEFAULTS[k]}
+                        for method, values in cell.params.items()}
+    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -220,7 +243,8 @@ RUN_TYPES: dict[str, Any] = {
     "trace_samples": int,
 }
 AXIS_TYPES: dict[str, Any] = {"model": str, "sampler": str, "steps": int, "eta": (int, float), "w_bits": int,
-                              "a_bits": int, "base": str, "a_granularity": str, "modulation": str, "cache": str}
+                              "a_bits": int, "base": str, "a_granularity": str, "modulation": str, "cache": str,
+                              "execution": str, "dtype": str, "memory_format": str}
 
 
 def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = None) -> Matrix:
@@ -398,9 +422,11 @@ def _validate_axes(axes: dict[str, list]) -> None:
     for value in axes["a_granularity"]:
         if value != AUTO and value not in GRANULARITIES:
             raise BenchError(f"unknown a_granularity {value!r}; available: auto, {', '.join(GRANULARITIES)}")
-    for value in axes["modulation"]:
-        if value not in MODULATIONS:
-            raise BenchError(f"unknown modulation {value!r}; available: {', '.join(MODULATIONS)}")
+    for axis, allowed in (("modulation", MODULATIONS), ("execution", EXECUTIONS), ("dtype", DTYPES),
+                          ("memory_format", MEMORY_FORMATS)):
+        for value in axes[axis]:
+            if value not in allowed:
+                raise BenchError(f"unknown {axis} {value!r}; available: {', '.join(allowed)}")
     for value in axes["base"]:
         base_quantizer(value)
     for value in axes["cache"]:

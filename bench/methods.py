@@ -53,12 +53,20 @@ import torch
 from torch import nn
 
 import modiff
-from modiff.config import GRANULARITIES, NOT_QUANTIZED, WEIGHT_METHODS
+from modiff.config import COMPUTE_DTYPES, GRANULARITIES, NOT_QUANTIZED, WEIGHT_METHODS
+from modiff.config import EXECUTIONS as _EXECUTIONS
 
 from .errors import BenchError
 from .samplers import Denoiser, NoiseStd, SamplerConfig
 from .zoo import ZooModel
 
+# Settings added after run directories existed: at these values they stay out of a cell's id (bench.matrix.cell_id),
+# so the cells of older runs keep their ids and resume.
+LATER_DEFAULTS: dict[str, Any] = {"execution": "fake", "dtype": "float32", "memory_format": "contiguous"}
+MEMORY_FORMATS = ("contiguous", "channels_last")
+LATER_PARAM_DEFAULTS: dict[str, Any] = {"weight_symmetric": None}  # method parameters added later, the same way
+EXECUTIONS = _EXECUTIONS
+DTYPES = COMPUTE_DTYPES
 AUTO = "auto"  # a_granularity: the base quantizer's own (or channel for the generic one)
 NONE = "none"  # a_granularity of unquantized activations; the empty cache
 
@@ -82,6 +90,9 @@ class CellSpec:
     a_bits: int
     a_granularity: str
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> its parameters
+    execution: str = "fake"  # fake | int8 | fp8: how the quantized conv/linear layers run (modiff.ModiffConfig)
+    dtype: str = "float32"  # float32 | bfloat16: the precision of what is not quantized, and of full precision
+    memory_format: str = "contiguous"  # contiguous | channels_last: the layout of the model's weights and input
 
     @property
     def method(self) -> str:
@@ -94,8 +105,21 @@ class CellSpec:
         return "+".join(parts)
 
     @property
+    def label(self) -> str:
+        """For logs: ``lcq+ec W8A4``, then the execution and dtype where they are not the defaults."""
+        return " ".join([self.method, f"W{self.w_bits}A{self.a_bits}",
+                         *(getattr(self, k) for k, v in LATER_DEFAULTS.items() if getattr(self, k) != v)])
+
+    @property
     def seeds(self) -> range:
         return range(self.seed, self.seed + self.n_samples)
+
+
+def metric_reference(cell: CellSpec) -> CellSpec:
+    """The cell whose full-precision samples ``psnr_to_fp`` / ``mse_to_fp`` compare with: float32, so
+    that a BF16 cell's quality includes what BF16 itself costs (a BF16 full-precision cell keeps its
+    own samples, under its own reference key)."""
+    return dataclasses.replace(cell, dtype="float32")
 
 
 @dataclass
@@ -113,7 +137,9 @@ class BuildContext:
     cache_dir: Path | None = None
 
     def fp_unet_copy(self) -> nn.Module:
-        return copy.deepcopy(self.model.unet)
+        """A copy of the full-precision UNet, in the cell's memory format (its weights laid out so)."""
+        unet = copy.deepcopy(self.model.unet)
+        return unet.to(memory_format=torch.channels_last) if self.cell.memory_format == "channels_last" else unet
 
 
 @dataclass
@@ -371,9 +397,16 @@ class BaseQuantizer(Method):
 
     kind: ClassVar[str] = "base"
     granularity: ClassVar[str | None] = None  # the activation granularity the method is defined with
+    real_execution: ClassVar[bool] = False  # can run its quantized layers on int8 / fp8 kernels (cell.execution)
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)  # the float precisions it can run in (cell.dtype)
 
     def resolve(self, cell: CellSpec) -> str | None:
         """Normalise ``cell`` in place; return why the combination is invalid, or None."""
+        if cell.execution != "fake" and not self.real_execution:
+            return (f"{self.name} has no real low-bit execution (its quantizers run in float only); "
+                    f"execution={cell.execution} needs a modiff-wrapped base (ltq, psq, dynamic)")
+        if cell.dtype not in self.dtypes:
+            return f"{self.name} runs in {', '.join(self.dtypes)} only; dtype={cell.dtype} is not implemented for it"
         if cell.a_granularity == AUTO:
             cell.a_granularity = self.granularity or "channel"
         elif self.granularity and cell.a_granularity != self.granularity:
@@ -535,7 +568,41 @@ def build(ctx: BuildContext) -> Prepared:
     cache = cache_method(cell.cache, cell.params)
     if cache is not None:
         prepared = cache.apply(ctx, prepared)
+    if cell.dtype != "float32" or cell.memory_format != "contiguous":
+        if prepared.unet is ctx.model.unet:
+            raise BenchError(f"{cell.base}: dtype={cell.dtype}, memory_format={cell.memory_format} needs its own "
+                             "copy of the model (the shared model is left as it is)")
+        _adapt_io(prepared.unet, getattr(torch, cell.dtype), getattr(torch, cell.memory_format.replace(
+            "contiguous", "contiguous_format")))
     return prepared
+
+
+def _adapt_io(unet: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format) -> None:
+    """Feed a UNet that runs in ``dtype`` and ``memory_format`` from the float32 samplers: its image and
+    conditioning inputs are cast to ``dtype`` (never the timestep), a 4-D image input laid out in
+    ``memory_format``, and its output cast back to float32."""
+
+    def cast(value: Any) -> Any:
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            return value
+        value = value.to(dtype)
+        return value.contiguous(memory_format=memory_format) if value.dim() == 4 else value
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args = (cast(args[0]), *args[1:]) if args else args
+        return args, {k: v if k == "timestep" else cast(v) for k, v in kwargs.items()}
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return output.float()
+        if isinstance(output, tuple):
+            return tuple(o.float() if isinstance(o, torch.Tensor) else o for o in output)
+        if hasattr(output, "sample"):  # diffusers' UNet2DOutput / UNet2DConditionOutput
+            output.sample = output.sample.float()
+        return output
+
+    unet.register_forward_pre_hook(before, with_kwargs=True)
+    unet.register_forward_hook(after, with_kwargs=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,13 +612,20 @@ def build(ctx: BuildContext) -> Prepared:
 class FullPrecision(BaseQuantizer):
     """The full-precision model: 32-bit weights and activations, nothing wrapped."""
 
+    dtypes: ClassVar[tuple[str, ...]] = DTYPES
+
     def resolve(self, cell: CellSpec) -> str | None:
         cell.w_bits = cell.a_bits = NOT_QUANTIZED
         cell.modulation, cell.a_granularity = "off", NONE
+        if cell.execution != "fake":
+            return f"the fp base quantizes nothing: execution={cell.execution} has nothing to run on low-bit kernels"
         return None
 
     def build(self, ctx: BuildContext) -> Prepared:
-        return Prepared(unet=ctx.model.unet)
+        if ctx.cell.dtype == "float32" and ctx.cell.memory_format == "contiguous":
+            return Prepared(unet=ctx.model.unet)
+        # nn.Module.to: diffusers' own .to() warns about casting when it has nothing to keep in float32
+        return Prepared(unet=nn.Module.to(ctx.fp_unet_copy(), getattr(torch, ctx.cell.dtype)))
 
 
 @register_method("dynamic")
@@ -564,15 +638,36 @@ class DynamicQuantizer(BaseQuantizer):
         warmup: bool = True  # the first step of a trajectory in full precision (modulated modes)
         weight_method: Literal["minmax", "mse"] = "minmax"  # modiff.config.WEIGHT_METHODS
         residual_tolerance: float | None = None  # adaptive caching: reuse the output below this residual range
+        # symmetric per-output-channel weights; unset: on for int8 / fp8 execution (their kernels need it), off for
+        # fake. Set it to true on fake cells to compare them with int8 cells on the same weight grid.
+        weight_symmetric: bool | None = None
+
+    real_execution: ClassVar[bool] = True
+    dtypes: ClassVar[tuple[str, ...]] = DTYPES
 
     def modiff_options(self) -> dict[str, Any]:
         """Extra ``ModiffConfig`` fields; subclasses override this to vary the quantizer."""
         return dict(self.params)
 
+    def resolve(self, cell: CellSpec) -> str | None:
+        reason = super().resolve(cell)
+        if reason is None and cell.execution != "fake":
+            try:  # what only this combination gets wrong (channel scales, > 8 bits, fp8 bit widths)
+                self.config(cell)
+            except BenchError as exc:
+                reason = str(exc)
+        return reason
+
     def config(self, cell: CellSpec) -> modiff.ModiffConfig:
+        options = self.modiff_options()
+        if options.get("weight_symmetric", False) is None:
+            options["weight_symmetric"] = cell.execution != "fake"
+        if cell.execution == "fp8":
+            options.update(number_format="fp8", symmetric=True)
         try:
             return modiff.ModiffConfig(w_bits=cell.w_bits, a_bits=cell.a_bits, modulation=cell.modulation,
-                                       granularity=cell.a_granularity, **self.modiff_options())
+                                       granularity=cell.a_granularity, execution=cell.execution,
+                                       compute_dtype=cell.dtype, **options)
         except (TypeError, ValueError) as exc:
             raise BenchError(f"{self.name}: {exc}") from None
 

@@ -69,6 +69,50 @@ def device_description(device: str) -> str:
            f"{torch.get_num_threads()} torch threads)"
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags that decide int8 / BF16 speed (VNNI, AVX512-BF16, AMX), as /proc/cpuinfo
+    lists them; "unknown" where it cannot be read."""
+    text = _cpuinfo()
+    if "flags" not in text:
+        return "unknown"
+    flags = set(text.split("flags")[1].split("\n")[0].split())
+    return " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + ", ".join(ISA_FLAGS)
+
+
+def timing_environment(device: str = "cpu", memory_format: str = "contiguous", compiled: bool = False) -> dict:
+    """What a timing depends on beyond the cell's settings: the CPU model and ISA flags, torch's CPU
+    capability and oneDNN version, the thread count, the memory format, torch.compile on/off, and the
+    GPU with its CUDA and driver versions where there is one."""
+    import re
+
+    import torch
+
+    model = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.MULTILINE)
+    onednn = re.search(r"(?:oneDNN|MKL-DNN) v([0-9.]+)", torch.__config__.show())
+    env = {"cpu_model": model.group(1).strip() if model else platform.processor() or platform.machine(),
+           "cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "onednn": onednn.group(1) if onednn else None, "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "memory_format": memory_format, "compile": compiled}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        try:
+            driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+        except (OSError, IndexError):
+            driver = None
+        env.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=torch.version.cuda, driver=driver,
+                   capability=".".join(map(str, torch.cuda.get_device_capability(torch.device(device)))))
+    return env
+
+
 def provenance(device: str = "cpu") -> dict:
     return {
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

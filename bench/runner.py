@@ -34,7 +34,7 @@ from .errors import BenchError
 from .evaluate import Evaluator
 from .generate import Generator, together
 from .matrix import Matrix
-from .methods import CellSpec
+from .methods import LATER_DEFAULTS, CellSpec, metric_reference
 from .metrics import METRICS
 from .provenance import git_revision, provenance
 from .samplers import SamplerConfig
@@ -137,8 +137,9 @@ class Runner:
                      + f", {len(self.matrix.skipped)} invalid combinations skipped) on {self.device}"
                      + (f" x {world.size} processes" if world.distributed else "") + f" -> {self.out}")
             for skip in self.matrix.skipped:
+                later = "".join(f" {skip[k]}" for k, v in LATER_DEFAULTS.items() if skip.get(k, v) != v)
                 self.log(f"  skipped {skip['base']} {skip['modulation']} W{skip['w_bits']}A{skip['a_bits']} "
-                         f"{skip['a_granularity']} {skip['cache']}: {skip['reason']}")
+                         f"{skip['a_granularity']} {skip['cache']}{later}: {skip['reason']}")
             if before is not None and todo:
                 together(world, lambda: before(todo) if main else None)
             self._evaluate_finished()  # may find finished cells' samples damaged: they run again
@@ -148,13 +149,13 @@ class Runner:
                 bar, total = tqdm(batch, desc="cells", unit="cell", disable=not self.progress), len(batch)
                 for done, (key, spec) in enumerate(bar, start=1):
                     seen.add(key)
-                    bar.set_postfix_str(f"{spec.method} W{spec.w_bits}A{spec.a_bits}")
+                    bar.set_postfix_str(spec.label)
                     cell = store.cell(key)
                     with ExitStack() as held:
                         mine = held.enter_context(cell.lock()) if main else None
                         if not world.broadcast(mine and not store.finished(key)[0] if main else None):
                             # another runner has it (or just finished it)
-                            self.log(f"[{done}/{total}] {spec.method} W{spec.w_bits}A{spec.a_bits}: "
+                            self.log(f"[{done}/{total}] {spec.label}: "
                                      "run by another runner sharing this directory, skipped")
                             continue
                         row, record = self.generator.generate(cell)
@@ -193,7 +194,7 @@ class Runner:
         for key, wanted in self.world.broadcast(todo):  # the same list on every rank
             cell = self.store.cell(key)
             if self.evaluator.needs_reference(wanted):
-                self.generator.reference(cell.spec, load=False)  # every rank takes part in making it
+                self.generator.reference(metric_reference(cell.spec), load=False)  # every rank takes part
 
             def evaluate(cell=cell, wanted=wanted) -> None:
                 if self.world.main and self.evaluator.evaluate(cell) is not None:

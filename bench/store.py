@@ -58,23 +58,25 @@ import torch
 
 from .errors import BenchError
 from .matrix import Matrix, cell_id
-from .methods import CellSpec
+from .methods import LATER_DEFAULTS, LATER_PARAM_DEFAULTS, CellSpec
 from .metrics import ALL_COLUMNS, METRICS, metric_columns
 from .provenance import save_torch_atomic, sha256_file, write_atomic, write_json_atomic
 
 SETTING_COLUMNS = ("model", "checkpoint", "sampler", "steps", "eta", "n_samples", "seed", "batch_size", "method",
-                   "base", "modulation", "cache", "w_bits", "a_bits", "a_granularity")
+                   "base", "modulation", "cache", "w_bits", "a_bits", "a_granularity", "execution", "dtype",
+                   "memory_format")
 METRIC_COLUMNS = ALL_COLUMNS  # the built-in metrics' (a user metric adds its own: see result_columns)
-COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "decode_s",
-                "peak_mem_mb", "peak_rss_mb", "cuda_peak_mb")
+COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "speedup_fp32",
+                "speedup_bf16", "decode_s", "peak_mem_mb", "peak_rss_mb", "cuda_peak_mb")
+DERIVED_COLUMNS = ("speedup_fp32", "speedup_bf16")  # computed by table_frame from the run's rows, not stored
 PROVENANCE_COLUMNS = ("device", "world_size", "torch_version", "git_rev", "modiff_bench_version", "started_utc",
                       "finished_utc", "samples_file", "trace_file", "params", "method_info", "missing_metrics",
-                      "versions", "inception_weights")
+                      "versions", "inception_weights", "timing_env")
 RESULT_COLUMNS = ("cell_id", "status", "error", *SETTING_COLUMNS, *METRIC_COLUMNS, *COST_COLUMNS,
                   *PROVENANCE_COLUMNS)
 NON_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in METRIC_COLUMNS) + (
     "metrics", "metric_columns", "samples_bytes", "samples_sha256", "generated_utc")
-JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights")
+JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights", "timing_env")
 REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes", "decode_seconds")
 CHUNK_KEYS = ("images", "seeds", "seconds", "decode_seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes")
 
@@ -101,7 +103,8 @@ def result_columns(rows: list[dict] = ()) -> tuple[str, ...]:
 
 # -- what a valid result.json holds -----------------------------------------------------------
 _INT_SETTINGS = ("steps", "n_samples", "seed", "batch_size", "w_bits", "a_bits")
-_STR_SETTINGS = ("model", "sampler", "method", "base", "modulation", "cache", "a_granularity")
+_STR_SETTINGS = ("model", "sampler", "method", "base", "modulation", "cache", "a_granularity", "execution", "dtype",
+                 "memory_format")
 _NUMBER_STRINGS = ("inf", "-inf", "nan")  # what jsonable writes for non-finite floats
 
 
@@ -149,7 +152,7 @@ def check_result(row, key: str) -> str | None:
             return f"{column} is {value!r}, not a number"
     if row.get("error") is not None and not isinstance(row["error"], str):
         return f"error is {row['error']!r}, not a string"
-    for column in ("params", "missing_metrics", "versions"):
+    for column in ("params", "missing_metrics", "versions", "timing_env"):
         if row.get(column) is not None and not isinstance(row[column], dict):
             return f"{column} is {row[column]!r}, not a JSON object"
     metrics = row.get("metrics")
@@ -173,6 +176,9 @@ def read_result(path: Path, key: str) -> tuple[dict | None, str | None]:
         row = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:  # ValueError: truncated or not JSON (also UnicodeDecodeError)
         return None, f"unreadable: {one_line(exc)}"
+    if isinstance(row, dict):  # written before these settings existed: at their defaults
+        for setting, default in LATER_DEFAULTS.items():
+            row.setdefault(setting, default)
     reason = check_result(row, key)
     return (None, reason) if reason else (row, None)
 
@@ -207,12 +213,41 @@ def param_columns(row: dict) -> dict:
             for name, value in sorted(values.items())}
 
 
+_SAME_BASELINE = ("model", "checkpoint", "sampler", "steps", "eta", "n_samples", "seed", "batch_size", "device")
+
+
+def speed_ratios(rows: list[dict]) -> list[dict]:
+    """Copies of ``rows`` with ``speedup_fp32`` / ``speedup_bf16``: each cell's images per second over
+    those of the full-precision cell (``fp``, no cache) of the same model, checkpoint, sampler, steps,
+    seeds, batch and device in float32 / bfloat16 (the faster memory format where the run has both),
+    from the same run; empty where that cell is not in the run (or did not finish)."""
+    def key(row: dict) -> tuple:
+        return tuple(json.dumps(row.get(k)) for k in _SAME_BASELINE)
+
+    baselines: dict[tuple, float] = {}  # the fastest full-precision cell of each dtype (over memory formats)
+    for r in rows:
+        if r.get("base") == "fp" and r.get("cache") == "none" and r.get("status") == "ok" \
+                and _is_number(r.get("img_per_s")):
+            k = (key(r), r.get("dtype", "float32"))
+            baselines[k] = max(baselines.get(k, 0.0), r["img_per_s"])
+    out = []
+    for row in rows:
+        row = dict(row)
+        for column, dtype in (("speedup_fp32", "float32"), ("speedup_bf16", "bfloat16")):
+            base, mine = baselines.get((key(row), dtype)), row.get("img_per_s")
+            row[column] = mine / base if _is_number(mine) and _is_number(base) and base > 0 \
+                and row.get("status") == "ok" else None
+        out.append(row)
+    return out
+
+
 def table_frame(rows: list[dict]):
     """The results table (one row per cell: the columns of ``result_columns``, then the method
     parameters as ``p_<method>_<field>`` columns) of these rows."""
     import pandas as pd
 
     columns = list(result_columns(rows))
+    rows = speed_ratios(rows)
     flat = [param_columns(r) for r in rows]
     params = sorted({c for f in flat for c in f})
     frame = pd.DataFrame([{**{c: r.get(c) for c in columns}, **f} for r, f in zip(rows, flat, strict=True)],
@@ -328,9 +363,20 @@ def _try_flock(handle, mode: int, patience_s: float = 0.0) -> bool:
             time.sleep(0.5)
 
 
+def _comparable(settings: dict) -> dict:
+    """A cell's settings without those added later at their defaults (``cell_id`` leaves them out too)."""
+    out = {k: v for k, v in settings.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+    later = LATER_PARAM_DEFAULTS
+    if isinstance(out.get("params"), dict):
+        out["params"] = {m: {k: v for k, v in p.items() if k not in later or v != later[k]} if isinstance(p, dict)
+                         else p for m, p in out["params"].items()}
+    return out
+
+
 def describe(row: dict) -> str:
     """One line for the log: the cell and its metrics (or its error)."""
-    head = f"{row['method']} W{row['w_bits']}A{row['a_bits']} {row['a_granularity']}"
+    later = [str(row.get(k, v)) for k, v in LATER_DEFAULTS.items() if row.get(k, v) != v]
+    head = " ".join([row["method"], f"W{row['w_bits']}A{row['a_bits']}", row["a_granularity"], *later])
     if row["status"] != "ok":
         return f"{head}: FAILED {row['error']}"
     columns = [c for c in result_columns([row]) if c in metric_columns() or c in METRIC_COLUMNS]
@@ -512,7 +558,8 @@ class RunStore:
                 continue
             row, _ = read_result(directory / "result.json", directory.name)
             if row is not None:
-                expected = json.loads(json.dumps(asdict(spec)))
+                expected = _comparable(json.loads(json.dumps(asdict(spec))))
+                row = _comparable(row)
                 if any(k in row and row[k] != v for k, v in expected.items()):
                     foreign.append(directory.name)
         return foreign
@@ -633,13 +680,16 @@ class RunStore:
                 continue
             finished, reason = self.finished(key)
             if not finished and reason:
-                self.log(f"cell {key} ({cell.method} W{cell.w_bits}A{cell.a_bits}): {reason}; running it again")
+                self.log(f"cell {key} ({cell.label}): {reason}; running it again")
 
     # -- full-precision references -----------------------------------------------------------
     def reference_path(self, cell: CellSpec, device_type: str) -> Path:
         fields = {k: getattr(cell, k) for k in ("model", "checkpoint", "sampler", "steps", "eta", "n_samples", "seed",
                                                 "batch_size")}
         fields["device"] = device_type
+        for setting in ("dtype", "memory_format"):  # (at their defaults: the key references had before)
+            if getattr(cell, setting, LATER_DEFAULTS[setting]) != LATER_DEFAULTS[setting]:
+                fields[setting] = getattr(cell, setting)
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         return self.out / "reference" / f"{key}.pt"
 

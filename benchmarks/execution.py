@@ -180,15 +180,6 @@ def _summary(rounds: list[dict], first: dict) -> dict:
             "all_modulated_calls": calls}
 
 
-def _cpu_flags() -> str:
-    try:
-        flags = set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
-    except (OSError, IndexError):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cifar10", "digits"], choices=["cifar10", "digits"])
@@ -206,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench.provenance import device_description
+    from bench.provenance import cpu_flags, device_description
 
     try:
         device = torch.device(args.device)
@@ -214,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("--device cuda: CUDA is not available here")
     except RuntimeError as exc:
         raise BenchError(f"--device {args.device!r}: {exc}") from None
-    names = args.configs or default_configs(device, _cpu_flags())
+    names = args.configs or default_configs(device, cpu_flags())
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise BenchError(f"unknown configuration(s) {', '.join(unknown)}; one of: {', '.join(CONFIGS)}")
@@ -224,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"{name} is too small (a trajectory needs a warm-up call and a modulated call)")
 
     results: dict[str, dict] = {}
-    lines = [f"device: {device_description(args.device)}; CPU flags: {_cpu_flags()}; torch {torch.__version__}, "
+    lines = [f"device: {device_description(args.device)}; CPU flags: {cpu_flags()}; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; batch {args.batch}; median over {args.rounds} interleaved rounds "
              f"(min-max); seconds per denoiser call", ""]
     if device.type == "cpu":

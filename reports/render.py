@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.methods import LATER_DEFAULTS
 from bench.provenance import package_versions, write_atomic
 
 from .tables import MODULATION_LABELS, Table, all_tables
@@ -27,7 +28,19 @@ from .tables import MODULATION_LABELS, Table, all_tables
 # The settings a reader sees in a report; cells alike in these but with different ids differ in
 # something hidden (the checkpoint) and must not be merged.
 VISIBLE = ["model", "sampler", "steps", "eta", "n_samples", "seed", "batch_size", "base", "modulation", "cache",
-           "w_bits", "a_bits", "a_granularity", "params", "device"]
+           "w_bits", "a_bits", "a_granularity", "execution", "dtype", "memory_format", "params", "device"]
+DEFAULT_EXECUTION = LATER_DEFAULTS  # the cells the paper-style tables and figures show: fake, float32, contiguous
+
+
+def paper_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The rows of fake-quantized float32 cells (what the paper-style tables and figures compare), and
+    how many other rows (int8 / fp8 execution, bfloat16) there are: those are in results.csv and the
+    report's notes until their own tables land."""
+    keep = pd.Series(True, index=frame.index)
+    for column, default in DEFAULT_EXECUTION.items():
+        if column in frame:
+            keep &= frame[column].fillna(default) == default
+    return frame[keep], int((~keep).sum())
 
 
 @dataclass
@@ -160,6 +173,8 @@ def merge(runs: list[Run]) -> pd.DataFrame:
     """One table from several runs. The same cell measured twice on one device is refused, and so
     are cells that look the same but differ in hidden settings."""
     frame = pd.concat([r.frame for r in runs], ignore_index=True)
+    for column, default in LATER_DEFAULTS.items():  # tables written before these settings existed
+        frame[column] = frame[column].fillna(default) if column in frame else default
     twice = frame[frame.duplicated(["cell_id", "device"], keep=False)]
     if len(runs) > 1 and not twice.empty:
         cell = twice.iloc[0]
@@ -227,8 +242,9 @@ def _notes(runs: list[Run], frame: pd.DataFrame) -> list[str]:
         notes.append(f"cell {cell.cell_id} ({cell.method} W{cell.w_bits}A{cell.a_bits}) failed: {cell.error}")
     for run in runs:
         for skip in _skipped(run.info):
+            later = "".join(f" {skip[k]}" for k, v in DEFAULT_EXECUTION.items() if skip.get(k, v) != v)
             notes.append(f"{run.label}: skipped {skip.get('base')} {skip.get('modulation')} "
-                         f"W{skip.get('w_bits')}A{skip.get('a_bits')}: {skip.get('reason')}")
+                         f"W{skip.get('w_bits')}A{skip.get('a_bits')}{later}: {skip.get('reason')}")
         if frame[frame.run_dir == str(run.directory)].git_rev.nunique() > 1:
             notes.append(f"{run.label}: cells were measured at different git revisions (the run was resumed "
                          "after a code change); each row records its own")
@@ -273,10 +289,15 @@ def build_report(directories: list[str | Path], out: str | Path | None = None) -
         out = runs[0].directory
     out = Path(out)
     frame = merge(runs)
+    notes = _notes(runs, frame)
+    frame, others = paper_rows(frame)
+    if others:
+        notes.append(f"{others} cell(s) with real low-bit execution, bfloat16 or channels-last are in results.csv "
+                     "(columns execution, dtype, memory_format, speedup_fp32, speedup_bf16) but not yet in these "
+                     "tables and figures")
     tables: list[Table] = all_tables(frame)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    notes = _notes(runs, frame)
     try:
         figures = all_figures(frame, {str(r.directory): r.directory for r in runs}, figures_dir, _traces(frame))
     except (OSError, ValueError, KeyError) as exc:  # a bad trace or sample file costs the figures, not the tables

@@ -1,0 +1,199 @@
+"""The `execution` and `dtype` matrix axes (issue #16, part 2 of real low-bit execution, first step):
+ids of older cells unchanged, combinations wrong only together skipped with their reason, int8 rows
+as good as their fake twins, a BF16 full-precision cell with its own reference and samples."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bench.cli import main
+from bench.matrix import build_matrix, cell_id, load_config, load_matrix
+from bench.methods import base_quantizer
+from bench.runner import Runner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_new_settings_at_their_defaults_leave_ids_unchanged():
+    cells = load_matrix("smoke").cells
+    lcq = cells[1]
+    assert cell_id(lcq) == "6e0c57afb68f"  # recorded before execution / dtype / weight_symmetric existed
+    assert lcq.execution == "fake" and lcq.dtype == "float32" and lcq.params["lcq"]["weight_symmetric"] is None
+    changed = {cell_id(replace(lcq, execution="int8")), cell_id(replace(lcq, dtype="bfloat16")),
+               cell_id(replace(lcq, params={"lcq": {**lcq.params["lcq"], "weight_symmetric": True}}))}
+    assert len(changed) == 3 and cell_id(lcq) not in changed
+
+
+def test_combinations_wrong_only_together_are_skipped_with_reasons():
+    data = load_config("smoke")[0]
+    data["matrix"].update(base=["fp", "ltq", "lcq", "qdiff"], a_bits=[8, 4], execution=["fake", "int8"],
+                          dtype=["float32", "bfloat16"], modulation=["off"])
+    data["run"]["steps"] = 25
+    matrix = build_matrix(data)
+    reasons = {(s["base"], s["execution"], s["dtype"]): s["reason"] for s in matrix.skipped}
+    assert "quantizes nothing" in reasons[("fp", "int8", "float32")]
+    assert "needs granularity 'tensor' or 'sample'" in reasons[("lcq", "int8", "float32")]
+    assert "no real low-bit execution" in reasons[("qdiff", "int8", "float32")]
+    assert "runs in float32 only" in reasons[("qdiff", "fake", "bfloat16")]
+    kept = {(c.base, c.execution, c.dtype) for c in matrix.cells}
+    assert {("fp", "fake", "float32"), ("fp", "fake", "bfloat16"), ("ltq", "int8", "float32"),
+            ("ltq", "int8", "bfloat16"), ("lcq", "fake", "bfloat16"), ("qdiff", "fake", "float32")} <= kept
+    assert not any(c.execution != "fake" and c.base in ("fp", "lcq", "qdiff") for c in matrix.cells)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("matrix.execution=['int4']", "unknown execution 'int4'; available: fake, int8, fp8"),
+    ("matrix.dtype=['float16']", "unknown dtype 'float16'; available: float32, bfloat16"),
+    ("matrix.execution=[8]", "matrix.execution value must be str, got 8"),
+])
+def test_a_value_wrong_on_its_own_is_exit_2(override, message, capsys, tmp_path):
+    assert main(["run", "smoke", "--out", str(tmp_path / "o"), "--dry-run", "--set", override]) == 2
+    assert message in _error_line(capsys)
+
+
+def _run(tmp_path: Path, text: str) -> dict[tuple, dict]:
+    config = tmp_path / "m.toml"
+    config.write_text('[run]\nsteps = 10\nn_samples = 8\nbatch_size = 8\nmetrics = ["psnr_to_fp"]\n' + text)
+    summary = Runner(load_matrix(str(config)), tmp_path / "o", device="cpu", progress=False,
+                     log=lambda line: None).run()
+    assert not summary.failed
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "o").glob("cells/*/result.json")]
+    return {(r["base"], r["modulation"], r["a_bits"], r["execution"], r["dtype"]): r for r in rows}
+
+
+def _samples(tmp_path: Path, row: dict) -> torch.Tensor:
+    return torch.load(tmp_path / "o" / row["samples_file"], weights_only=True)["images"].float()
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(4.0 / ((a - b) ** 2).mean()))  # images in [-1, 1]: peak-to-peak 2
+
+
+def test_int8_rows_are_as_good_as_their_fake_twins(tmp_path):
+    """Part 1's equivalence is per layer, up to rounding; along a trajectory rounding ties can send the
+    two apart, but never in quality: each int8 row's PSNR to full precision is its fake twin's (the
+    same weight grid: weight_symmetric = true on both) within 1 dB, and at W8A8 the samples agree."""
+    rows = _run(tmp_path, '[matrix]\nbase = ["ltq", "psq"]\na_bits = [8, 4]\nmodulation = ["off", "ec"]\n'
+                          'execution = ["fake", "int8"]\n[params.ltq]\nweight_symmetric = true\n'
+                          '[params.psq]\nweight_symmetric = true\n')
+    pairs = [(k, rows[k[:3] + ("fake", "float32")]) for k in rows if k[3] == "int8"]
+    assert len(pairs) == 8
+    for key, fake in pairs:
+        assert abs(rows[key]["psnr_to_fp"] - fake["psnr_to_fp"]) < 1.0, key
+        if key[2] == 8:
+            assert _psnr(_samples(tmp_path, rows[key]), _samples(tmp_path, fake)) > 40, key
+
+
+
+def test_the_execution_reaches_the_modiff_config():
+    cell = next(c for c in load_matrix("smoke", ["matrix.base=['ltq']", "matrix.modulation=['ec']"]).cells)
+    ltq = base_quantizer("ltq")
+    fake, int8 = ltq.config(cell), ltq.config(replace(cell, execution="int8", dtype="bfloat16"))
+    assert (fake.execution, fake.weight_symmetric, fake.compute_dtype) == ("fake", False, "float32")
+    assert (int8.execution, int8.weight_symmetric, int8.compute_dtype) == ("int8", True, "bfloat16")
+    fp8 = ltq.config(replace(cell, execution="fp8", a_bits=8))
+    assert (fp8.number_format, fp8.symmetric, fp8.weight_symmetric) == ("fp8", True, True)
+
+
+def test_a_bf16_full_precision_cell_has_its_own_reference_and_samples(tmp_path):
+    rows = _run(tmp_path, '[matrix]\nbase = ["fp", "ltq"]\na_bits = [8]\ndtype = ["float32", "bfloat16"]\n')
+    fp32, bf16 = rows[("fp", "off", 32, "fake", "float32")], rows[("fp", "off", 32, "fake", "bfloat16")]
+    assert fp32["samples_file"] != bf16["samples_file"]
+    assert len(list((tmp_path / "o" / "reference").glob("*.pt"))) == 2
+    a, b = _samples(tmp_path, fp32), _samples(tmp_path, bf16)
+    assert not torch.equal(a, b)  # BF16 really ran: not the float32 samples reused
+    assert float(fp32["psnr_to_fp"]) == float("inf")  # quality is measured against the float32 reference
+    assert bf16["psnr_to_fp"] == pytest.approx(_psnr(b, a), abs=0.1) and 25 < bf16["psnr_to_fp"] < 80
+    ltq16 = rows[("ltq", "off", 8, "fake", "bfloat16")]
+    assert _samples(tmp_path, ltq16).dtype == torch.float32 and ltq16["psnr_to_fp"] < bf16["psnr_to_fp"]
+    # every row's throughput against both full-precision cells of this run
+    table = pd.read_csv(tmp_path / "o" / "results.csv").set_index("cell_id")
+    for row in rows.values():
+        got = table.loc[row["cell_id"]]
+        assert got.speedup_fp32 == pytest.approx(row["img_per_s"] / fp32["img_per_s"])
+        assert got.speedup_bf16 == pytest.approx(row["img_per_s"] / bf16["img_per_s"])
+    assert table.loc[fp32["cell_id"]].speedup_fp32 == 1.0 and table.loc[bf16["cell_id"]].speedup_bf16 == 1.0
+
+
+def test_run_directories_made_before_the_new_axes_resume(tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["run", "smoke", "--out", str(out), "--no-progress", "--set", "steps=4"]
+    assert main(argv) == 0
+    finished = {}
+    for path in out.glob("cells/*/result.json"):  # as the previous version wrote them
+        row = json.loads(path.read_text())
+        for key in ("execution", "dtype"):
+            row.pop(key)
+        row["params"] = {m: {k: v for k, v in p.items() if k != "weight_symmetric"} for m, p in row["params"].items()}
+        path.write_text(json.dumps(row, indent=2))
+        finished[path] = path.read_bytes()
+    run = json.loads((out / "run.json").read_text())
+    for cell in run["cells"]:
+        cell.pop("execution"), cell.pop("dtype")
+        cell["params"] = {m: {k: v for k, v in p.items() if k != "weight_symmetric"} for m, p in cell["params"].items()}
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "3 already finished" in capsys.readouterr().out
+    assert all(path.read_bytes() == content for path, content in finished.items())
+
+
+def test_every_timing_carries_its_environment(tmp_path):
+    rows = _run(tmp_path, '[matrix]\nbase = ["fp"]\n')
+    env = next(iter(rows.values()))["timing_env"]
+    assert env["threads"] == torch.get_num_threads() and env["memory_format"] == "contiguous"
+    assert env["compile"] is False and env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu_flags"] and env["cpu_model"]
+    table = pd.read_csv(tmp_path / "o" / "results.csv")
+    assert json.loads(table.timing_env[0]) == env
+
+
+def test_the_report_keeps_the_new_rows_apart_and_says_so(tmp_path):
+    _run(tmp_path, '[matrix]\nbase = ["fp", "ltq"]\na_bits = [8]\nexecution = ["fake", "int8"]\n'
+                   'dtype = ["float32", "bfloat16"]\n')
+    assert main(["report", str(tmp_path / "o")]) == 0  # cells alike but for execution / dtype: not a clash
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "4 cell(s) with real low-bit execution, bfloat16 or channels-last are in results.csv" in text
+    assert "skipped fp off W8A8 int8 bfloat16: the fp base quantizes nothing" in text
+
+
+def test_the_estimate_times_each_new_kind_of_cell():
+    from bench.estimate import estimate
+    from bench.zoo import load_model
+
+    matrix = load_matrix("smoke", ["steps=4", "matrix.base=['fp','ltq']", "matrix.execution=['fake','int8']",
+                                   "matrix.dtype=['float32','bfloat16']", "matrix.modulation=['ec']"])
+    got = estimate(matrix.cells, {"digits": load_model("digits", device="cpu")}, torch.device("cpu"))
+    (times,) = got.seconds_per_call.values()  # one model, one batch size
+    kinds = set(times)
+    assert kinds == {"fp", "fp bfloat16", "modulated", "modulated bfloat16", "modulated int8",
+                     "modulated int8 bfloat16"}
+    assert all(s > 0 for s in times.values())
+
+
+def test_channels_last_cells_run_in_that_layout_with_their_own_reference(tmp_path):
+    _run(tmp_path, '[matrix]\nbase = ["fp", "ltq"]\na_bits = [8]\nmodulation = ["ec"]\n'
+                   'memory_format = ["contiguous", "channels_last"]\n')
+    rows = {r["cell_id"]: r for r in map(json.loads, map(Path.read_text, (tmp_path / "o").glob("cells/*/result.json")))}
+    assert len(rows) == 4
+    fp, fp_cl = (next(r for r in rows.values() if r["base"] == "fp" and r["memory_format"] == m)
+                 for m in ("contiguous", "channels_last"))
+    assert fp["samples_file"] != fp_cl["samples_file"] and fp_cl["timing_env"]["memory_format"] == "channels_last"
+    assert _psnr(_samples(tmp_path, fp_cl), _samples(tmp_path, fp)) > 50  # the same network, another layout
+    ltq_cl = next(r for r in rows.values() if r["base"] == "ltq" and r["memory_format"] == "channels_last")
+    ltq = next(r for r in rows.values() if r["base"] == "ltq" and r["memory_format"] == "contiguous")
+    assert abs(ltq_cl["psnr_to_fp"] - ltq["psnr_to_fp"]) < 1.0
+    assert cell_id(replace(load_matrix("smoke").cells[1], memory_format="channels_last")) != "6e0c57afb68f"
