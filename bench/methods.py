@@ -565,15 +565,15 @@ def build(ctx: BuildContext) -> Prepared:
     prepared = base_quantizer(cell.base, cell.params.get(cell.base)).build(ctx)
     if prepared.make_denoiser is None:
         prepared.make_denoiser = ctx.model.denoiser
-    cache = cache_method(cell.cache, cell.params)
-    if cache is not None:
-        prepared = cache.apply(ctx, prepared)
-    if cell.dtype != "float32" or cell.memory_format != "contiguous":
+    if cell.dtype != "float32" or cell.memory_format != "contiguous":  # before a cache scheme runs the model
         if prepared.unet is ctx.model.unet:
             raise BenchError(f"{cell.base}: dtype={cell.dtype}, memory_format={cell.memory_format} needs its own "
                              "copy of the model (the shared model is left as it is)")
         _adapt_io(prepared.unet, getattr(torch, cell.dtype), getattr(torch, cell.memory_format.replace(
             "contiguous", "contiguous_format")))
+    cache = cache_method(cell.cache, cell.params)
+    if cache is not None:
+        prepared = cache.apply(ctx, prepared)
     return prepared
 
 

@@ -197,3 +197,13 @@ def test_channels_last_cells_run_in_that_layout_with_their_own_reference(tmp_pat
     ltq = next(r for r in rows.values() if r["base"] == "ltq" and r["memory_format"] == "contiguous")
     assert abs(ltq_cl["psnr_to_fp"] - ltq["psnr_to_fp"]) < 1.0
     assert cell_id(replace(load_matrix("smoke").cells[1], memory_format="channels_last")) != "6e0c57afb68f"
+
+
+def test_bf16_and_channels_last_cells_run_with_deepcache(tmp_path):
+    """DeepCache counts MACs with a forward pass when it is applied: the BF16 model must already take
+    the float32 samplers' input then (this failed before the input casting moved ahead of the cache)."""
+    _run(tmp_path, '[matrix]\nbase = ["fp", "ltq"]\ncache = ["deepcache-u2"]\ndtype = ["float32", "bfloat16"]\n'
+                   'memory_format = ["contiguous", "channels_last"]\n')
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "o").glob("cells/*/result.json")]
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert all(r["psnr_to_fp"] > 15 for r in rows)  # cached and quantized, but still the same images
