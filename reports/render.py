@@ -288,14 +288,14 @@ def build_report(directories: list[str | Path], out: str | Path | None = None) -
             raise BenchError("several run directories: say where the merged report goes with --out")
         out = runs[0].directory
     out = Path(out)
-    frame = merge(runs)
-    notes = _notes(runs, frame)
-    frame, others = paper_rows(frame)
+    everything = merge(runs)
+    notes = _notes(runs, everything)
+    frame, others = paper_rows(everything)
     if others:
         notes.append(f"{others} cell(s) with real low-bit execution, bfloat16 or channels-last are in results.csv "
-                     "(columns execution, dtype, memory_format, speedup_fp32, speedup_bf16) but not yet in these "
-                     "tables and figures")
-    tables: list[Table] = all_tables(frame)
+                     "(columns execution, dtype, memory_format, speedup_fp32, speedup_bf16) and the wall-clock "
+                     "table, not yet in the other tables and the figures")
+    tables: list[Table] = all_tables(frame, everything)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     try:

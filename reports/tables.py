@@ -378,34 +378,60 @@ def cache_table(frame: pd.DataFrame) -> list[Table]:
                   "caching on the same device, and quality.", columns, rows)]
 
 
+_EXECUTION_DEFAULTS = (("execution", "fake"), ("dtype", "float32"), ("memory_format", "contiguous"))
+
+
+def execution_label(row: pd.Series | dict) -> str:
+    """What a cell runs on beyond its method: ``fake float32``, ``int8 bfloat16 channels_last``."""
+    execution, dtype, layout = (row.get(k, d) if row.get(k, d) == row.get(k, d) else d for k, d in _EXECUTION_DEFAULTS)
+    return f"{execution} {dtype}" + (f" {layout}" if layout != "contiguous" else "")
+
+
+def _ratio(cells: pd.DataFrame, column: str, base: pd.DataFrame) -> float | None:
+    """Mean throughput ratio of ``cells`` to the fastest of ``base`` (``column`` when the table has it)."""
+    if column in cells and cells[column].notna().any():
+        return float(cells[column].mean())
+    if base.empty:
+        return None
+    return float((cells.img_per_s / float(base.img_per_s.max())).mean())
+
+
 def wallclock_table(frame: pd.DataFrame) -> list[Table]:
-    """Images per second and the ratio to full precision measured in the same run and device,
-    one row per method (mean over its bit settings, with the range)."""
-    frame = ok_rows(frame)
+    """Images per second and the ratios to the FP32 and BF16 full-precision cells measured in the same
+    run and device, one row per method and execution (mean over its bit settings, with the range)."""
+    frame = ok_rows(frame).copy()
     if frame.empty:
         return []
+    for column, default in _EXECUTION_DEFAULTS:
+        frame[column] = frame[column].fillna(default) if column in frame else default
+    frame["runs_on"] = [execution_label(row) for _, row in frame.iterrows()]
     rows = []
     for (device, model, sampler, steps), group in frame.groupby(["device", "model", "sampler", "steps"], sort=False):
         fp = group[(group.base == "fp") & (group.cache == "none")]
-        fp_rate = float(fp.img_per_s.iloc[0]) if len(fp) else None
-        for method, cells in group.groupby("method", sort=False):
+        fp32, bf16 = fp[fp.dtype == "float32"], fp[fp.dtype == "bfloat16"]
+        for (method, runs_on), cells in group.groupby(["method", "runs_on"], sort=False):
             rate = cells.img_per_s
-            ratio = rate / fp_rate if fp_rate else None
-            rows.append([str(device), f"{model} {sampler} {steps}", method, str(len(cells)), fmt(rate.mean(), 1),
-                         f"{fmt(rate.min(), 1)}–{fmt(rate.max(), 1)}",
-                         fmt(ratio.mean()) if ratio is not None else MISSING])
+            rows.append([str(device), f"{model} {sampler} {steps}", method, runs_on,
+                         str(len(cells)), fmt(rate.mean(), 1), f"{fmt(rate.min(), 1)}–{fmt(rate.max(), 1)}",
+                         fmt(_ratio(cells, "speedup_fp32", fp32)),
+                         fmt(_ratio(cells, "speedup_bf16", bf16)) if not bf16.empty else MISSING])
     return [Table("wallclock", "Wall-clock",
                   "Sampling throughput (warm-up excluded; CUDA synchronised on a GPU), averaged over each method's "
-                  "bit settings, and its ratio to full precision on the same device. Fake quantization computes in "
-                  "float32, so a ratio below 1 is the simulation's overhead, not the speed of integer kernels. "
-                  "Each cell is timed once, in turn, so machine noise moves single ratios by 10-20% on a shared "
-                  "CPU; for overhead ratios use 'nox -s bench', which interleaves repeated timings.",
-                  [("", "device"), ("", "setting"), ("", "method"), ("", "cells"), ("", "images/s"),
-                   ("", "range"), ("", "x FP")], rows)]
+                  "bit settings, and its ratio to the float32 and the bfloat16 full-precision cells on the same "
+                  "device in the same run (the faster memory format where both were run; empty without a bfloat16 "
+                  "cell). Fake quantization computes in float, so its ratio below 1 is the simulation's overhead; "
+                  "int8 / fp8 rows run real low-bit kernels. Each cell is timed once, in turn, so machine noise "
+                  "moves single ratios by 10-20% on a shared CPU; for speed claims use 'nox -s bench', which "
+                  "interleaves repeated timings.",
+                  [("", "device"), ("", "setting"), ("", "method"), ("", "runs on"), ("", "cells"),
+                   ("", "images/s"), ("", "range"), ("", "x FP32"), ("", "x BF16")], rows)]
 
 
-def all_tables(frame: pd.DataFrame) -> list[Table]:
+def all_tables(frame: pd.DataFrame, everything: pd.DataFrame | None = None) -> list[Table]:
+    """The paper-style tables of ``frame``; the wall-clock table of ``everything`` (default: ``frame``),
+    which may hold cells of other executions and dtypes."""
     out: list[Table] = []
-    for builder in (table1, ablation_ec, warmup_table, memory_table, cache_table, wallclock_table):
+    for builder in (table1, ablation_ec, warmup_table, memory_table, cache_table):
         out.extend(builder(frame))
+    out.extend(wallclock_table(frame if everything is None else everything))
     return out

@@ -16,6 +16,7 @@ from bench.cli import main
 from bench.matrix import build_matrix, cell_id, load_config, load_matrix
 from bench.methods import base_quantizer
 from bench.runner import Runner
+from reports.tables import MISSING
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,6 +169,14 @@ def test_the_report_keeps_the_new_rows_apart_and_says_so(tmp_path):
     text = (tmp_path / "o" / "report.md").read_text()
     assert "4 cell(s) with real low-bit execution, bfloat16 or channels-last are in results.csv" in text
     assert "skipped fp off W8A8 int8 bfloat16: the fp base quantizes nothing" in text
+    wall = text[text.index("## Wall-clock"):text.index("## Figures")]
+    lines = {tuple(c.strip() for c in line.split("|")[3:5]): line for line in wall.splitlines() if "| digits" in line}
+    assert set(lines) == {("fp", "fake float32"), ("fp", "fake bfloat16"), ("ltq", "fake float32"),
+                          ("ltq", "fake bfloat16"), ("ltq", "int8 float32"), ("ltq", "int8 bfloat16")}
+    assert lines[("fp", "fake float32")].split("|")[8].strip() == "1.00"  # x FP32 of the FP32 cell
+    assert lines[("fp", "fake bfloat16")].split("|")[9].strip() == "1.00"  # x BF16 of the BF16 cell
+    assert all(MISSING not in line.split("|")[8:10] for line in lines.values())  # every row has both ratios
+    assert all(line.split("|")[9].strip() not in ("", MISSING) for line in lines.values())
 
 
 def test_the_estimate_times_each_new_kind_of_cell():

@@ -66,8 +66,9 @@ def test_ablation_and_wallclock_tables():
     (ablation,) = ablation_ec(frame)
     assert [c for _, c in ablation.columns] == ["base", "W/A", "alone", "+ plain mod.", "+ MoDiff"]
     (wall,) = wallclock_table(frame)
-    ratios = {r[2]: r[6] for r in wall.rows}
+    ratios = {r[2]: r[7] for r in wall.rows}
     assert ratios["fp"] == "1.00" and ratios["lcq+ec"] == "0.50"
+    assert {r[3] for r in wall.rows} == {"fake float32"} and {r[8] for r in wall.rows} == {MISSING}  # no BF16 cell
     assert cache_table(frame) == []  # no cached cells: no table
 
 
