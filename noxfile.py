@@ -10,6 +10,7 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
     nox -s bench         # speed / memory of int8, fp8 and fake execution vs FP32 and BF16
     nox -s bench-deepcache  # DeepCache's measured speed-ups beside the paper's
+    nox -s speed         # the 'cifar10-speed' matrix (random weights): wall-clock table, ratios to FP32 and BF16
     nox -s psnr-table    # PSNR to FP on digits: modulation x activation bits x granularity
     nox -s reproduce-cifar10 [-- --nproc 8 --set run.checkpoint=...]   # paper-scale presets (GPU), and
         reproduce-cifar10-quick, reproduce-cifar10-ablations, reproduce-cifar10-deepcache,
@@ -90,6 +91,19 @@ def demo(session: nox.Session) -> None:
     _run(session, env, "modiff-bench", "run", "digits", "--out", "runs/demo", *session.posargs)
     _run(session, env, "modiff-bench", "report", "runs/demo")
     session.log("report: runs/demo/report.html (and report.md)   results: runs/demo/results.{csv,parquet}")
+
+
+@nox.session(venv_backend="none")
+def speed(session: nox.Session) -> None:
+    """The speed matrix on the CIFAR-10 DDPM architecture with random weights ('cifar10-speed' preset:
+    FP32/BF16 baselines in both layouts, LTQ / MoDiff fake and int8): runs/cifar10-speed and its report,
+    whose wall-clock table carries each row's ratio to FP32 and BF16. About 20 min on 2 CPU cores.
+
+    Extra arguments go to 'modiff-bench run' (e.g. '-- --device cuda')."""
+    env = _shared_env(session)
+    _run(session, env, "modiff-bench", "run", "cifar10-speed", "--out", "runs/cifar10-speed", *session.posargs)
+    _run(session, env, "modiff-bench", "report", "runs/cifar10-speed")
+    session.log("report: runs/cifar10-speed/report.html (the wall-clock table)")
 
 
 @nox.session(venv_backend="none")

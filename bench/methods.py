@@ -116,10 +116,10 @@ class CellSpec:
 
 
 def metric_reference(cell: CellSpec) -> CellSpec:
-    """The cell whose full-precision samples ``psnr_to_fp`` / ``mse_to_fp`` compare with: float32, so
-    that a BF16 cell's quality includes what BF16 itself costs (a BF16 full-precision cell keeps its
-    own samples, under its own reference key)."""
-    return dataclasses.replace(cell, dtype="float32")
+    """The cell whose full-precision samples ``psnr_to_fp`` / ``mse_to_fp`` compare with: float32 in the
+    contiguous layout, so that a BF16 (or channels-last) cell's quality includes what BF16 (or the
+    layout) itself costs; such full-precision cells keep their own samples, under their own reference key."""
+    return dataclasses.replace(cell, dtype="float32", memory_format="contiguous")
 
 
 @dataclass

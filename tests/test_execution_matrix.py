@@ -216,3 +216,29 @@ def test_bf16_and_channels_last_cells_run_with_deepcache(tmp_path):
     rows = [json.loads(p.read_text()) for p in (tmp_path / "o").glob("cells/*/result.json")]
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
     assert all(r["psnr_to_fp"] > 15 for r in rows)  # cached and quantized, but still the same images
+
+
+def test_the_cifar10_speed_preset_runs_with_one_command(tmp_path, capsys):
+    """The preset on the CIFAR-10 architecture with random weights, shrunk to seconds (2 images, 2 steps,
+    W8A8 only): every cell runs, and the report's wall-clock table has both ratios on every row."""
+    matrix = load_matrix("cifar10-speed")
+    assert len(matrix.cells) == 20 and not matrix.skipped
+    assert {(c.dtype, c.memory_format) for c in matrix.cells if c.base == "fp"} == {
+        ("float32", "contiguous"), ("float32", "channels_last"), ("bfloat16", "contiguous"),
+        ("bfloat16", "channels_last")}
+    out = tmp_path / "speed"
+    assert main(["run", "cifar10-speed", "--out", str(out), "--no-progress", "--set", "run.n_samples=2",
+                 "--set", "run.batch_size=2", "--set", "run.steps=2", "--set", "matrix.a_bits=[8]"]) == 0
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 12 and (table.status == "ok").all()
+    assert table.speedup_fp32.notna().all() and table.speedup_bf16.notna().all()
+    fp_cl = table[(table.base == "fp") & (table.memory_format == "channels_last") & (table.dtype == "float32")]
+    assert 40 < float(fp_cl.psnr_to_fp.iloc[0]) < float("inf")  # against the contiguous float32 samples
+    assert main(["report", str(out)]) == 0
+    wall = (out / "report.md").read_text().split("## Wall-clock")[1].split("## ")[0]
+    assert sum("| ddpm-cifar10-random" in line for line in wall.splitlines()) == 12
+
+
+def test_the_random_cifar10_entry_takes_no_checkpoint(capsys, tmp_path):
+    assert main(["models", "--check", "ddpm-cifar10-random", "--checkpoint", str(tmp_path)]) == 2
+    assert "takes no checkpoint" in _error_line(capsys)

@@ -328,12 +328,13 @@ def test_a_hub_id_is_taken_from_the_local_cache_only(pipeline, tmp_path, monkeyp
 
 
 def test_registry_views_keep_their_meaning():
-    assert list(MODELS)[:5] == ["digits", "ddpm-cifar10", "ldm-church", "ldm-bedroom", "sd-v1-4"]
+    assert list(MODELS)[:6] == ["digits", "ddpm-cifar10", "ddpm-cifar10-random", "ldm-church", "ldm-bedroom",
+                                "sd-v1-4"]
     assert {name: TRAIN_TIMESTEPS[name]() for name in MODELS} == {name: 1000 for name in MODELS}
     assert "CIFAR-10" in DESCRIPTIONS["ddpm-cifar10"] and DESCRIPTIONS.get("nope", "") == ""
     assert {name: model_entry(name).output_size for name in MODELS} == {
-        "digits": (16, 16), "ddpm-cifar10": (32, 32), "ldm-church": (256, 256), "ldm-bedroom": (256, 256),
-        "sd-v1-4": (512, 512)}
+        "digits": (16, 16), "ddpm-cifar10": (32, 32), "ddpm-cifar10-random": (32, 32), "ldm-church": (256, 256),
+        "ldm-bedroom": (256, 256), "sd-v1-4": (512, 512)}
     assert model_entry("digits").reference.dataset == "digits-train"
     assert model_entry("ddpm-cifar10").reference.dataset == "cifar10-train"
     with pytest.raises(TypeError):

@@ -224,3 +224,32 @@ ENTRY = register_model(ZooEntry(
                 "model-790000.ckpt (the papers used the EMA one)",
     reference=ReferenceData("cifar10-train", "CIFAR-10 train, 50,000 images"),
 ))
+
+
+# ------------------------------------------------------------------------------------------ random weights, for speed
+
+RANDOM_NAME = "ddpm-cifar10-random"
+RANDOM_SEED = 0
+
+
+def load_random(checkpoint: str | Path | None = None) -> ZooModel:
+    """The DDPM CIFAR-10 architecture (35.7 M parameters, the exact published configuration) with weights
+    drawn from diffusers' initialisation under seed 0: nothing to download, for measuring speed and
+    memory (the `cifar10-speed` preset). Its samples are not images of anything; quality against its own
+    full precision (``psnr_to_fp``) is defined, the Inception metrics are not."""
+    if checkpoint is not None:
+        raise BenchError(f"{RANDOM_NAME} takes no checkpoint (its weights are random, seed {RANDOM_SEED}); "
+                         f"use {NAME} for real weights")
+    from .architectures import build_random_unet
+
+    unet = build_random_unet(DDPM_CIFAR10_32, seed=RANDOM_SEED).eval().requires_grad_(False)
+    return ZooModel(name=RANDOM_NAME, unet=unet, schedule=schedule(), image_shape=IMAGE_SHAPE,
+                    default_sampler="ddim-quad", default_steps=100, default_batch_size=64,
+                    info={"source": "random", "seed": RANDOM_SEED, "architecture": NAME})
+
+
+RANDOM_ENTRY = register_model(ZooEntry(
+    name=RANDOM_NAME, load=load_random, train_timesteps=NUM_TRAIN_TIMESTEPS, output_size=IMAGE_SHAPE[1:],
+    description=f"the {NAME} architecture with seeded random weights (no download): speed and memory only",
+    reference=ReferenceData(None, "none: random weights"),
+))
