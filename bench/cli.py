@@ -367,7 +367,7 @@ def cmd_run(args) -> int:
         import json
 
         from .matrix import cell_id
-        from .methods import LATER_DEFAULTS, toml_value
+        from .methods import later_settings, toml_value
 
         def flat(cell) -> dict[str, object]:
             return {f"{m}.{k}": v for m, values in sorted(cell.params.items()) for k, v in sorted(values.items())}
@@ -379,7 +379,7 @@ def cmd_run(args) -> int:
         varied = {key for key, values in seen.items() if len(values) > 1}  # swept or set per block
         for cell in matrix.cells:
             shown = "".join(f"  {key}={toml_value(value)}" for key, value in flat(cell).items() if key in varied)
-            later = "".join(f" {getattr(cell, k)}" for k, v in LATER_DEFAULTS.items() if getattr(cell, k) != v)
+            later = "".join(f" {value}" for value in later_settings(vars(cell)))
             print(f"{cell_id(cell)}  {cell.model} {cell.sampler} {cell.steps} steps  {cell.method} "
                   f"W{cell.w_bits}A{cell.a_bits} {cell.a_granularity}{later}{shown}")
         for skip in matrix.skipped:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .methods import LATER_DEFAULTS, BuildContext, CellSpec, Prepared, build
+from .methods import BuildContext, CellSpec, Prepared, build, later_settings
 from .samplers import SamplerConfig
 from .zoo import ZooModel
 
@@ -49,7 +49,7 @@ def _kind(cell: CellSpec) -> str:
     """What a cell's denoiser call costs like: ``fp``, ``quantized`` or ``modulated``, then its execution
     and dtype where they are not the defaults (``quantized int8 bfloat16``)."""
     kind = "fp" if cell.base == "fp" else "modulated" if cell.modulation != "off" else "quantized"
-    return " ".join([kind, *(getattr(cell, k) for k, v in LATER_DEFAULTS.items() if getattr(cell, k) != v)])
+    return " ".join([kind, *later_settings(vars(cell))])
 
 
 def _representative(cell: CellSpec) -> CellSpec:

@@ -57,12 +57,11 @@ from .methods import (
     AUTO,
     DTYPES,
     EXECUTIONS,
-    LATER_DEFAULTS,
-    LATER_PARAM_DEFAULTS,
     MEMORY_FORMATS,
     CellSpec,
     base_quantizer,
     cache_method,
+    id_settings,
     import_plugins,
     methods,
 )
@@ -215,14 +214,9 @@ class Matrix:
 
 def cell_id(cell: CellSpec) -> str:
     """Stable id: a hash of every resolved setting the samples depend on. Settings added later
-    (``methods.LATER_DEFAULTS``: ``execution``, ``dtype``; method parameters in
-    ``methods.LATER_PARAM_DEFAULTS``) count only away from their default, so the ids of cells made
-    before they existed do not change."""
-    fields = {k: v for k, v in asdict(cell).items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
-    fields["params"] = {method: {k: v for k, v in values.items()
-                                 if k not in LATER_PARAM_DEFAULTS or v != LATER_PARAM_DEFAULTS[k]}
-                        for method, values in cell.params.items()}
-    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    (``methods.LATER_DEFAULTS``, ``methods.LATER_PARAM_DEFAULTS``) count only away from their default
+    (``methods.id_settings``), so the ids of cells made before they existed do not change."""
+    payload = json.dumps(id_settings(asdict(cell)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

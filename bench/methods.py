@@ -63,10 +63,29 @@ from .zoo import ZooModel
 # Settings added after run directories existed: at these values they stay out of a cell's id (bench.matrix.cell_id),
 # so the cells of older runs keep their ids and resume.
 LATER_DEFAULTS: dict[str, Any] = {"execution": "fake", "dtype": "float32", "memory_format": "contiguous"}
-MEMORY_FORMATS = ("contiguous", "channels_last")
+TORCH_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+MEMORY_FORMATS = tuple(TORCH_MEMORY_FORMATS)
 LATER_PARAM_DEFAULTS: dict[str, Any] = {"weight_symmetric": None}  # method parameters added later, the same way
 EXECUTIONS = _EXECUTIONS
 DTYPES = COMPUTE_DTYPES
+
+
+def later_settings(settings: Mapping[str, Any]) -> list[str]:
+    """The values of the settings added later that ``settings`` (a cell's fields, a result row or a
+    skipped combination) holds away from their defaults, for labels: ``["int8", "bfloat16"]``."""
+    return [str(settings.get(k, v)) for k, v in LATER_DEFAULTS.items() if settings.get(k, v) != v]
+
+
+def id_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (a cell's fields as a dict, or a result row) without the settings and method
+    parameters added later that sit at their defaults: what a cell's id hashes, so that cells made
+    before those existed keep their ids."""
+    out = {k: v for k, v in settings.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+    later = LATER_PARAM_DEFAULTS
+    if isinstance(out.get("params"), dict):
+        out["params"] = {m: {k: v for k, v in p.items() if k not in later or v != later[k]} if isinstance(p, dict)
+                         else p for m, p in out["params"].items()}
+    return out
 AUTO = "auto"  # a_granularity: the base quantizer's own (or channel for the generic one)
 NONE = "none"  # a_granularity of unquantized activations; the empty cache
 
@@ -106,9 +125,8 @@ class CellSpec:
 
     @property
     def label(self) -> str:
-        """For logs: ``lcq+ec W8A4``, then the execution and dtype where they are not the defaults."""
-        return " ".join([self.method, f"W{self.w_bits}A{self.a_bits}",
-                         *(getattr(self, k) for k, v in LATER_DEFAULTS.items() if getattr(self, k) != v)])
+        """For logs: ``lcq+ec W8A4``, then execution, dtype and memory format where not the defaults."""
+        return " ".join([self.method, f"W{self.w_bits}A{self.a_bits}", *later_settings(vars(self))])
 
     @property
     def seeds(self) -> range:
@@ -139,7 +157,7 @@ class BuildContext:
     def fp_unet_copy(self) -> nn.Module:
         """A copy of the full-precision UNet, in the cell's memory format (its weights laid out so)."""
         unet = copy.deepcopy(self.model.unet)
-        return unet.to(memory_format=torch.channels_last) if self.cell.memory_format == "channels_last" else unet
+        return unet if self.cell.memory_format == "contiguous" else unet.to(memory_format=torch.channels_last)
 
 
 @dataclass
@@ -569,8 +587,7 @@ def build(ctx: BuildContext) -> Prepared:
         if prepared.unet is ctx.model.unet:
             raise BenchError(f"{cell.base}: dtype={cell.dtype}, memory_format={cell.memory_format} needs its own "
                              "copy of the model (the shared model is left as it is)")
-        _adapt_io(prepared.unet, getattr(torch, cell.dtype), getattr(torch, cell.memory_format.replace(
-            "contiguous", "contiguous_format")))
+        _adapt_io(prepared.unet, getattr(torch, cell.dtype), TORCH_MEMORY_FORMATS[cell.memory_format])
     cache = cache_method(cell.cache, cell.params)
     if cache is not None:
         prepared = cache.apply(ctx, prepared)

@@ -34,7 +34,7 @@ from .errors import BenchError
 from .evaluate import Evaluator
 from .generate import Generator, together
 from .matrix import Matrix
-from .methods import LATER_DEFAULTS, CellSpec, metric_reference
+from .methods import CellSpec, later_settings, metric_reference
 from .metrics import METRICS
 from .provenance import git_revision, provenance
 from .samplers import SamplerConfig
@@ -137,7 +137,7 @@ class Runner:
                      + f", {len(self.matrix.skipped)} invalid combinations skipped) on {self.device}"
                      + (f" x {world.size} processes" if world.distributed else "") + f" -> {self.out}")
             for skip in self.matrix.skipped:
-                later = "".join(f" {skip[k]}" for k, v in LATER_DEFAULTS.items() if skip.get(k, v) != v)
+                later = "".join(f" {value}" for value in later_settings(skip))
                 self.log(f"  skipped {skip['base']} {skip['modulation']} W{skip['w_bits']}A{skip['a_bits']} "
                          f"{skip['a_granularity']} {skip['cache']}{later}: {skip['reason']}")
             if before is not None and todo:

@@ -58,7 +58,7 @@ import torch
 
 from .errors import BenchError
 from .matrix import Matrix, cell_id
-from .methods import LATER_DEFAULTS, LATER_PARAM_DEFAULTS, CellSpec
+from .methods import LATER_DEFAULTS, CellSpec, id_settings, later_settings
 from .metrics import ALL_COLUMNS, METRICS, metric_columns
 from .provenance import save_torch_atomic, sha256_file, write_atomic, write_json_atomic
 
@@ -363,20 +363,9 @@ def _try_flock(handle, mode: int, patience_s: float = 0.0) -> bool:
             time.sleep(0.5)
 
 
-def _comparable(settings: dict) -> dict:
-    """A cell's settings without those added later at their defaults (``cell_id`` leaves them out too)."""
-    out = {k: v for k, v in settings.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
-    later = LATER_PARAM_DEFAULTS
-    if isinstance(out.get("params"), dict):
-        out["params"] = {m: {k: v for k, v in p.items() if k not in later or v != later[k]} if isinstance(p, dict)
-                         else p for m, p in out["params"].items()}
-    return out
-
-
 def describe(row: dict) -> str:
     """One line for the log: the cell and its metrics (or its error)."""
-    later = [str(row.get(k, v)) for k, v in LATER_DEFAULTS.items() if row.get(k, v) != v]
-    head = " ".join([row["method"], f"W{row['w_bits']}A{row['a_bits']}", row["a_granularity"], *later])
+    head = " ".join([row["method"], f"W{row['w_bits']}A{row['a_bits']}", row["a_granularity"], *later_settings(row)])
     if row["status"] != "ok":
         return f"{head}: FAILED {row['error']}"
     columns = [c for c in result_columns([row]) if c in metric_columns() or c in METRIC_COLUMNS]
@@ -558,8 +547,8 @@ class RunStore:
                 continue
             row, _ = read_result(directory / "result.json", directory.name)
             if row is not None:
-                expected = _comparable(json.loads(json.dumps(asdict(spec))))
-                row = _comparable(row)
+                expected = id_settings(json.loads(json.dumps(asdict(spec))))
+                row = id_settings(row)
                 if any(k in row and row[k] != v for k, v in expected.items()):
                     foreign.append(directory.name)
         return foreign

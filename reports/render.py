@@ -20,26 +20,23 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.methods import LATER_DEFAULTS
+from bench.methods import LATER_DEFAULTS, later_settings
 from bench.provenance import package_versions, write_atomic
 
-from .tables import MODULATION_LABELS, Table, all_tables
+from .tables import MODULATION_LABELS, Table, all_tables, with_later_defaults
 
 # The settings a reader sees in a report; cells alike in these but with different ids differ in
 # something hidden (the checkpoint) and must not be merged.
 VISIBLE = ["model", "sampler", "steps", "eta", "n_samples", "seed", "batch_size", "base", "modulation", "cache",
            "w_bits", "a_bits", "a_granularity", "execution", "dtype", "memory_format", "params", "device"]
-DEFAULT_EXECUTION = LATER_DEFAULTS  # the cells the paper-style tables and figures show: fake, float32, contiguous
 
 
 def paper_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The rows of fake-quantized float32 cells (what the paper-style tables and figures compare), and
-    how many other rows (int8 / fp8 execution, bfloat16) there are: those are in results.csv and the
-    report's notes until their own tables land."""
-    keep = pd.Series(True, index=frame.index)
-    for column, default in DEFAULT_EXECUTION.items():
-        if column in frame:
-            keep &= frame[column].fillna(default) == default
+    """The rows of fake-quantized float32 contiguous cells (``LATER_DEFAULTS``: what the paper-style
+    tables and figures compare), and how many other rows there are (int8 / fp8 execution, bfloat16,
+    channels-last: in results.csv and the wall-clock table)."""
+    frame = with_later_defaults(frame)
+    keep = (frame[list(LATER_DEFAULTS)] == pd.Series(LATER_DEFAULTS)).all(axis=1)
     return frame[keep], int((~keep).sum())
 
 
@@ -172,9 +169,7 @@ def load_run(directory: str | Path) -> Run:
 def merge(runs: list[Run]) -> pd.DataFrame:
     """One table from several runs. The same cell measured twice on one device is refused, and so
     are cells that look the same but differ in hidden settings."""
-    frame = pd.concat([r.frame for r in runs], ignore_index=True)
-    for column, default in LATER_DEFAULTS.items():  # tables written before these settings existed
-        frame[column] = frame[column].fillna(default) if column in frame else default
+    frame = with_later_defaults(pd.concat([r.frame for r in runs], ignore_index=True))
     twice = frame[frame.duplicated(["cell_id", "device"], keep=False)]
     if len(runs) > 1 and not twice.empty:
         cell = twice.iloc[0]
@@ -242,7 +237,7 @@ def _notes(runs: list[Run], frame: pd.DataFrame) -> list[str]:
         notes.append(f"cell {cell.cell_id} ({cell.method} W{cell.w_bits}A{cell.a_bits}) failed: {cell.error}")
     for run in runs:
         for skip in _skipped(run.info):
-            later = "".join(f" {skip[k]}" for k, v in DEFAULT_EXECUTION.items() if skip.get(k, v) != v)
+            later = "".join(f" {value}" for value in later_settings(skip))
             notes.append(f"{run.label}: skipped {skip.get('base')} {skip.get('modulation')} "
                          f"W{skip.get('w_bits')}A{skip.get('a_bits')}{later}: {skip.get('reason')}")
         if frame[frame.run_dir == str(run.directory)].git_rev.nunique() > 1:

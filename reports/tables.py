@@ -17,6 +17,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from bench.methods import LATER_DEFAULTS
 from bench.metrics import column_info
 
 MISSING = "—"
@@ -378,13 +379,19 @@ def cache_table(frame: pd.DataFrame) -> list[Table]:
                   "caching on the same device, and quality.", columns, rows)]
 
 
-_EXECUTION_DEFAULTS = (("execution", "fake"), ("dtype", "float32"), ("memory_format", "contiguous"))
+def with_later_defaults(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the settings added later (``bench.methods.LATER_DEFAULTS``: execution, dtype,
+    memory format) filled in at their defaults where a table written before them lacks them."""
+    frame = frame.copy()
+    for column, default in LATER_DEFAULTS.items():
+        frame[column] = frame[column].fillna(default) if column in frame else default
+    return frame
 
 
-def execution_label(row: pd.Series | dict) -> str:
+def execution_label(row: pd.Series) -> str:
     """What a cell runs on beyond its method: ``fake float32``, ``int8 bfloat16 channels_last``."""
-    execution, dtype, layout = (row.get(k, d) if row.get(k, d) == row.get(k, d) else d for k, d in _EXECUTION_DEFAULTS)
-    return f"{execution} {dtype}" + (f" {layout}" if layout != "contiguous" else "")
+    return f"{row['execution']} {row['dtype']}" + (f" {row['memory_format']}" if row["memory_format"] != "contiguous"
+                                                   else "")
 
 
 def _ratio(cells: pd.DataFrame, column: str, base: pd.DataFrame) -> float | None:
@@ -399,11 +406,9 @@ def _ratio(cells: pd.DataFrame, column: str, base: pd.DataFrame) -> float | None
 def wallclock_table(frame: pd.DataFrame) -> list[Table]:
     """Images per second and the ratios to the FP32 and BF16 full-precision cells measured in the same
     run and device, one row per method and execution (mean over its bit settings, with the range)."""
-    frame = ok_rows(frame).copy()
+    frame = with_later_defaults(ok_rows(frame))
     if frame.empty:
         return []
-    for column, default in _EXECUTION_DEFAULTS:
-        frame[column] = frame[column].fillna(default) if column in frame else default
     frame["runs_on"] = [execution_label(row) for _, row in frame.iterrows()]
     rows = []
     for (device, model, sampler, steps), group in frame.groupby(["device", "model", "sampler", "steps"], sort=False):
