@@ -28,24 +28,41 @@ def uniform_full_steps(steps: int, interval: int) -> list[int]:
     return list(range(0, steps, interval))
 
 
-def nonuniform_full_steps(steps: int, interval: int, center: int | None = None, power: float = 1.4) -> list[int]:
-    """DeepCache's non-uniform 1:N schedule: ``ceil(steps / N)`` full steps clustered around
-    ``center`` (default: the middle step), at ``unique(int(sign(l) |l|^p + c))`` with ``l``
-    evenly spaced between ``-c^(1/p)`` and ``(steps - 1 - c)^(1/p)``; ``p`` is lowered from
-    ``power`` in steps of 0.01 until exactly that many distinct indices come out (p = 1 always
-    gives them: evenly spaced steps). Step 0 is always full."""
+def nonuniform_full_steps(steps: int, interval: int, center: int | None = None, power: float = 1.2) -> list[int]:
+    """DeepCache's non-uniform 1:N schedule (``sample_from_quad_center`` in its DDPM and Stable Diffusion code):
+    ``n = ceil(steps / N)`` full steps, denser near step ``center`` (default: ``steps // 2``).
+
+    ``n + 1`` points are spread evenly from ``(-c)^(1/p)`` to ``(steps - c)^(1/p)`` and raised to ``p``. The start
+    is a negative number to a fractional power: DeepCache computes it in Python, where that is the complex principal
+    root, so the points are complex and the power (numpy's principal branch) is too; ``np.int32`` then keeps the
+    real part, truncated toward zero. This is why the result is not ``sign(l) |l|^p``, and it is reproduced as is so
+    that the indices are DeepCache's. Of the distinct integers, the smallest (about ``-c``) and the largest (about
+    ``steps - c``) are dropped, the others shifted by ``c``, and step 0 put first. When that does not give exactly
+    ``n`` indices, ``p`` is lowered by 0.02 (the same repeated float subtraction) and the points recomputed, while
+    ``p > 1``; a ValueError if no such ``p`` works (DeepCache's Stable Diffusion pipelines raise too; its DDPM
+    code would go on with the wrong number of full steps). With N = 1 every step is full, as DeepCache's pipelines
+    special-case it. Indices count sampling steps from the first (noisiest), DeepCache's ``enumerate(timesteps)``.
+    E.g. (100 steps, n = 10, c = 50, p = 1.4) -> 0 12 22 32 41 50 59 68 78 88."""
     _check(steps, interval)
-    k = math.ceil(steps / interval)
-    c = (steps - 1) / 2 if center is None else float(center)
-    if not 0 <= c <= steps - 1:
+    n = math.ceil(steps / interval)
+    c = steps // 2 if center is None else int(center)
+    if center is not None and (center != c or not 0 <= c < steps):
         raise ValueError(f"center must be a step index in [0, {steps - 1}], got {center}")
-    for p in np.arange(power, 0.999, -0.01):
-        start, stop = -(c ** (1 / p)), (steps - 1 - c) ** (1 / p)
-        ticks = np.linspace(start, stop, k)
-        idx = np.unique(np.clip((np.sign(ticks) * np.abs(ticks) ** p + c).astype(np.int64), 0, steps - 1))
-        if len(idx) == k and idx[0] == 0:
-            return [int(i) for i in idx]
-    return [int(i) for i in np.linspace(0, steps - 1, k).astype(np.int64)]
+    if not power > 1:
+        raise ValueError(f"power must be > 1 (it is lowered toward 1 until the schedule fits), got {power}")
+    if interval == 1:
+        return list(range(steps))
+    p = float(power)
+    while p > 1:
+        # a Python power of a negative float is complex: the points run from a complex start to a real end
+        points = np.linspace((-c) ** (1 / p), (steps - c) ** (1 / p), n + 1)
+        values = np.unique(np.real(points ** p).astype(np.int32))
+        full = [0, *(int(v) + c for v in values[1:-1])]
+        if len(full) == n:
+            return full
+        p -= 0.02
+    raise ValueError(f"DeepCache's non-uniform schedule has no power in (1, {power}] that gives {n} distinct full "
+                     f"steps of {steps} around step {c}; choose another center or power, or a uniform schedule")
 
 
 def _check(steps: int, interval: int) -> None:
