@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from modiff.layers import QuantLayer
 from .distributed import World
 from .errors import BenchError
 from .measure import measured
-from .methods import BuildContext, CellSpec, Prepared, build, metric_reference
+from .methods import BuildContext, CellSpec, Prepared, build, is_compiled, metric_reference
 from .provenance import git_revision, is_disk_full, package_versions, save_torch_atomic, timing_environment
 from .samplers import SamplerConfig, sample
 from .store import RESULT_COLUMNS, Cell, RunStore, now, one_line, read_chunk
@@ -49,6 +49,8 @@ class SampleRecord:
     cuda_peak_bytes: int | None
     state_bytes: int
     decode_seconds: float = 0.0  # latent models: the autoencoder's decoding, not in ``seconds``
+    # every timed batch, [images, seconds]: each chunk once, and the first chunk ``timing_repeats - 1`` more times
+    batch_seconds: list = field(default_factory=list)
 
 
 class RankFailed(RuntimeError):
@@ -98,8 +100,9 @@ def stop_if_disk_full(world: World, error: OSError | None) -> None:
 
 
 def is_reference_cell(cell: CellSpec) -> bool:
-    """The full-precision, uncached cell: its samples are the shared reference file."""
-    return cell.base == "fp" and cell.cache == "none"
+    """The full-precision, uncached, uncompiled cell: its samples are the shared reference file (a
+    compiled one keeps its own samples: compilation may reorder float arithmetic)."""
+    return cell.base == "fp" and cell.cache == "none" and not is_compiled(vars(cell))
 
 
 class Generator:
@@ -107,7 +110,7 @@ class Generator:
 
     def __init__(self, store: RunStore, models: dict[str, ZooModel], device: torch.device, world: World,
                  progress: bool = False, trace_layer: str = "", trace_samples: int = 1,
-                 needs_reference: bool = False):
+                 needs_reference: bool = False, timing_repeats: int = 1):
         self.store = store
         self.models = models
         self.device = device
@@ -115,6 +118,7 @@ class Generator:
         self.progress = progress
         self.trace_layer = trace_layer
         self.trace_samples = trace_samples
+        self.timing_repeats = timing_repeats  # timed samplings of a cell's first batch (a spread, not one number)
         self.needs_reference = needs_reference  # some metric compares with the full-precision samples
         self._macs: dict[str, object] = {}
 
@@ -198,7 +202,7 @@ class Generator:
                     "device": str(self.device), "world_size": self.world.size, "torch_version": versions["torch"],
                     "git_rev": git_revision(), "modiff_bench_version": versions["modiff-bench"],
                     "started_utc": now(), "versions": versions, "missing_metrics": {}, "metrics": [],
-                    "timing_env": timing_environment(str(self.device), cell.memory_format)})
+                    "timing_env": timing_environment(str(self.device), cell.memory_format, is_compiled(vars(cell)))})
         return row
 
     # -- the full-precision reference -------------------------------------------------------
@@ -261,10 +265,15 @@ class Generator:
             self._warm_up(prepared, denoiser, model, cell, sampler)
             desc = cell.label if cell.base != "fp" else f"full precision {cell.dtype}".removesuffix(" float32")
             for k in tqdm(todo, desc=desc, unit="batch", disable=not self.progress, leave=False):
-                images, m = measured(lambda k=k: sample(
-                    denoiser, model.schedule, sampler, chunks[k], model.image_shape, size, self.device,
-                    progress=False, on_trajectory_start=prepared.start_trajectory, noise_std=prepared.noise_std,
-                    on_batch=model.start_batch), self.device)
+                def run(k=k):
+                    return sample(denoiser, model.schedule, sampler, chunks[k], model.image_shape, size, self.device,
+                                  progress=False, on_trajectory_start=prepared.start_trajectory,
+                                  noise_std=prepared.noise_std, on_batch=model.start_batch)
+
+                images, m = measured(run, self.device)
+                # the same batch again (same seeds, same work): a spread for the timing, not one sequential number
+                repeats = [measured(run, self.device)[1].seconds for _ in range(self.timing_repeats - 1)] \
+                    if k == 0 else []
                 bad = int((~images.isfinite().flatten(1).all(dim=1)).sum())
                 if bad:
                     raise FloatingPointError(f"samples contain NaN/Inf ({bad} of {len(images)} images, seeds "
@@ -281,7 +290,8 @@ class Generator:
                 stored = to_float16(images, chunks[k])
                 data = {"images": stored, "seeds": chunks[k], "tag": tag, "seconds": m.seconds,
                         "decode_seconds": decode_seconds, "peak_rss_bytes": m.peak_rss_bytes,
-                        "cuda_peak_bytes": m.cuda_peak_bytes, "state_bytes": state, "rank": self.world.rank}
+                        "cuda_peak_bytes": m.cuda_peak_bytes, "state_bytes": state, "rank": self.world.rank,
+                        "batch_seconds": [[len(chunks[k]), s] for s in (m.seconds, *repeats)]}
                 save_torch_atomic(paths[k], data)
 
         def assemble() -> SampleRecord | None:
@@ -296,7 +306,8 @@ class Generator:
                 seconds=float(sum(p["seconds"] for p in parts)),
                 peak_rss_bytes=max(p["peak_rss_bytes"] for p in parts), cuda_peak_bytes=max(cuda) if cuda else None,
                 state_bytes=max(p["state_bytes"] for p in parts),
-                decode_seconds=float(sum(p["decode_seconds"] for p in parts)))
+                decode_seconds=float(sum(p["decode_seconds"] for p in parts)),
+                batch_seconds=[t for p in parts for t in p.get("batch_seconds", [[len(p["seeds"]), p["seconds"]]])])
 
         together(self.world, work)
         return together(self.world, assemble)
@@ -363,18 +374,29 @@ class Generator:
         out = {"macs_g": mac_fraction * report.total_macs / 1e9, "wall_s": record.seconds,
                "decode_s": record.decode_seconds,
                "img_per_s": cell.n_samples / record.seconds if record.seconds > 0 else None,
+               **throughput_spread(record.batch_seconds),
                "peak_rss_mb": record.peak_rss_bytes / 2**20, "state_mb": record.state_bytes / 2**20,
                "cuda_peak_mb": None if record.cuda_peak_bytes is None else record.cuda_peak_bytes / 2**20}
         out["peak_mem_mb"] = out["cuda_peak_mb"] if out["cuda_peak_mb"] is not None else out["peak_rss_mb"]
+        warmup = all(p.get("warmup", True) is not False for p in cell.params.values() if isinstance(p, dict))
         try:  # 0-bit activations (pure caching) have no paper convention
             out["gbops"] = mac_fraction * gbops_paper(report, cell.w_bits, cell.a_bits)
             sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)
             calls = len(sampler.evaluation_timesteps(model.schedule))
-            out["gbops_honest"] = mac_fraction * gbops_honest(report, cell.w_bits, cell.a_bits, calls,
-                                                              cell.modulation)
+            out["gbops_honest"] = mac_fraction * gbops_honest(
+                report, cell.w_bits, cell.a_bits, calls, cell.modulation, execution=cell.execution,
+                float_bits=16 if cell.dtype == "bfloat16" else 32, warmup=warmup)
         except ValueError:
             out["gbops"] = out["gbops_honest"] = None
         return out
+
+
+def throughput_spread(batch_seconds: list) -> dict:
+    """``img_per_s_lo`` / ``img_per_s_hi``: the slowest and fastest of the timed batches (images over
+    seconds of each), and ``timed_batches``, how many there were: the spread beside ``img_per_s``."""
+    rates = [n / s for n, s in batch_seconds if s > 0]
+    return {"img_per_s_lo": min(rates) if rates else None, "img_per_s_hi": max(rates) if rates else None,
+            "timed_batches": len(rates)}
 
 
 def to_float16(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:

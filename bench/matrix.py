@@ -9,6 +9,7 @@
     seed = 0                  # image i of every cell uses seed SEED + i
     batch_size = 64
     metrics = ["psnr_to_fp", "fd_domain", "is_domain"]
+    timing_repeats = 1        # time the first batch this many times (a spread beside every img/s)
     [matrix]                  # the cartesian product of these lists is the set of cells
     w_bits = [8]
     a_bits = [8, 4, 3]
@@ -76,7 +77,7 @@ else:  # pragma: no cover
 RUN_DEFAULTS: dict[str, Any] = {
     "description": "", "model": "digits", "checkpoint": "", "sampler": "ddim-quad", "steps": 100, "eta": 0.0,
     "n_samples": 64, "seed": 0, "batch_size": 64, "metrics": ["psnr_to_fp"], "imports": [], "trace_layer": "",
-    "trace_samples": 16,
+    "trace_samples": 16, "timing_repeats": 1,
 }
 AXES: tuple[str, ...] = ("model", "sampler", "steps", "eta", "w_bits", "a_bits", "base", "a_granularity",
                          "modulation", "cache", "execution", "dtype", "memory_format")
@@ -234,7 +235,7 @@ def _check_type(where: str, value: Any, expected) -> None:
 RUN_TYPES: dict[str, Any] = {
     "description": str, "model": str, "checkpoint": str, "sampler": str, "steps": int, "eta": (int, float),
     "n_samples": int, "seed": int, "batch_size": int, "metrics": list, "imports": list, "trace_layer": str,
-    "trace_samples": int,
+    "trace_samples": int, "timing_repeats": int,
 }
 AXIS_TYPES: dict[str, Any] = {"model": str, "sampler": str, "steps": int, "eta": (int, float), "w_bits": int,
                               "a_bits": int, "base": str, "a_granularity": str, "modulation": str, "cache": str,
@@ -276,7 +277,7 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
         run.pop(key)
     for axes in blocks:
         _validate_axes(axes)
-    for key in ("n_samples", "batch_size", "trace_samples"):
+    for key in ("n_samples", "batch_size", "trace_samples", "timing_repeats"):
         if run[key] < 1:
             raise BenchError(f"run.{key} must be >= 1, got {run[key]}")
     check_seeds(run["seed"], run["n_samples"], "run.seed")

@@ -65,7 +65,7 @@ from .zoo import ZooModel
 LATER_DEFAULTS: dict[str, Any] = {"execution": "fake", "dtype": "float32", "memory_format": "contiguous"}
 TORCH_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MEMORY_FORMATS = tuple(TORCH_MEMORY_FORMATS)
-LATER_PARAM_DEFAULTS: dict[str, Any] = {"weight_symmetric": None}  # method parameters added later, the same way
+LATER_PARAM_DEFAULTS: dict[str, Any] = {"weight_symmetric": None, "compile": False}  # method parameters added later
 EXECUTIONS = _EXECUTIONS
 DTYPES = COMPUTE_DTYPES
 
@@ -73,7 +73,16 @@ DTYPES = COMPUTE_DTYPES
 def later_settings(settings: Mapping[str, Any]) -> list[str]:
     """The values of the settings added later that ``settings`` (a cell's fields, a result row or a
     skipped combination) holds away from their defaults, for labels: ``["int8", "bfloat16"]``."""
-    return [str(settings.get(k, v)) for k, v in LATER_DEFAULTS.items() if settings.get(k, v) != v]
+    out = [str(settings.get(k, v)) for k, v in LATER_DEFAULTS.items() if settings.get(k, v) != v]
+    return out + (["compiled"] if is_compiled(settings) else [])
+
+
+def is_compiled(settings: Mapping[str, Any]) -> bool:
+    """Whether ``settings`` (a cell's fields, a result row or a skipped combination) run ``torch.compile``d
+    (the ``fp`` base's ``compile`` parameter)."""
+    params = settings.get("params")
+    return isinstance(params, Mapping) and any(isinstance(p, Mapping) and p.get("compile") is True
+                                               for p in params.values())
 
 
 def id_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +92,15 @@ def id_settings(settings: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in settings.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
     later = LATER_PARAM_DEFAULTS
     if isinstance(out.get("params"), dict):
-        out["params"] = {m: {k: v for k, v in p.items() if k not in later or v != later[k]} if isinstance(p, dict)
-                         else p for m, p in out["params"].items()}
+        params = {}
+        for m, p in out["params"].items():
+            if isinstance(p, dict):
+                kept = {k: v for k, v in p.items() if k not in later or v != later[k]}
+                if p and not kept:  # only parameters added later, at their defaults (fp's compile): as before
+                    continue
+                p = kept
+            params[m] = p
+        out["params"] = params
     return out
 AUTO = "auto"  # a_granularity: the base quantizer's own (or channel for the generic one)
 NONE = "none"  # a_granularity of unquantized activations; the empty cache
@@ -627,7 +643,12 @@ def _adapt_io(unet: nn.Module, dtype: torch.dtype, memory_format: torch.memory_f
 # --------------------------------------------------------------------------------------------
 @register_method("fp")
 class FullPrecision(BaseQuantizer):
-    """The full-precision model: 32-bit weights and activations, nothing wrapped."""
+    """The full-precision model: 32-bit weights and activations, nothing wrapped (optionally compiled)."""
+
+    @dataclass(frozen=True)
+    class Params:
+        # torch.compile the UNet (inductor; compiled in the untimed warm-up): the strongest float baseline
+        compile: bool = False
 
     dtypes: ClassVar[tuple[str, ...]] = DTYPES
 
@@ -639,10 +660,13 @@ class FullPrecision(BaseQuantizer):
         return None
 
     def build(self, ctx: BuildContext) -> Prepared:
-        if ctx.cell.dtype == "float32" and ctx.cell.memory_format == "contiguous":
+        if ctx.cell.dtype == "float32" and ctx.cell.memory_format == "contiguous" and not self.settings.compile:
             return Prepared(unet=ctx.model.unet)
         # nn.Module.to: diffusers' own .to() warns about casting when it has nothing to keep in float32
-        return Prepared(unet=nn.Module.to(ctx.fp_unet_copy(), getattr(torch, ctx.cell.dtype)))
+        unet = nn.Module.to(ctx.fp_unet_copy(), getattr(torch, ctx.cell.dtype))
+        if self.settings.compile:
+            unet.compile()  # in place: the module keeps its names (traces, MAC counts); compiles on first call
+        return Prepared(unet=unet, info={"compiled": True} if self.settings.compile else {})
 
 
 @register_method("dynamic")
@@ -658,6 +682,7 @@ class DynamicQuantizer(BaseQuantizer):
         # symmetric per-output-channel weights; unset: on for int8 / fp8 execution (their kernels need it), off for
         # fake. Set it to true on fake cells to compare them with int8 cells on the same weight grid.
         weight_symmetric: bool | None = None
+        compile: bool = False  # fuse the quantizers' elementwise passes with torch.compile (ModiffConfig.compile)
 
     real_execution: ClassVar[bool] = True
     dtypes: ClassVar[tuple[str, ...]] = DTYPES
@@ -668,8 +693,9 @@ class DynamicQuantizer(BaseQuantizer):
 
     def resolve(self, cell: CellSpec) -> str | None:
         reason = super().resolve(cell)
-        if reason is None and cell.execution != "fake":
-            try:  # what only this combination gets wrong (channel scales, > 8 bits, fp8 bit widths)
+        if reason is None:
+            try:  # what only this combination gets wrong (channel scales, > 8 bits, fp8 bit widths, a_bits 0
+                # without warm-up)
                 self.config(cell)
             except BenchError as exc:
                 reason = str(exc)

@@ -17,6 +17,7 @@ If the metric list grows, finished cells get the new metrics from their saved sa
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from .distributed import World
 from .errors import BenchError
 from .evaluate import Evaluator
 from .generate import Generator, together
-from .matrix import Matrix
+from .matrix import AXES, Matrix
 from .methods import CellSpec, later_settings, metric_reference
 from .metrics import METRICS
 from .provenance import git_revision, provenance
@@ -57,15 +58,42 @@ class RunSummary:
     unevaluated: list[str] = field(default_factory=list)  # a metric raised; reasons in ``missing_metrics``
 
 
+FP8_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm) on CUDA: Ada Lovelace / Hopper and newer
+
+
+def device_skip_reason(cell: CellSpec, device: torch.device, capability: tuple[int, int] | None = None) -> str | None:
+    """Why ``cell`` cannot run on ``device`` although its settings are valid (fp8 on a GPU without float8
+    kernels), or None. ``capability``: the CUDA compute capability (default: asked of the device)."""
+    if cell.execution != "fp8" or device.type != "cuda":
+        return None
+    capability = tuple(capability or torch.cuda.get_device_capability(device))
+    if capability < FP8_CAPABILITY:
+        return (f"execution=fp8 needs float8 kernels (CUDA compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} "
+                f"or newer); this GPU has {capability[0]}.{capability[1]}")
+    return None
+
+
+def without_device_skips(matrix: Matrix, device: torch.device, capability: tuple[int, int] | None = None) -> Matrix:
+    """``matrix`` with the cells this device cannot run moved to its skipped combinations, with reasons."""
+    keep, skipped = [], list(matrix.skipped)
+    for cell in matrix.cells:
+        reason = device_skip_reason(cell, device, capability)
+        if reason is None:
+            keep.append(cell)
+        else:
+            skipped.append({**{k: getattr(cell, k) for k in AXES if hasattr(cell, k)}, "reason": reason})
+    return matrix if len(keep) == len(matrix.cells) else dataclasses.replace(matrix, cells=keep, skipped=skipped)
+
+
 class Runner:
     def __init__(self, matrix: Matrix, out: str | Path, device: str = "auto", force: bool = False,
                  progress: bool = True, argv: list[str] | None = None, log: Callable[[str], None] | None = None,
                  world: World | None = None, only: set[str] | None = None):
         """``world``: this process's place among torchrun ranks (default: alone). ``only``: run just
         these cell ids (a SLURM array task's share); the tables still list every finished cell."""
-        self.matrix = matrix
         self.out = Path(out)
         self.device = pick_device(device)
+        self.matrix = matrix = without_device_skips(matrix, self.device)
         self.force = force
         self.world = world or World()
         self.progress = progress and sys.stderr.isatty() and self.world.main  # bars only for a person watching
@@ -76,7 +104,7 @@ class Runner:
         needs_reference = any(METRICS[n].needs_fp_reference for n in matrix.metrics)
         self.generator = Generator(self.store, self.models, self.device, self.world, self.progress,
                                    matrix.run.get("trace_layer", ""), matrix.run.get("trace_samples", 1),
-                                   needs_reference)
+                                   needs_reference, matrix.run.get("timing_repeats", 1))
         self.evaluator = Evaluator(self.store, matrix.metrics, matrix.inception, self.device)
 
     @property

@@ -66,8 +66,9 @@ SETTING_COLUMNS = ("model", "checkpoint", "sampler", "steps", "eta", "n_samples"
                    "base", "modulation", "cache", "w_bits", "a_bits", "a_granularity", "execution", "dtype",
                    "memory_format")
 METRIC_COLUMNS = ALL_COLUMNS  # the built-in metrics' (a user metric adds its own: see result_columns)
-COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "speedup_fp32",
-                "speedup_bf16", "decode_s", "peak_mem_mb", "peak_rss_mb", "cuda_peak_mb")
+COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "img_per_s_lo",
+                "img_per_s_hi", "timed_batches", "speedup_fp32", "speedup_bf16", "decode_s", "peak_mem_mb",
+                "peak_rss_mb", "cuda_peak_mb")
 DERIVED_COLUMNS = ("speedup_fp32", "speedup_bf16")  # computed by table_frame from the run's rows, not stored
 PROVENANCE_COLUMNS = ("device", "world_size", "torch_version", "git_rev", "modiff_bench_version", "started_utc",
                       "finished_utc", "samples_file", "trace_file", "params", "method_info", "missing_metrics",
@@ -77,7 +78,9 @@ RESULT_COLUMNS = ("cell_id", "status", "error", *SETTING_COLUMNS, *METRIC_COLUMN
 NON_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in METRIC_COLUMNS) + (
     "metrics", "metric_columns", "samples_bytes", "samples_sha256", "generated_utc")
 JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights", "timing_env")
-REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes", "decode_seconds")
+REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes", "decode_seconds",
+                  "batch_seconds")
+OPTIONAL_REFERENCE_KEYS = ("decode_seconds", "batch_seconds")  # absent in references made by older versions
 CHUNK_KEYS = ("images", "seeds", "seconds", "decode_seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes")
 
 
@@ -706,7 +709,7 @@ class RunStore:
         except Exception as exc:  # truncated, garbled, or not a plain tensor file
             return None, f"cannot be loaded with weights_only=True: {one_line(exc)}"
         reason = check_samples(data, cell.n_samples, list(cell.seeds), image_shape,
-                               keys=tuple(k for k in REFERENCE_KEYS if k != "decode_seconds"))
+                               keys=tuple(k for k in REFERENCE_KEYS if k not in OPTIONAL_REFERENCE_KEYS))
         if reason is None and set(data) - set(REFERENCE_KEYS):
             reason = f"unexpected keys {sorted(set(data) - set(REFERENCE_KEYS))}"
         if reason is not None:

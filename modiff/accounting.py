@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import MODULATIONS, NOT_QUANTIZED, check_bits, check_choice
+from .config import EXECUTIONS, MODULATIONS, NOT_QUANTIZED, check_bits, check_choice
 from .layers import QUANTIZABLE, QuantLayer
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "count_macs",
     "gbops_paper",
     "gbops_honest",
+    "ran_bits",
     "state_bytes_estimate",
 ]
 
@@ -231,32 +232,54 @@ def gbops_paper(report: MacReport, w_bits: int, a_bits: int, include_attention: 
     return macs * w_bits * a_bits / 1e9
 
 
+def ran_bits(bits: int, execution: str = "fake", float_bits: int = FP_BITS) -> int:
+    """The bit width an operand of ``bits`` is charged at in ``gbops_honest``: what actually runs. Unquantized
+    (32) operands are floats of ``float_bits`` (16 for bfloat16); real execution (``int8`` / ``fp8``) holds every
+    quantized operand in an 8-bit container whatever its grid (an A4 residual still costs an 8-bit multiply);
+    fake quantization is charged at its grid's width, the cost a kernel of that width would have."""
+    if bits == NOT_QUANTIZED:
+        return float_bits
+    return 8 if execution != "fake" else bits
+
+
 def gbops_honest(
-    report: MacReport, w_bits: int, a_bits: int, steps: int, modulation: str, include_attention: bool = True
+    report: MacReport, w_bits: int, a_bits: int, steps: int, modulation: str, include_attention: bool = True, *,
+    execution: str = "fake", float_bits: int = FP_BITS, warmup: bool = True,
 ) -> float:
     """Average GBops per image per step over a trajectory of ``steps`` denoiser calls, with modulation's real costs.
 
-    ``"off"``: identical to ``gbops_paper``. ``"plain"`` / ``"ec"``: the first (warm-up) step runs conv/linear layers
-    with 32-bit activations (MACs * w_bits * 32); each of the other ``steps - 1`` steps costs MACs * w_bits * a_bits
-    plus, for every conv/linear layer, float32 additions: ``ec`` does ``2 * in_elements + out_elements`` (the input
-    difference, the update of the reconstruction â and the output accumulation); ``plain`` keeps the true input
-    instead of accumulating one, so ``in_elements + out_elements``. Convention: a b-bit addition costs b
-    bit-operations, so each of these costs 32. Attention matmuls are not modulated and are charged at the paper rate
-    (w_bits * a_bits) every step. The min/max reductions of dynamic scales are still not charged.
+    Operands are charged at what runs (``ran_bits``): ``execution`` ``int8`` / ``fp8`` at their 8-bit containers,
+    unquantized operands at ``float_bits`` (32, or 16 for bfloat16 full precision). ``"off"``: MACs * w * a (with
+    the fake-execution defaults, identical to ``gbops_paper``). ``"plain"`` / ``"ec"``: the first (warm-up) step
+    runs conv/linear layers with 32-bit activations (MACs * w * 32; with real execution the warm-up runs a float32
+    conv, so 32 * 32; with ``warmup=False`` it is a quantized step, MACs * w * a, without modulation's additions);
+    each of the other ``steps - 1`` steps costs MACs * w * a plus, for every conv/linear layer, float32 additions:
+    ``ec`` does ``2 * in_elements + out_elements`` (the input difference, the update of the reconstruction â and
+    the output accumulation); ``plain`` keeps the true input instead of accumulating one, so ``in_elements +
+    out_elements``. Convention: a b-bit addition costs b bit-operations, so each of these costs 32 (the layers keep
+    their state in float32). Attention matmuls are not modulated and are charged at w * a every step. The min/max
+    reductions of dynamic scales are still not charged.
     """
     check_bits("w_bits", w_bits)
     check_bits("a_bits", a_bits)
     check_choice("modulation", modulation, MODULATIONS)
+    check_choice("execution", execution, EXECUTIONS)
+    if float_bits not in (16, FP_BITS):
+        raise ValueError(f"float_bits must be 16 or 32; got {float_bits!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    w, a = ran_bits(w_bits, execution, float_bits), ran_bits(a_bits, execution, float_bits)
+    attention = report.attention_macs * w * a if include_attention else 0
     if modulation == "off":
-        return gbops_paper(report, w_bits, a_bits, include_attention)
-    attention = report.attention_macs * w_bits * a_bits if include_attention else 0
-    warm_up = report.conv_linear_macs * w_bits * FP_BITS + attention
+        return (report.conv_linear_macs * w * a + attention) / 1e9
+    if not warmup:
+        first = report.conv_linear_macs * w * a + attention
+    else:
+        first = report.conv_linear_macs * (FP_BITS if execution != "fake" else w) * FP_BITS + attention
     input_passes = 2 if modulation == "ec" else 1
     additions = (input_passes * report.in_elements + report.out_elements) * FP_BITS
-    modulated = report.conv_linear_macs * w_bits * a_bits + additions + attention
-    return (warm_up + (steps - 1) * modulated) / steps / 1e9
+    modulated = report.conv_linear_macs * w * a + additions + attention
+    return (first + (steps - 1) * modulated) / steps / 1e9
 
 
 def state_bytes_estimate(report: MacReport, batch_size: int, modulation: str, bytes_per_element: int = 4) -> int:

@@ -40,7 +40,17 @@ class ModiffConfig:
     residual range (max - min) is at or below it (adaptive caching, paper Remark 4.1).
     ``granularity`` applies to dynamic activation scales; only ``sample`` and ``sample-channel``
     make an image's result independent of the rest of its batch. The channel axis is dim 1 of a
-    conv input and the last dim of a linear input.
+    conv input and the last dim of a linear input. On a 2-D linear input ``(batch, features)`` (the
+    time-embedding MLP, every ``time_emb_proj``) ``sample-channel`` is ``sample``, one scale per row:
+    one per (sample, feature) would be one per element, an exact layer charged at ``a_bits``.
+    ``channel`` there is one scale per feature over the batch, which is exact at batch 1 (one scale
+    per element) and at any batch whose rows are equal: the samplers give every sample the same
+    timestep, so under ``channel`` scales the time-embedding MLP (and ``time_emb_proj``, unless class
+    labels differ) is not quantized. That is the definition (LCQ), kept as it is; ``sample`` or
+    ``tensor`` quantize those layers.
+    Static scales (``act_scale="static"``) are fitted on the true temporal residuals in the modulated
+    modes, so they need the full-precision warm-up (``warmup=True``): without it the first step would
+    quantize a whole activation with a residual's scale, and the combination is refused.
 
     ``execution``: ``fake`` quantizes and dequantizes in float (accuracy studies); ``int8`` runs the
     conv/linear on integer kernels (oneDNN on CPU, ``torch._int_mm`` on CUDA) with the activation,
@@ -82,6 +92,13 @@ class ModiffConfig:
         check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
         if self.act_scale == "static" and self.granularity not in ("tensor", "channel"):
             raise ValueError(f"granularity must be 'tensor' or 'channel' with static scales; got {self.granularity!r}")
+        if self.a_bits == 0 and not self.warmup:
+            raise ValueError("a_bits=0 (reuse the cached output) needs warmup=True: without the full-precision first "
+                             "step there is no output to reuse (the first step would quantize to 0 bits)")
+        if self.act_scale == "static" and not self.warmup and self.modulation != "off":
+            raise ValueError(f"act_scale='static' with warmup=False (modulation {self.modulation!r}) would quantize "
+                             "the whole first-step input with a scale fitted on residuals (~10x too narrow); keep "
+                             "warmup=True or use act_scale='dynamic'")
         if self.residual_tolerance is not None:
             if self.modulation == "off":
                 raise ValueError("residual_tolerance needs modulation 'plain' or 'ec'")

@@ -5,10 +5,11 @@
 - ``ec``:    ``d_t = Q(a_t - â_{t+1})``, ``â_t = â_{t+1} + d_t``, ``ô_t = ô_{t+1} + A(d_t)``
 
 In the modulated modes the first call after :meth:`reset_state` is the warm-up: full precision
-(``â = a``, ``ô = A(a) + bias``) when ``warmup`` is on, else ``Q(a)``. The bias is added there
-once; residuals go through ``A`` without it. State is per layer and per sample trajectory and
-must be reset once per batch, before the first step -- never per step, which would make every
-step a full-precision warm-up and silently switch the method off.
+(``â = a``, ``ô = A(a) + bias``) when ``warmup`` is on, else ``Q(a)`` with a dynamic scale (static
+scales are fitted on residuals, too narrow for a whole input: ``ModiffConfig`` refuses them without
+the warm-up). The bias is added there once; residuals go through ``A`` without it. State is per
+layer and per sample trajectory and must be reset once per batch, before the first step -- never
+per step, which would make every step a full-precision warm-up and silently switch the method off.
 
 ``execution="int8"`` / ``"fp8"`` run ``A`` on integer or float8 kernels (``modiff/kernels.py``)
 with the same arithmetic around them. A layer never mutates a tensor it has returned, nor its

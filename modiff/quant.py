@@ -69,9 +69,17 @@ def minmax(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.
 
 
 def reduce_dims(ndim: int, granularity: str, channel_axis: int) -> tuple[int, ...]:
-    """Dimensions a dynamic scale is computed over (the others keep one scale each)."""
+    """Dimensions a dynamic scale is computed over (the others keep one scale each).
+
+    ``sample-channel`` on a 2-D input ``(batch, features)`` -- the time-embedding MLP, every
+    ``time_emb_proj`` -- is ``sample``: keeping both dims would reduce over nothing, one scale per
+    element, so the layer would run exactly while the accounting charges it at ``a_bits``. ``channel``
+    keeps its definition there (per feature, over the batch); see ``ModiffConfig`` for when that is
+    exact too."""
     check_choice("granularity", granularity, GRANULARITIES)
     channel_axis %= ndim
+    if granularity == "sample-channel" and ndim == 2:
+        granularity = "sample"
     keep = {"tensor": (), "sample": (0,), "channel": (channel_axis,), "sample-channel": (0, channel_axis)}[granularity]
     return tuple(d for d in range(ndim) if d not in keep)
 

@@ -39,8 +39,9 @@ PRIMARY_ORDER = ("fid", "fd_domain", "psnr_to_fp", "sfid")
 # as one point or one line.
 GROUP_KEYS = ("model", "sampler", "steps", "w_bits")
 CONTEXT_KEYS = ("checkpoint", "eta", "n_samples", "seed")
-NUMERIC_COLUMNS = ("mse_to_fp", "gbops", "gbops_honest", "macs_g", "wall_s", "img_per_s",
-                   "steps", "w_bits", "a_bits", "n_samples", "eta", "seed")
+NUMERIC_COLUMNS = ("mse_to_fp", "gbops", "gbops_honest", "macs_g", "wall_s", "img_per_s", "img_per_s_lo",
+                   "img_per_s_hi", "speedup_fp32", "speedup_bf16", "steps", "w_bits", "a_bits", "n_samples", "eta",
+                   "seed")
 
 MODULATIONS = ("off", "plain", "ec")
 MODULATION_SUFFIX = {"off": "", "plain": " + plain mod.", "ec": " + MoDiff"}
@@ -453,6 +454,87 @@ def quality_vs_gbops(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure 
     return _save(fig, Path(out_dir), _slug(f"quality_vs_gbops_{metric}"), title, caption, series)
 
 
+def _later_tag(row) -> str:
+    """What a cell runs on beyond the paper's fake float32 (``int8``, ``bfloat16``, ``compiled``), for tags."""
+    parts = [str(getattr(row, k)) for k, v in (("execution", "fake"), ("dtype", "float32"),
+                                               ("memory_format", "contiguous"))
+             if isinstance(getattr(row, k, v), str) and getattr(row, k, v) != v]
+    compiled = [v for k, v in row._asdict().items() if k.startswith("p_") and k.endswith("_compile") and v is True]
+    return " ".join(parts + (["compiled"] if compiled else []))
+
+
+def quality_vs_throughput(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure | None:
+    """Quality against measured sampling throughput relative to full precision in bfloat16 (float32 where
+    a panel has no bfloat16 cell), with the Pareto front: whether a method is faster in fact, not only
+    cheaper on paper. One panel per model / sampler / steps / device (ratios are within one run)."""
+    usable = _prepared(frame)
+    for column in ("speedup_bf16", "speedup_fp32"):
+        if column in usable.columns:
+            usable[column] = pd.to_numeric(usable[column], errors="coerce")
+    if metric not in usable.columns or not {"speedup_bf16", "speedup_fp32"} & set(usable.columns):
+        return None
+    usable = usable[np.isfinite(usable[metric].to_numpy(dtype=float))]
+    keys = _group_keys(usable, ("model", "sampler", "steps", "device"))
+    label, direction = _metric_info(metric)
+    higher = direction == "higher"
+    panels = []
+    for values, rows in _groups(usable, keys):
+        column = "speedup_bf16" if "speedup_bf16" in rows and rows["speedup_bf16"].notna().any() else "speedup_fp32"
+        if column not in rows:
+            continue
+        rows = rows[np.isfinite(rows[column].to_numpy(dtype=float)) & (rows[column] > 0)].reset_index(drop=True)
+        if len(rows):
+            panels.append((values, rows, column))
+    if not panels:
+        return None
+    colours = _colours(usable["base"])
+    fig = _new_figure(4.6 * min(len(panels), 3) + 2.4, 4.0 * math.ceil(len(panels) / 3))
+    series: dict[str, list[tuple]] = {}
+    for ax, (values, rows, column) in zip(_panel_grid(fig, len(panels)), panels, strict=True):
+        panel = _context_text(keys, values)
+        tags = [" ".join(filter(None, [method_label(r.base, r.modulation, r.cache),
+                                       f"W{int(r.w_bits)}A{int(r.a_bits)}" if r.base != "fp" else "", _later_tag(r)]))
+                for r in rows.itertuples()]
+        for r in rows.itertuples():
+            colour = _FP_COLOUR if r.base == "fp" else colours[r.base]
+            real = getattr(r, "execution", "fake") not in ("fake", None)
+            ax.scatter([getattr(r, column)], [getattr(r, metric)], marker=_style(r.modulation)[1], s=42, zorder=3,
+                       facecolors=colour if real or r.base == "fp" else "none", edgecolors=colour, linewidths=1.2)
+        points = list(zip(rows[column].astype(float), rows[metric].astype(float), strict=True))
+        front = pareto_front([(-x, y) for x, y in points], higher_is_better=higher)  # faster is better
+        fx, fy = [points[i][0] for i in front], [points[i][1] for i in front]
+        ax.plot(fx, fy, color="0.35", linewidth=1.2, zorder=2, drawstyle="steps-post")
+        ax.scatter(fx, fy, marker="o", s=140, facecolors="none", edgecolors="0.35", linewidths=1.0, zorder=2)
+        for i in front:
+            ax.annotate(tags[i], points[i], xytext=(4, 4), textcoords="offset points", fontsize=6.5, color="0.25")
+        ax.axvline(1.0, color="0.6", linestyle=":", linewidth=1.0)
+        ax.set_xscale("log")
+        _log_if_wide(ax, [y for _, y in points])
+        ax.set_xlabel(f"throughput / full precision {'BF16' if column == 'speedup_bf16' else 'FP32'} "
+                      f"(column `{column}`, log scale)")
+        ax.set_ylabel(_axis_label(metric))
+        ax.set_title(panel, fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+        series[panel] = [(x, y, tags[i]) for i, (x, y) in enumerate(points)]
+        series[f"{panel} | Pareto front"] = [(points[i][0], points[i][1], tags[i]) for i in front]
+    extra = [Line2D([], [], color="0.35", linewidth=1.2, marker="o", markersize=10, markerfacecolor="none",
+                    label="Pareto front"),
+             Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="",
+                    label="hollow: fake quantization"),
+             Line2D([], [], color=_FP_COLOUR, marker="o", linestyle="", label="full precision")]
+    _legend(fig, [b for b in usable["base"] if b != "fp"], usable["modulation"], colours, *extra)
+    title = f"{label} vs. measured throughput"
+    fig.suptitle(title, fontsize=11)
+    caption = (f"{label} (column `{metric}`; {direction} is better) against sampling throughput relative to the "
+               f"full-precision bfloat16 cell of the same run and device (column `speedup_bf16`; `speedup_fp32` "
+               f"in a panel without one), log scale; the dotted line is parity. Filled markers run real low-bit "
+               f"kernels (int8 / fp8) or are full precision, hollow ones fake-quantize in float. The grey step "
+               f"line joins the Pareto front: cells no other cell beats on both speed and quality. Each point is "
+               f"one cell's measured images per second (its timed batches' spread is in the wall-clock table); "
+               f"for a speed claim about a kernel use 'nox -s bench'.")
+    return _save(fig, Path(out_dir), _slug(f"quality_vs_throughput_{metric}"), title, caption, series)
+
+
 def _baseline_for(row: pd.Series, candidates: pd.DataFrame) -> pd.Series | None:
     """The uncached cell a cached one is timed against. Speed-ups only mean something on the same
     machine, so a baseline from the same run (then the same device) is preferred."""
@@ -699,10 +781,11 @@ def sample_grids(frame: pd.DataFrame, run_dir: Path | Mapping[str, Path], out_di
 
 
 def all_figures(frame: pd.DataFrame, run_dirs: dict[str, Path], out_dir: Path,
-                traces: dict | None = None) -> list[Figure]:
+                traces: dict | None = None, everything: pd.DataFrame | None = None) -> list[Figure]:
     """Every figure the table supports, for a report to embed: the bits sweep for each measured
-    quality metric, the cost and cache trade-offs for the headline metric, the sample grids, and the
-    per-step error when traces were recorded."""
+    quality metric, the cost, measured-speed and cache trade-offs for the headline metric, the sample
+    grids, and the per-step error when traces were recorded. ``everything`` (default ``frame``) may add
+    cells of other executions, dtypes and layouts: they are drawn in the measured-speed figure."""
     out_dir = Path(out_dir)
     usable = _prepared(frame)
     figures: list[Figure] = []
@@ -711,8 +794,9 @@ def all_figures(frame: pd.DataFrame, run_dirs: dict[str, Path], out_dir: Path,
             figures += quality_vs_bits(frame, metric, out_dir)
     metric = primary_metric(frame)
     if metric is not None:
-        for make in (quality_vs_gbops, cache_speedup_vs_quality):
-            figure = make(frame, metric, out_dir)
+        for make, rows in ((quality_vs_gbops, frame), (quality_vs_throughput, frame if everything is None
+                                                                else everything), (cache_speedup_vs_quality, frame)):
+            figure = make(rows, metric, out_dir)
             if figure is not None:
                 figures.append(figure)
     if run_dirs:

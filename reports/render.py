@@ -23,7 +23,7 @@ from bench.errors import BenchError
 from bench.methods import LATER_DEFAULTS, later_settings
 from bench.provenance import package_versions, write_atomic
 
-from .tables import MODULATION_LABELS, Table, all_tables, with_later_defaults
+from .tables import MODULATION_LABELS, Table, all_tables, param_value, with_later_defaults
 
 # The settings a reader sees in a report; cells alike in these but with different ids differ in
 # something hidden (the checkpoint) and must not be merged.
@@ -32,11 +32,14 @@ VISIBLE = ["model", "sampler", "steps", "eta", "n_samples", "seed", "batch_size"
 
 
 def paper_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The rows of fake-quantized float32 contiguous cells (``LATER_DEFAULTS``: what the paper-style
-    tables and figures compare), and how many other rows there are (int8 / fp8 execution, bfloat16,
-    channels-last: in results.csv and the wall-clock table)."""
+    """The rows of fake-quantized float32 contiguous uncompiled cells (``LATER_DEFAULTS``: what the
+    paper-style tables and figures compare), and how many other rows there are (int8 / fp8 execution,
+    bfloat16, channels-last, compiled: in results.csv, Table 1's extra columns, the wall-clock table and
+    the quality-vs-throughput figure)."""
     frame = with_later_defaults(frame)
     keep = (frame[list(LATER_DEFAULTS)] == pd.Series(LATER_DEFAULTS)).all(axis=1)
+    keep &= pd.Series([param_value(row, "compile") is not True for _, row in frame.iterrows()], index=frame.index,
+                      dtype=bool)
     return frame[keep], int((~keep).sum())
 
 
@@ -287,14 +290,16 @@ def build_report(directories: list[str | Path], out: str | Path | None = None) -
     notes = _notes(runs, everything)
     frame, others = paper_rows(everything)
     if others:
-        notes.append(f"{others} cell(s) with real low-bit execution, bfloat16 or channels-last are in results.csv "
-                     "(columns execution, dtype, memory_format, speedup_fp32, speedup_bf16) and the wall-clock "
-                     "table, not yet in the other tables and the figures")
+        notes.append(f"{others} cell(s) with real low-bit execution, bfloat16, channels-last or compilation are in "
+                     "results.csv (columns execution, dtype, memory_format, speedup_fp32, speedup_bf16), in Table 1 "
+                     "under their own column groups, in the wall-clock table and in the quality-vs-throughput "
+                     "figure; the other tables and figures compare the paper's fake-quantized float32 cells")
     tables: list[Table] = all_tables(frame, everything)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     try:
-        figures = all_figures(frame, {str(r.directory): r.directory for r in runs}, figures_dir, _traces(frame))
+        figures = all_figures(frame, {str(r.directory): r.directory for r in runs}, figures_dir, _traces(frame),
+                              everything)
     except (OSError, ValueError, KeyError) as exc:  # a bad trace or sample file costs the figures, not the tables
         figures = []
         notes.append(f"figures could not be drawn: {type(exc).__name__}: {exc}")

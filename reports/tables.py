@@ -204,50 +204,67 @@ def _value(group: pd.DataFrame, metric: str, **match) -> float | None:
     return float(values.iloc[0]) if len(values) else None
 
 
+def later_label(row: pd.Series) -> str:
+    """The settings beyond the paper's where a row has them (``int8``, ``bfloat16 channels_last``,
+    ``compiled``; empty for a fake-quantized float32 contiguous cell): part of Table 1's column labels."""
+    parts = [str(row.get(k)) for k, v in LATER_DEFAULTS.items() if pd.notna(row.get(k, v)) and row.get(k, v) != v]
+    return " ".join(parts + (["compiled"] if param_value(row, "compile") is True else []))
+
+
 def table1(frame: pd.DataFrame) -> list[Table]:
-    """Paper Table 1: rows = W/A bits with GBops; column groups = base x {alone, + MoDiff}."""
-    frame = ok_rows(frame)
-    frame = frame[frame.cache == "none"]
+    """Paper Table 1: rows = W/A bits with GBops; column groups = base x {alone, + MoDiff}, and x what
+    the cells run on where that is not the paper's fake-quantized float32 (``LTQ + MoDiff int8``: the
+    FP row under such a group is the full-precision cell of the same dtype and layout, if any). A
+    "(paper)" column only stands beside the paper's own setting."""
+    frame = with_later_defaults(ok_rows(frame))
+    frame = frame[frame.cache == "none"].copy()
+    frame["later"] = [later_label(row) for _, row in frame.iterrows()]
     metrics = quality_metrics(frame)
     tables = []
     for setting, group in _setting_groups(frame):
         bases = _bases(group)
         if not bases or not metrics:
             continue
-        variants = [m for m in ("off", "ec") if (group.modulation == m).any()]
+        quantized = group[group.base != "fp"]
+        groups = [(base, mod, later) for later in sorted(dict.fromkeys(quantized.later), key=lambda x: (x != "", x))
+                  for base in bases for mod in ("off", "ec")
+                  if ((quantized.base == base) & (quantized.modulation == mod) & (quantized.later == later)).any()
+                  or (mod == "off" and ((quantized.base == base) & (quantized.later == later)).any())]
         columns = [("", "W/A"), ("", "GBops")]
         paper_cols: set[tuple[str, str, str]] = set()
-        for base in bases:
-            for mod in variants:
-                for metric in metrics:
-                    columns.append((f"{base.upper()} {MODULATION_LABELS[mod]}", METRIC_LABELS[metric][0]))
-                    if any(paper_table1_value(setting["model"], setting["sampler"], setting["steps"], w, a, base, mod,
-                                              metric) is not None for w, a in _ordered_bits(group)):
-                        paper_cols.add((base, mod, metric))
-                        columns.append((f"{base.upper()} {MODULATION_LABELS[mod]}",
-                                        f"{METRIC_LABELS[metric][0]} (paper)"))
+        for base, mod, later in groups:
+            head = f"{base.upper()} {MODULATION_LABELS[mod]}" + (f" {later}" if later else "")
+            for metric in metrics:
+                columns.append((head, METRIC_LABELS[metric][0]))
+                if not later and any(paper_table1_value(setting["model"], setting["sampler"], setting["steps"], w, a,
+                                                        base, mod, metric) is not None
+                                     for w, a in _ordered_bits(group)):
+                    paper_cols.add((base, mod, metric))
+                    columns.append((head, f"{METRIC_LABELS[metric][0]} (paper)"))
         rows = []
         for w, a in _ordered_bits(group):
             cells = group[(group.w_bits == w) & (group.a_bits == a)]
             row = [bits_label(w, a), fmt(cells.gbops.dropna().iloc[0] if cells.gbops.notna().any() else None)]
-            for base in bases:
-                for mod in variants:
-                    for metric in metrics:
-                        if (w, a) == (32, 32):
-                            value = _value(cells, metric, base="fp") if mod == "off" else None
-                        else:
-                            value = _value(cells, metric, base=base, modulation=mod)
-                        row.append(fmt(value))
-                        if (base, mod, metric) in paper_cols:
-                            row.append(fmt(paper_table1_value(setting["model"], setting["sampler"],
-                                                              setting["steps"], w, a, base, mod, metric)))
+            for base, mod, later in groups:
+                for metric in metrics:
+                    if (w, a) == (32, 32):
+                        value = _value(cells, metric, base="fp", later=later) if mod == "off" else None
+                    else:
+                        value = _value(cells, metric, base=base, modulation=mod, later=later)
+                    row.append(fmt(value))
+                    if not later and (base, mod, metric) in paper_cols:
+                        row.append(fmt(paper_table1_value(setting["model"], setting["sampler"],
+                                                          setting["steps"], w, a, base, mod, metric)))
             rows.append(row)
         arrows = ", ".join(f"{METRIC_LABELS[m][0]} {'↓' if METRIC_LABELS[m][1] == 'lower' else '↑'}" for m in metrics)
+        extra = (" Groups named int8 / fp8 run real low-bit kernels, bfloat16 / channels_last / compiled name the "
+                 "float precision, layout or compilation of what is not quantized; their FP row is the "
+                 "full-precision cell run the same way." if (quantized.later != "").any() else "")
         tables.append(Table(
             name=f"table1-{setting['model']}-{setting['sampler']}-{setting['steps']}",
             title=f"Quantization results: {setting['model']}, {setting['sampler']} {setting['steps']} steps",
             caption=f"Paper Table 1 layout. GBops per image per step, paper convention. {arrows}. "
-                    "The FP row is the unquantized model, shown under each base's 'alone' columns.",
+                    "The FP row is the unquantized model, shown under each base's 'alone' columns." + extra,
             columns=columns, rows=rows))
     return tables
 
@@ -291,7 +308,7 @@ def ablation_ec(frame: pd.DataFrame) -> list[Table]:
     return tables
 
 
-def _param(row: pd.Series, key: str):
+def param_value(row: pd.Series, key: str):
     """A method parameter of a row, from its flat ``p_<method>_<key>`` column (the first set)."""
     for column, value in row.items():
         if isinstance(column, str) and column.startswith("p_") and column.endswith(f"_{key}") \
@@ -306,7 +323,7 @@ def warmup_table(frame: pd.DataFrame) -> list[Table]:
     frame = frame[frame.base != "fp"].copy()
     if frame.empty:
         return []
-    frame["warmup"] = [_param(row, "warmup") for _, row in frame.iterrows()]
+    frame["warmup"] = [param_value(row, "warmup") for _, row in frame.iterrows()]
     if not ((frame.warmup == False).any() and (frame.warmup == True).any()):  # noqa: E712 (object column)
         return []
     metrics = quality_metrics(frame)
@@ -389,9 +406,11 @@ def with_later_defaults(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def execution_label(row: pd.Series) -> str:
-    """What a cell runs on beyond its method: ``fake float32``, ``int8 bfloat16 channels_last``."""
+    """What a cell runs on beyond its method: ``fake float32``, ``int8 bfloat16 channels_last``,
+    ``fake float32 compiled``."""
+    compiled = param_value(row, "compile") is True
     return f"{row['execution']} {row['dtype']}" + (f" {row['memory_format']}" if row["memory_format"] != "contiguous"
-                                                   else "")
+                                                   else "") + (" compiled" if compiled else "")
 
 
 def _ratio(cells: pd.DataFrame, column: str, base: pd.DataFrame) -> float | None:
@@ -403,9 +422,20 @@ def _ratio(cells: pd.DataFrame, column: str, base: pd.DataFrame) -> float | None
     return float((cells.img_per_s / float(base.img_per_s.max())).mean())
 
 
+def _spread(cells: pd.DataFrame) -> str:
+    """The slowest to the fastest timed batch of ``cells`` (``img_per_s_lo`` / ``_hi``; tables written
+    before them: the cells' own rates), with how many batches were timed."""
+    lo = cells["img_per_s_lo"] if "img_per_s_lo" in cells else cells.img_per_s
+    hi = cells["img_per_s_hi"] if "img_per_s_hi" in cells else cells.img_per_s
+    lo, hi = lo.fillna(cells.img_per_s), hi.fillna(cells.img_per_s)
+    timed = cells["timed_batches"].fillna(1) if "timed_batches" in cells else pd.Series(1, index=cells.index)
+    return f"{fmt(lo.min(), 1)}–{fmt(hi.max(), 1)} ({int(timed.sum())})"
+
+
 def wallclock_table(frame: pd.DataFrame) -> list[Table]:
     """Images per second and the ratios to the FP32 and BF16 full-precision cells measured in the same
-    run and device, one row per method and execution (mean over its bit settings, with the range)."""
+    run and device, one row per method and execution (mean over its bit settings, with the spread of
+    every timed batch)."""
     frame = with_later_defaults(ok_rows(frame))
     if frame.empty:
         return []
@@ -415,28 +445,31 @@ def wallclock_table(frame: pd.DataFrame) -> list[Table]:
         fp = group[(group.base == "fp") & (group.cache == "none")]
         fp32, bf16 = fp[fp.dtype == "float32"], fp[fp.dtype == "bfloat16"]
         for (method, runs_on), cells in group.groupby(["method", "runs_on"], sort=False):
-            rate = cells.img_per_s
             rows.append([str(device), f"{model} {sampler} {steps}", method, runs_on,
-                         str(len(cells)), fmt(rate.mean(), 1), f"{fmt(rate.min(), 1)}–{fmt(rate.max(), 1)}",
+                         str(len(cells)), fmt(cells.img_per_s.mean(), 1), _spread(cells),
                          fmt(_ratio(cells, "speedup_fp32", fp32)),
                          fmt(_ratio(cells, "speedup_bf16", bf16)) if not bf16.empty else MISSING])
     return [Table("wallclock", "Wall-clock",
                   "Sampling throughput (warm-up excluded; CUDA synchronised on a GPU), averaged over each method's "
                   "bit settings, and its ratio to the float32 and the bfloat16 full-precision cells on the same "
-                  "device in the same run (the faster memory format where both were run; empty without a bfloat16 "
-                  "cell). Fake quantization computes in float, so its ratio below 1 is the simulation's overhead; "
-                  "int8 / fp8 rows run real low-bit kernels. Each cell is timed once, in turn, so machine noise "
-                  "moves single ratios by 10-20% on a shared CPU; for speed claims use 'nox -s bench', which "
-                  "interleaves repeated timings.",
+                  "device in the same run (the faster memory format, or the compiled cell, where several were run; "
+                  "empty without a bfloat16 cell). Spread: the slowest to the fastest timed batch of those cells "
+                  "(every batch once, the first run.timing_repeats times), with the number of timed batches. Fake "
+                  "quantization computes in float, so its ratio below 1 is the simulation's overhead; int8 / fp8 "
+                  "rows run real low-bit kernels. Cells run in turn, so load on a shared machine moves single "
+                  "ratios by 10-20%; 'nox -s bench' interleaves repeated timings of one layer stack for a tighter "
+                  "figure.",
                   [("", "device"), ("", "setting"), ("", "method"), ("", "runs on"), ("", "cells"),
-                   ("", "images/s"), ("", "range"), ("", "x FP32"), ("", "x BF16")], rows)]
+                   ("", "images/s"), ("", "spread (batches)"), ("", "x FP32"), ("", "x BF16")], rows)]
 
 
 def all_tables(frame: pd.DataFrame, everything: pd.DataFrame | None = None) -> list[Table]:
-    """The paper-style tables of ``frame``; the wall-clock table of ``everything`` (default: ``frame``),
-    which may hold cells of other executions and dtypes."""
+    """The paper-style tables of ``frame``; Table 1 and the wall-clock table of ``everything`` (default:
+    ``frame``), which may hold cells of other executions and dtypes."""
     out: list[Table] = []
-    for builder in (table1, ablation_ec, warmup_table, memory_table, cache_table):
+    everything = frame if everything is None else everything
+    out.extend(table1(everything))
+    for builder in (ablation_ec, warmup_table, memory_table, cache_table):
         out.extend(builder(frame))
-    out.extend(wallclock_table(frame if everything is None else everything))
+    out.extend(wallclock_table(everything))
     return out

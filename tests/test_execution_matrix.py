@@ -5,6 +5,7 @@ as good as their fake twins, a BF16 full-precision cell with its own reference a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def test_the_report_keeps_the_new_rows_apart_and_says_so(tmp_path):
                    'dtype = ["float32", "bfloat16"]\n')
     assert main(["report", str(tmp_path / "o")]) == 0  # cells alike but for execution / dtype: not a clash
     text = (tmp_path / "o" / "report.md").read_text()
-    assert "4 cell(s) with real low-bit execution, bfloat16 or channels-last are in results.csv" in text
+    assert "4 cell(s) with real low-bit execution, bfloat16, channels-last or compilation are in results.csv" in text
     assert "skipped fp off W8A8 int8 bfloat16: the fp base quantizes nothing" in text
     wall = text[text.index("## Wall-clock"):text.index("## Figures")]
     lines = {tuple(c.strip() for c in line.split("|")[3:5]): line for line in wall.splitlines() if "| digits" in line}
@@ -242,3 +243,129 @@ def test_the_cifar10_speed_preset_runs_with_one_command(tmp_path, capsys):
 def test_the_random_cifar10_entry_takes_no_checkpoint(capsys, tmp_path):
     assert main(["models", "--check", "ddpm-cifar10-random", "--checkpoint", str(tmp_path)]) == 2
     assert "takes no checkpoint" in _error_line(capsys)
+
+
+def test_timings_are_repeated_for_a_spread(tmp_path):
+    """run.timing_repeats times the first batch that often (same seeds, same work): every row carries
+    the slowest and fastest batch beside its img/s, and how many batches were timed."""
+    rows = _run(tmp_path, 'timing_repeats = 3\n[matrix]\nbase = ["fp", "ltq"]\nmodulation = ["ec"]\n')
+    for row in rows.values():
+        assert row["timed_batches"] == 3  # one chunk of 8, timed three times
+        assert 0 < row["img_per_s_lo"] <= row["img_per_s"] * 1.0001 and row["img_per_s_hi"] >= row["img_per_s_lo"]
+    reference = next((tmp_path / "o" / "reference").glob("*.pt"))
+    assert len(torch.load(reference, weights_only=True)["batch_seconds"]) == 3
+    assert main(["report", str(tmp_path / "o")]) == 0
+    wall = (tmp_path / "o" / "report.md").read_text().split("## Wall-clock")[1].split("## ")[0]
+    assert all(line.split("|")[7].strip().endswith("(3)") for line in wall.splitlines() if "| digits" in line)
+
+
+def test_a_zero_timing_repeat_count_is_exit_2(capsys, tmp_path):
+    assert main(["run", "smoke", "--out", str(tmp_path / "o"), "--dry-run", "--set", "run.timing_repeats=0"]) == 2
+    assert "run.timing_repeats must be >= 1" in _error_line(capsys)
+
+
+def test_honest_gbops_charge_what_ran():
+    """int8 execution holds every quantized operand in an 8-bit container (W8A4 costs W8A8), bfloat16
+    full precision multiplies 16-bit floats, a run without warm-up quantizes its first step too."""
+    from modiff.accounting import LayerCount, MacReport, gbops_honest, gbops_paper
+
+    report = MacReport([LayerCount("c", "conv", macs=1000, in_elements=10, out_elements=20),
+                        LayerCount("a", "attention", macs=100, in_elements=3, out_elements=4)])
+    assert gbops_honest(report, 8, 4, 10, "off") == gbops_paper(report, 8, 4)  # fake: the grid's width
+    assert gbops_honest(report, 8, 4, 10, "off", execution="int8") == gbops_paper(report, 8, 8)
+    assert gbops_honest(report, 32, 32, 10, "off", float_bits=16) == gbops_paper(report, 16, 16)
+    assert gbops_honest(report, 32, 32, 10, "off") == gbops_paper(report, 32, 32)
+    additions = (2 * 10 + 20) * 32
+    modulated_fake = 1000 * 8 * 4 + 100 * 8 * 4 + additions
+    assert gbops_honest(report, 8, 4, 10, "ec") * 1e9 == pytest.approx(
+        ((1000 * 8 * 32 + 100 * 8 * 4) + 9 * modulated_fake) / 10)
+    assert gbops_honest(report, 8, 4, 10, "ec", warmup=False) * 1e9 == pytest.approx(
+        ((1000 * 8 * 4 + 100 * 8 * 4) + 9 * modulated_fake) / 10)
+    modulated_int8 = 1000 * 8 * 8 + 100 * 8 * 8 + additions  # the warm-up runs a float32 conv
+    assert gbops_honest(report, 8, 4, 10, "ec", execution="int8") * 1e9 == pytest.approx(
+        ((1000 * 32 * 32 + 100 * 8 * 8) + 9 * modulated_int8) / 10)
+
+
+def test_rows_carry_honest_gbops_of_their_execution(tmp_path):
+    rows = _run(tmp_path, '[matrix]\nbase = ["fp", "ltq"]\na_bits = [4]\nexecution = ["fake", "int8"]\n'
+                          'dtype = ["float32", "bfloat16"]\n')
+    fp32, bf16 = rows[("fp", "off", 32, "fake", "float32")], rows[("fp", "off", 32, "fake", "bfloat16")]
+    assert bf16["gbops_honest"] == pytest.approx(fp32["gbops_honest"] / 4) and bf16["gbops"] == fp32["gbops"]
+    fake, int8 = rows[("ltq", "off", 4, "fake", "float32")], rows[("ltq", "off", 4, "int8", "float32")]
+    assert int8["gbops_honest"] == pytest.approx(2 * fake["gbops_honest"]) and int8["gbops"] == fake["gbops"]
+
+
+def test_fp8_cells_are_skipped_on_gpus_without_float8():
+    from bench.runner import device_skip_reason, without_device_skips
+
+    matrix = load_matrix("smoke", ["matrix.base=['fp','ltq']", "matrix.a_bits=[8]", "matrix.modulation=['ec']",
+                                   "matrix.execution=['fake','fp8']"])
+    fp8 = [c for c in matrix.cells if c.execution == "fp8"]
+    assert len(fp8) == 1
+    a100 = without_device_skips(matrix, torch.device("cuda"), capability=(8, 0))
+    assert len(a100.cells) == len(matrix.cells) - 1 and all(c.execution != "fp8" for c in a100.cells)
+    (skip,) = [s for s in a100.skipped if s not in matrix.skipped]
+    assert "compute capability 8.9 or newer); this GPU has 8.0" in skip["reason"] and skip["base"] == "ltq"
+    assert without_device_skips(matrix, torch.device("cuda"), capability=(9, 0)) is matrix  # H100: runs
+    assert device_skip_reason(fp8[0], torch.device("cpu")) is None  # the CPU emulates float8 matmuls
+
+
+def test_a_compiled_full_precision_cell_keeps_its_own_samples(tmp_path, monkeypatch):
+    """fp's compile parameter: a cell of its own (id, samples, label, timing provenance), measured
+    against the float32 reference and a candidate baseline of the speed ratios. torch.compile is
+    replaced by a recorder: what inductor makes of the UNet is torch's business, the wiring is ours."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    _run(tmp_path, '[[matrix]]\nbase = ["fp"]\n[[matrix]]\nbase = ["fp"]\nparams.fp.compile = true\n')
+    assert compiled == ["UNet2DModel"]
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "o").glob("cells/*/result.json")]
+    plain, comp = sorted(rows, key=lambda r: r["params"].get("fp", {}).get("compile", False))
+    assert plain["cell_id"] != comp["cell_id"] and plain["samples_file"] != comp["samples_file"]
+    assert comp["timing_env"]["compile"] is True and plain["timing_env"]["compile"] is False
+    assert float(comp["psnr_to_fp"]) == float("inf")  # the same arithmetic here: the recorder compiled nothing
+    assert main(["report", str(tmp_path / "o")]) == 0
+    wall = (tmp_path / "o" / "report.md").read_text().split("## Wall-clock")[1].split("## ")[0]
+    assert "fake float32 compiled" in wall
+
+
+def test_table1_and_the_throughput_figure_show_int8_and_bf16(tmp_path):
+    from reports.render import build_report, load_run
+
+    _run(tmp_path, '[matrix]\nbase = ["fp", "ltq"]\na_bits = [8, 4]\nmodulation = ["off", "ec"]\n'
+                   'execution = ["fake", "int8"]\ndtype = ["float32", "bfloat16"]\n')
+    html, md = build_report([tmp_path / "o"])
+    text = md.read_text()
+    table1 = text[text.index("## Quantization results"):text.index("## ", text.index("## Quantization results") + 3)]
+    header = table1.splitlines()[[i for i, line in enumerate(table1.splitlines()) if "W/A" in line][0]]
+    for group in ("LTQ alone", "LTQ + MoDiff", "LTQ alone int8", "LTQ + MoDiff int8 bfloat16", "LTQ alone bfloat16"):
+        assert f"{group}|" in header.replace(" |", "|").replace("| ", "|") or group in header, group
+    figure = [f for f in (tmp_path / "o" / "figures").glob("quality_vs_throughput*.png")]
+    assert len(figure) == 1 and "vs. measured throughput" in html.read_text()
+    # the figure draws exactly the measured ratios to the BF16 full-precision cell
+    from reports.plots import quality_vs_throughput
+
+    frame = load_run(tmp_path / "o").frame
+    drawn = quality_vs_throughput(frame, "psnr_to_fp", tmp_path / "fig")
+    (points,) = [v for k, v in drawn.series.items() if "Pareto" not in k]
+    finite = frame[frame.psnr_to_fp.astype(float) < float("inf")]
+    assert sorted(round(x, 9) for x, _, _ in points) == sorted(round(x, 9) for x in finite.speedup_bf16)
+    assert any("int8" in tag for _, _, tag in points) and any("bfloat16" in tag for _, _, tag in points)
+
+
+@pytest.mark.skipif(not (os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"))
+                    and __import__("reports.check", fromlist=["find_browser"]).find_browser() is None,
+                    reason="no chromium on PATH (apt-get install -y chromium); CI requires it")
+def test_the_new_figure_and_wall_clock_table_render_in_headless_chromium(tmp_path):
+    from reports.check import check, find_browser
+
+    browser = find_browser()
+    if browser is None:
+        pytest.fail("CI is set but chromium is not on PATH")
+    _run(tmp_path, '[matrix]\nbase = ["fp", "ltq"]\na_bits = [8]\nmodulation = ["ec"]\n'
+                   'execution = ["fake", "int8"]\ndtype = ["float32", "bfloat16"]\n')
+    assert main(["report", str(tmp_path / "o")]) == 0
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "Wall-clock" in html and "vs. measured throughput" in html
+    shot = tmp_path / "shot.png"
+    assert check(tmp_path / "o" / "report.html", shot, browser) == []
+    assert shot.stat().st_size > 10_000

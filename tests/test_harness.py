@@ -46,7 +46,12 @@ def _run(matrix, out, **kwargs):
 def test_presets_ship_and_the_digits_preset_is_the_issue_matrix():
     assert {"digits", "smoke"} <= set(presets())
     matrix = load_matrix("digits")
-    cells = [c for c in matrix.cells if c.cache == "none" and c.base not in ("qdiff", "ptqd")]
+    later = [c for c in matrix.cells if (c.execution, c.dtype) != ("fake", "float32")]
+    # int8: {ltq (tensor), psq (sample)} x {off, ec} x W8 x A{8, 4, 3}; and the BF16 full-precision cell
+    assert sorted((c.base, c.execution, c.dtype, c.modulation, c.a_bits) for c in later) == sorted(
+        [(b, "int8", "float32", m, a) for b in ("ltq", "psq") for m in ("off", "ec") for a in (8, 4, 3)]
+        + [("fp", "fake", "bfloat16", "off", 32)])
+    cells = [c for c in matrix.cells if c.cache == "none" and c.base not in ("qdiff", "ptqd") and c not in later]
     # FP once + {ltq, lcq} x {off, plain, ec} x W{8, 4} x A{8, 6, 4, 3, 2}
     assert len(cells) == 1 + 2 * 3 * 2 * 5 and not matrix.skipped
     baselines = sorted((c.method, c.w_bits, c.a_bits) for c in matrix.cells if c.base in ("qdiff", "ptqd"))
@@ -157,8 +162,9 @@ def test_run_writes_one_tidy_row_per_cell(smoke_run):
     n = len(RESULT_COLUMNS)
     assert list(table.columns[:n]) == list(RESULT_COLUMNS)
     # then the method parameters, flat (benchopt's p_<method>_<field>): no JSON to decode
-    assert list(table.columns[n:]) == ["p_lcq_residual_tolerance", "p_lcq_symmetric", "p_lcq_warmup",
-                                       "p_lcq_weight_method", "p_lcq_weight_symmetric"]
+    assert list(table.columns[n:]) == ["p_fp_compile", "p_lcq_compile", "p_lcq_residual_tolerance",
+                                       "p_lcq_symmetric", "p_lcq_warmup", "p_lcq_weight_method",
+                                       "p_lcq_weight_symmetric"]
     lcq = table[table.base == "lcq"]
     assert (lcq.p_lcq_warmup == True).all() and (lcq.p_lcq_weight_method == "minmax").all()  # noqa: E712
     assert table[table.base == "fp"].p_lcq_warmup.isna().all()
