@@ -14,7 +14,7 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s psnr-table    # PSNR to FP on digits: modulation x activation bits x granularity
     nox -s reproduce-cifar10 [-- --nproc 8 --set run.checkpoint=...]   # paper-scale presets (GPU), and
         reproduce-cifar10-quick, reproduce-cifar10-ablations, reproduce-cifar10-deepcache,
-        reproduce-lsun-church, reproduce-lsun-bedroom
+        reproduce-lsun-church, reproduce-lsun-bedroom, reproduce-lsun-bedroom-ddpm
 """
 
 from __future__ import annotations
@@ -228,6 +228,12 @@ def reproduce_lsun_church(session: nox.Session) -> None:
 def reproduce_lsun_bedroom(session: nox.Session) -> None:
     """MoDiff Table 3 on LDM-4 LSUN-Bedrooms (needs --set run.checkpoint=... and reference statistics)."""
     _reproduce(session, "lsun-bedroom-paper")
+
+
+@nox.session(name="reproduce-lsun-bedroom-ddpm", venv_backend="none")
+def reproduce_lsun_bedroom_ddpm(session: nox.Session) -> None:
+    """MoDiff Table 5 on LDM-4 LSUN-Bedrooms with latent-diffusion's DDPM (needs --set run.checkpoint=... and stats)."""
+    _reproduce(session, "lsun-bedroom-ddpm")
 
 
 @nox.session(venv_backend="none")

@@ -31,7 +31,16 @@ from modiff.layers import QuantLayer
 from .distributed import World
 from .errors import BenchError
 from .measure import measured
-from .methods import BuildContext, CellSpec, Prepared, build, is_compiled, metric_reference
+from .methods import (
+    BuildContext,
+    CellSpec,
+    Prepared,
+    base_quantizer,
+    build,
+    is_compiled,
+    method_versions,
+    metric_reference,
+)
 from .provenance import git_revision, is_disk_full, package_versions, save_torch_atomic, timing_environment
 from .samplers import SamplerConfig, sample
 from .store import RESULT_COLUMNS, Cell, RunStore, now, one_line, read_chunk
@@ -202,7 +211,8 @@ class Generator:
                     "device": str(self.device), "world_size": self.world.size, "torch_version": versions["torch"],
                     "git_rev": git_revision(), "modiff_bench_version": versions["modiff-bench"],
                     "started_utc": now(), "versions": versions, "missing_metrics": {}, "metrics": [],
-                    "timing_env": timing_environment(str(self.device), cell.memory_format, is_compiled(vars(cell)))})
+                    "timing_env": timing_environment(str(self.device), cell.memory_format, is_compiled(vars(cell))),
+                    "method_versions": method_versions(asdict(cell))})
         return row
 
     # -- the full-precision reference -------------------------------------------------------
@@ -381,13 +391,14 @@ class Generator:
         warmup = all(p.get("warmup", True) is not False for p in cell.params.values() if isinstance(p, dict))
         try:  # 0-bit activations (pure caching) have no paper convention
             out["gbops"] = mac_fraction * gbops_paper(report, cell.w_bits, cell.a_bits)
-            sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)
-            calls = len(sampler.evaluation_timesteps(model.schedule))
-            out["gbops_honest"] = mac_fraction * gbops_honest(
-                report, cell.w_bits, cell.a_bits, calls, cell.modulation, execution=cell.execution,
-                float_bits=16 if cell.dtype == "bfloat16" else 32, warmup=warmup)
         except ValueError:
-            out["gbops"] = out["gbops_honest"] = None
+            out["gbops"] = None
+        sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)
+        calls = len(sampler.evaluation_timesteps(model.schedule))
+        quantized_attention = base_quantizer(cell.base, cell.params.get(cell.base)).quantizes_attention(cell)
+        out["gbops_honest"] = mac_fraction * gbops_honest(
+            report, cell.w_bits, cell.a_bits, calls, cell.modulation, execution=cell.execution,
+            float_bits=16 if cell.dtype == "bfloat16" else 32, warmup=warmup, attention_quantized=quantized_attention)
         return out
 
 

@@ -46,7 +46,7 @@ import hashlib
 import itertools
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+CELL_FIELDS = tuple(f.name for f in fields(CellSpec))  # what a cell's id hashes (``settings_id``)
 RUN_DEFAULTS: dict[str, Any] = {
     "description": "", "model": "digits", "checkpoint": "", "sampler": "ddim-quad", "steps": 100, "eta": 0.0,
     "n_samples": 64, "seed": 0, "batch_size": 64, "metrics": ["psnr_to_fp"], "imports": [], "trace_layer": "",
@@ -217,7 +218,15 @@ def cell_id(cell: CellSpec) -> str:
     """Stable id: a hash of every resolved setting the samples depend on. Settings added later
     (``methods.LATER_DEFAULTS``, ``methods.LATER_PARAM_DEFAULTS``) count only away from their default
     (``methods.id_settings``), so the ids of cells made before they existed do not change."""
-    payload = json.dumps(id_settings(asdict(cell)), sort_keys=True, separators=(",", ":"))
+    return settings_id(asdict(cell))
+
+
+def settings_id(settings: dict[str, Any]) -> str:
+    """The id, under the current code, of the cell whose settings ``settings`` records (a cell's fields,
+    a result row, a ``run.json`` entry; other keys are ignored): the same as ``cell_id`` for a current
+    cell, and for a cell made by an older version of its method the id of the cell that supersedes it."""
+    fields = {k: settings[k] for k in CELL_FIELDS if k in settings}
+    payload = json.dumps(id_settings(fields), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

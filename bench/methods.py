@@ -101,6 +101,30 @@ def id_settings(settings: dict[str, Any]) -> dict[str, Any]:
                 p = kept
             params[m] = p
         out["params"] = params
+    versions = method_versions(settings)
+    if versions:  # a method changed what it computes: its cells get new ids (and run again)
+        out["method_versions"] = versions
+    else:
+        out.pop("method_versions", None)
+    return out
+
+
+def method_versions(settings: Mapping[str, Any]) -> dict[str, int]:
+    """The versions above 1 of the methods a cell (its fields as a dict, or a result row) uses: its base,
+    its cache scheme and every method whose parameters it carries (``depends_on``: PTQD's Q-Diffusion).
+    A method raises its version (``Method.version``) when a fix changes what it computes for some cells;
+    the version is part of those cells' ids (``id_settings``), so a rerun recomputes exactly them."""
+    _load_builtins()
+    names = set(settings.get("params") or {}) if isinstance(settings.get("params"), Mapping) else set()
+    names.add(str(settings.get("base")))
+    cache = str(settings.get("cache", NONE))
+    names.update(n for n in REGISTRY if REGISTRY[n].kind == "cache" and (cache == n or cache.startswith(n + "-")))
+    out = {}
+    for name in sorted(names):
+        cls = REGISTRY.get(name)
+        version = cls.version(settings) if cls is not None else 1
+        if version > 1:
+            out[name] = version
     return out
 AUTO = "auto"  # a_granularity: the base quantizer's own (or channel for the generic one)
 NONE = "none"  # a_granularity of unquantized activations; the empty cache
@@ -415,6 +439,13 @@ class Method:
         except (TypeError, ValueError) as exc:  # refused by Params.__post_init__
             raise BenchError(f"params.{cls.name}: {' '.join(str(exc).split())}") from None
 
+    @classmethod
+    def version(cls, settings: Mapping[str, Any]) -> int:
+        """What this method computes for a cell with ``settings`` (its fields, or a result row), as a
+        number: raise it (for the cells concerned) when a fix changes the samples, so those cells get
+        new ids and run again (``method_versions``). 1 until then."""
+        return 1
+
     def depends_on(self) -> tuple[str, ...]:
         """Other registered methods this one builds on: their ``[params.<name>]`` become part of
         each cell's parameters (and so of its identity)."""
@@ -456,6 +487,11 @@ class BaseQuantizer(Method):
 
     def build(self, ctx: BuildContext) -> Prepared:
         raise NotImplementedError
+
+    def quantizes_attention(self, cell: CellSpec) -> bool:
+        """Whether the attention matmuls (QK^T, softmax x V) run quantized in this cell (honest GBops
+        charge them at w x a bits then, else at the float width). modiff wraps conv/linear layers only."""
+        return False
 
 
 class CacheMethod(Method):
@@ -686,6 +722,11 @@ class DynamicQuantizer(BaseQuantizer):
 
     real_execution: ClassVar[bool] = True
     dtypes: ClassVar[tuple[str, ...]] = DTYPES
+
+    @classmethod
+    def version(cls, settings: Mapping[str, Any]) -> int:
+        # 2: sample-channel scales on 2-D inputs (the time-embedding MLP) are per sample, no longer per element
+        return 2 if settings.get("a_granularity") == "sample-channel" else 1
 
     def modiff_options(self) -> dict[str, Any]:
         """Extra ``ModiffConfig`` fields; subclasses override this to vary the quantizer."""

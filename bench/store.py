@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from .errors import BenchError
-from .matrix import Matrix, cell_id
+from .matrix import Matrix, cell_id, settings_id
 from .methods import LATER_DEFAULTS, CellSpec, id_settings, later_settings
 from .metrics import ALL_COLUMNS, METRICS, metric_columns
 from .provenance import save_torch_atomic, sha256_file, write_atomic, write_json_atomic
@@ -72,12 +72,13 @@ COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wal
 DERIVED_COLUMNS = ("speedup_fp32", "speedup_bf16")  # computed by table_frame from the run's rows, not stored
 PROVENANCE_COLUMNS = ("device", "world_size", "torch_version", "git_rev", "modiff_bench_version", "started_utc",
                       "finished_utc", "samples_file", "trace_file", "params", "method_info", "missing_metrics",
-                      "versions", "inception_weights", "timing_env")
+                      "versions", "inception_weights", "timing_env", "method_versions")
 RESULT_COLUMNS = ("cell_id", "status", "error", *SETTING_COLUMNS, *METRIC_COLUMNS, *COST_COLUMNS,
                   *PROVENANCE_COLUMNS)
 NON_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in METRIC_COLUMNS) + (
     "metrics", "metric_columns", "samples_bytes", "samples_sha256", "generated_utc")
-JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights", "timing_env")
+JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights", "timing_env",
+                "method_versions")
 REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes", "decode_seconds",
                   "batch_seconds")
 OPTIONAL_REFERENCE_KEYS = ("decode_seconds", "batch_seconds")  # absent in references made by older versions
@@ -155,7 +156,7 @@ def check_result(row, key: str) -> str | None:
             return f"{column} is {value!r}, not a number"
     if row.get("error") is not None and not isinstance(row["error"], str):
         return f"error is {row['error']!r}, not a string"
-    for column in ("params", "missing_metrics", "versions", "timing_env"):
+    for column in ("params", "missing_metrics", "versions", "timing_env", "method_versions"):
         if row.get(column) is not None and not isinstance(row[column], dict):
             return f"{column} is {row[column]!r}, not a JSON object"
     metrics = row.get("metrics")
@@ -524,6 +525,11 @@ class RunStore:
         if previous is not None:
             if previous["matrix_hash"] != self.matrix.matrix_hash:
                 cells = previous.get("cells")
+                # the same matrix grown (a preset gained cells) or with newer method versions (its cells
+                # superseded under new ids): every earlier cell is, under the current code, one of this matrix
+                if isinstance(cells, list) and cells and all(
+                        isinstance(c, dict) and settings_id(c) in self.specs for c in cells):
+                    return
                 raise BenchError(
                     f"{self.out} holds results of a different matrix ({previous.get('source', '?')}, "
                     f"{len(cells) if isinstance(cells, list) else '?'} cells); use another --out, or --force to "
@@ -545,10 +551,11 @@ class RunStore:
         foreign = []
         for directory in sorted(p for p in cells.iterdir() if p.is_dir()):
             spec = self.specs.get(directory.name)
-            if spec is None:
-                foreign.append(directory.name)
-                continue
             row, _ = read_result(directory / "result.json", directory.name)
+            if spec is None:  # not a cell of this matrix, unless an older version of one of its cells
+                if row is None or settings_id(row) not in self.specs:
+                    foreign.append(directory.name)
+                continue
             if row is not None:
                 expected = id_settings(json.loads(json.dumps(asdict(spec))))
                 row = id_settings(row)

@@ -244,7 +244,7 @@ def ran_bits(bits: int, execution: str = "fake", float_bits: int = FP_BITS) -> i
 
 def gbops_honest(
     report: MacReport, w_bits: int, a_bits: int, steps: int, modulation: str, include_attention: bool = True, *,
-    execution: str = "fake", float_bits: int = FP_BITS, warmup: bool = True,
+    execution: str = "fake", float_bits: int = FP_BITS, warmup: bool = True, attention_quantized: bool = True,
 ) -> float:
     """Average GBops per image per step over a trajectory of ``steps`` denoiser calls, with modulation's real costs.
 
@@ -257,11 +257,14 @@ def gbops_honest(
     ``ec`` does ``2 * in_elements + out_elements`` (the input difference, the update of the reconstruction â and
     the output accumulation); ``plain`` keeps the true input instead of accumulating one, so ``in_elements +
     out_elements``. Convention: a b-bit addition costs b bit-operations, so each of these costs 32 (the layers keep
-    their state in float32). Attention matmuls are not modulated and are charged at w * a every step. The min/max
-    reductions of dynamic scales are still not charged.
+    their state in float32). ``a_bits = 0`` (modulated: every later step reuses the cached output) charges those
+    steps the input difference only, ``in_elements`` additions, and no MACs. Attention matmuls (QK^T, softmax x V)
+    are not modulated: with ``attention_quantized`` (Q-Diffusion quantizes q, k, v and the probabilities) they are
+    charged at w * a every step, else (MoDiff's wrapped layers are conv/linear only: the matmuls run in float) at
+    ``float_bits`` x ``float_bits``. The min/max reductions of dynamic scales are still not charged.
     """
     check_bits("w_bits", w_bits)
-    check_bits("a_bits", a_bits)
+    check_bits("a_bits", a_bits, allow_zero=modulation != "off")
     check_choice("modulation", modulation, MODULATIONS)
     check_choice("execution", execution, EXECUTIONS)
     if float_bits not in (16, FP_BITS):
@@ -269,7 +272,14 @@ def gbops_honest(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     w, a = ran_bits(w_bits, execution, float_bits), ran_bits(a_bits, execution, float_bits)
-    attention = report.attention_macs * w * a if include_attention else 0
+    attention_bits = w * a if attention_quantized else float_bits * float_bits
+    attention = report.attention_macs * attention_bits if include_attention else 0
+    if a_bits == 0:
+        if not warmup:
+            raise ValueError("a_bits=0 needs the warm-up step (there is no output to reuse without it)")
+        first = report.conv_linear_macs * (FP_BITS if execution != "fake" else w) * FP_BITS + attention
+        reuse = report.in_elements * FP_BITS + attention
+        return (first + (steps - 1) * reuse) / steps / 1e9
     if modulation == "off":
         return (report.conv_linear_macs * w * a + attention) / 1e9
     if not warmup:

@@ -6,6 +6,13 @@ user's mistake as a ``BenchError``).
 - ``ddim-*`` / ``ddpm-*``: the update rules of the DDIM code base used by Q-Diffusion and MoDiff
   (``generalized_steps`` and ``ddpm_steps``): no clipping of x0 in DDIM, x0 clipped to [-1, 1] in
   DDPM, alpha_bar(-1) = 1.
+- ``ddpm-ldm-uniform`` (algorithm ``ddpm-ldm``): ancestral DDPM as latent-diffusion samples its latent
+  models (``LatentDiffusion.p_sample_loop``, what the MoDiff authors' ``sample_diffusion_ldm.py
+  --vanilla_sample`` runs for the paper's Table 5): x0 is not clipped (``LatentDiffusion`` sets
+  ``clip_denoised = False``; latents are not confined to [-1, 1]) and the fresh noise has the
+  posterior variance ``beta_t (1 - alpha_bar_prev) / (1 - alpha_bar_t)``, not ``beta_t``. On the DDIM
+  code base's uniform grid, ending at alpha_bar(-1) = 1; at ``steps = T`` that is latent-diffusion's
+  loop exactly (every t from T - 1 down to 0, no noise after the last step).
 - ``ddim-ldm``: the same DDIM update on latent-diffusion's grid ``range(0, T, T // steps) + 1``,
   whose last step ends at alphas_cumprod[0] (``modiff.schedules``); eta as in DDIM.
 - ``plms``: latent-diffusion's PLMS (``ldm/models/diffusion/plms.py``, used by Stable
@@ -54,11 +61,13 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (step index, sigma_t, coefficient of eps in x_{t-1}) -> the std of the fresh noise to add instead
 # of sigma_t (PTQD's variance schedule calibration); the deterministic part keeps sigma_t.
 NoiseStd = Callable[[int, float, float], float]
-ALGORITHMS = ("ddim", "ddpm")  # one network evaluation per step, updated by ``denoising_step``
+LDM_DDPM = "ddpm-ldm"  # latent-diffusion's DDPM: x0 not clipped, posterior variance
+ALGORITHMS = ("ddim", "ddpm", LDM_DDPM)  # one network evaluation per step, updated by ``denoising_step``
 DETERMINISTIC = ("plms", "dpm-solver++")  # algorithms without fresh noise (eta must be 0)
 # name -> (algorithm, timestep grid)
 SAMPLERS = {
-    **{f"{a}-{s}": (a, s) for a in ALGORITHMS for s in SPACINGS},
+    **{f"{a}-{s}": (a, s) for a in ("ddim", "ddpm") for s in SPACINGS},
+    "ddpm-ldm-uniform": (LDM_DDPM, "uniform"),
     "ddim-ldm": ("ddim", "ldm"),
     "plms": ("plms", "ldm"),
     "dpm-solver++": ("dpm-solver++", "linspace"),
@@ -71,7 +80,7 @@ _NAMES = {spec: name for name, spec in SAMPLERS.items()}
 class SamplerConfig:
     """A sampler and its settings; ``from_name`` checks them (ValueError)."""
 
-    algorithm: str  # ddim | ddpm | plms | dpm-solver++
+    algorithm: str  # ddim | ddpm | ddpm-ldm | plms | dpm-solver++
     spacing: str  # the timestep grid: quad | uniform (DDIM code base) | ldm | linspace (modiff.schedules)
     steps: int  # solver steps asked for; network evaluations: ``evaluation_timesteps``
     eta: float = 0.0  # DDIM only; DDPM is ancestral by definition, PLMS and DPM-Solver++ deterministic
@@ -148,7 +157,8 @@ def denoising_step(
     """One DDIM or DDPM update from ``x`` = x_t to x_{t_prev}, the update ``sample`` applies for the
     algorithms of ``ALGORITHMS`` (one network evaluation per step).
 
-    ``algorithm``: ``"ddim"`` or ``"ddpm"``; ``eps``: the noise prediction at x_t; ``ab_t``,
+    ``algorithm``: ``"ddim"``, ``"ddpm"`` or ``"ddpm-ldm"`` (latent-diffusion's: x0 unclipped, posterior
+    variance); ``eps``: the noise prediction at x_t; ``ab_t``,
     ``ab_prev``: alpha_bar at t and at the step's end (``NoiseSchedule.alpha_bar``, 1 at t = -1);
     ``eta``: DDIM's stochasticity (0: deterministic; ignored by DDPM, ancestral by definition);
     ``noise``: the batch's per-sample generators, drawn in ``sample``'s order (DDPM draws at every
@@ -166,14 +176,17 @@ def denoising_step(
             std = c1 if noise_std is None else noise_std(c1, c2 - math.sqrt(ab_prev * (1.0 - ab_t) / ab_t))
             out = out + std * noise.randn(x.shape[1:])
         return out
-    # DDPM ancestral step (posterior mean with x0 clipped, variance beta_t)
+    # DDPM ancestral step: the posterior mean with x0 clipped and variance beta_t (``ddpm``, the DDIM code
+    # base's ddpm_steps), or with x0 unclipped and the posterior variance (``ddpm-ldm``, latent-diffusion)
     beta_t = 1.0 - ab_t / ab_prev
-    x0 = (math.sqrt(1.0 / ab_t) * x - math.sqrt(1.0 / ab_t - 1.0) * eps).clamp(-1.0, 1.0)
+    x0 = math.sqrt(1.0 / ab_t) * x - math.sqrt(1.0 / ab_t - 1.0) * eps
+    if algorithm == "ddpm":
+        x0 = x0.clamp(-1.0, 1.0)
     mean = (math.sqrt(ab_prev) * beta_t * x0 + math.sqrt(1.0 - beta_t) * (1.0 - ab_prev) * x) / (1.0 - ab_t)
     z = noise.randn(x.shape[1:])  # drawn at every step, so the stream does not depend on t
-    if ab_prev >= 1.0:
+    if ab_prev >= 1.0:  # the posterior variance is 0: no noise after the last step
         return mean
-    std = math.sqrt(beta_t)
+    std = math.sqrt(beta_t) if algorithm == "ddpm" else math.sqrt(beta_t * (1.0 - ab_prev) / (1.0 - ab_t))
     if noise_std is not None:  # eps enters the mean through x0 (clipping ignored)
         std = noise_std(std, -math.sqrt(ab_prev) * beta_t / (1.0 - ab_t) * math.sqrt(1.0 / ab_t - 1.0))
     return mean + std * z

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.methods import LATER_DEFAULTS, later_settings
+from bench.methods import LATER_DEFAULTS, later_settings, method_versions
 from bench.provenance import package_versions, write_atomic
 
 from .tables import MODULATION_LABELS, Table, all_tables, param_value, with_later_defaults
@@ -122,6 +122,20 @@ def _import_plugins(info: dict | None, label: str, notes: list[str]) -> None:
                      "their column names")
 
 
+def _current(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """``rows`` made by the current version of each of their methods, and the labels of the others
+    (``bench.methods.method_versions``: a fix that changes a method's samples raises its version)."""
+    keep, old = [], []
+    for row in rows:
+        recorded = row.get("method_versions") if isinstance(row.get("method_versions"), dict) else {}
+        if recorded == method_versions(row):
+            keep.append(row)
+        else:
+            made = ", ".join(f"{k} v{v}" for k, v in sorted(recorded.items())) or "version 1"
+            old.append(f"{row.get('cell_id')} {row.get('method')} W{row.get('w_bits')}A{row.get('a_bits')} ({made})")
+    return keep, old
+
+
 def load_run(directory: str | Path) -> Run:
     """One run directory. Its table is built from the cells' valid results (invalid ones are left out
     with a note), and results.csv / .parquet / .md are rewritten when they do not hold those rows; a
@@ -146,6 +160,11 @@ def load_run(directory: str | Path) -> Run:
         for key, reason in sorted(problems.items()):
             notes.append(f"{label}: cell {key} left out, its result.json is invalid ({reason}); the next "
                          "'modiff-bench run' runs it again")
+        rows, superseded = _current(rows)
+        if superseded:
+            notes.append(f"{label}: {len(superseded)} cell(s) made by an earlier version of their method are left "
+                         f"out ({', '.join(superseded)}); the next 'modiff-bench run' of the matrix remakes them under "
+                         "new ids")
         if not rows:
             raise BenchError(f"{directory} holds no valid cell result ({len(problems)} invalid result.json file(s))")
         frame = table_frame(rows)

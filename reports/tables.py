@@ -136,6 +136,10 @@ def paper_data(name: str) -> pd.DataFrame:
         return pd.read_csv(f, comment="#")
 
 
+# our sampler that ran each LSUN table's algorithm (the clipping ddpm-* of the DDIM code base did not run Table 5)
+LSUN_SAMPLERS = {"ddim-ldm": "ddim", "ddpm-ldm-uniform": "ddpm"}
+
+
 def paper_table1_value(model: str, sampler: str, steps: int, w: int, a: int, base: str, modulation: str,
                        metric: str) -> float | None:
     """MoDiff Table 1/2/3/14 number for exactly this setting, or None."""
@@ -150,8 +154,8 @@ def paper_table1_value(model: str, sampler: str, steps: int, w: int, a: int, bas
                    & (data.base == ("fp-act" if base == "fp" else base)) & (data.modulation == modulation)]
         if "steps" in data:
             sel = sel[(sel.steps == steps) & (sel.sampler == sampler)]
-        else:
-            sel = sel[sel.sampler == sampler.split("-")[0]]
+        else:  # the LSUN tables name the algorithm: latent-diffusion's DDIM and its unclipped DDPM
+            sel = sel[sel.sampler == LSUN_SAMPLERS.get(sampler, "")]
         values = sel[metric].dropna()
         if len(values):
             return float(values.iloc[0])

@@ -59,6 +59,13 @@ class DeepCacheMethod(CacheMethod):
                 raise ValueError(f"power must be > 1 (DeepCache lowers it toward 1 until the schedule fits), "
                                  f"got {self.power}")
 
+    @classmethod
+    def version(cls, settings) -> int:
+        # 2: the non-uniform schedule is DeepCache's own (sample_from_quad_center, its centre and power per kind of
+        # model), and N = 1 caches nothing with any sampler (PLMS's last evaluation was partial)
+        cache = str(settings.get("cache", ""))
+        return 2 if cache.startswith("deepcache-nu") or cache == "deepcache-u1" else 1
+
     def __init__(self, value: str, params: dict[str, Any] | None = None):
         super().__init__(value, params)
         arg = self.argument

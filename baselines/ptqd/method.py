@@ -69,6 +69,9 @@ class PTQD(BaseQuantizer):
             raise BenchError(f"ptqd: base {name!r} is itself a PTQD correction")
         return base
 
+    def quantizes_attention(self, cell: CellSpec) -> bool:
+        return self.base(cell).quantizes_attention(cell)
+
     def resolve(self, cell: CellSpec) -> str | None:
         reason = self.base(cell).resolve(cell)
         if reason:

@@ -1,5 +1,9 @@
 """Quantized attention matmuls (Q-Diffusion): q, k and v at the activation bit width before the
-matmuls, the softmax output at ``sm_abit``.
+matmuls, the softmax output at ``sm_abit`` (8 by default; 16 in the paper's Stable Diffusion setting).
+
+In a text-conditioned UNet the cross-attention (``attn2`` of each ``BasicTransformerBlock``) gets the
+same four quantizers: its key and value quantizers see the projections of the text context
+(``encoder_hidden_states``), over both halves of a classifier-free-guidance batch.
 
 diffusers' ``Attention`` delegates its computation to a processor. :class:`QuantAttnProcessor` is
 the plain (non-fused) computation with the four quantizers inserted; the quantizers live in an
@@ -78,3 +82,15 @@ def quantize_attention(model: nn.Module, a_bits: int, sm_bits: int, p: float = 2
         attn.add_module(QUANTIZERS_ATTR, AttentionQuantizers(a_bits, sm_bits, p))
         attn.set_processor(QuantAttnProcessor())
     return len(modules)
+
+
+FIXED_SOFTMAX_BITS = 16  # a softmax quantizer at this width keeps its initialised step size
+
+
+def fixed_step_sizes(module: nn.Module) -> list[ActQuantizer]:
+    """The activation quantizers in ``module`` whose step size block reconstruction does not learn: the
+    softmax output's at 16 bits (the authors' ``block_recon.py`` adds ``act_quantizer_w.delta`` to the
+    optimised parameters only when ``n_bits != 16``; Stable Diffusion's ``sm_abit``). It keeps the range it
+    was initialised with; a step of ~1.5e-5 would not survive Adam's first updates at lr 4e-4."""
+    return [m.probs for m in module.modules()
+            if isinstance(m, AttentionQuantizers) and m.probs.bits == FIXED_SOFTMAX_BITS]

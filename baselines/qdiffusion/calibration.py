@@ -13,14 +13,25 @@ trajectory (``SamplerConfig.evaluation_timesteps``), the sampler's steps for DDI
 DPM-Solver++, one more for PLMS (whose first step evaluates twice), more for the ``uniform`` grids
 when ``steps`` does not divide T. Consecutive evaluations are what a MoDiff layer's residual
 chain follows, so the pairs stay right for multi-evaluation solvers.
+
+Text-conditioned models (``collect(..., unet=...)``): what is kept is then the input of the UNet
+inside the denoiser, not the denoiser's. With classifier-free guidance (``bench.zoo.sd``: one UNet
+call on ``cat([x, x])`` with ``cat([uncond, cond])`` text embeddings) that is the doubled batch,
+2 rows per trajectory and step, as the authors' Stable Diffusion calibration keeps both the
+conditional and the unconditional input of every sample. The UNet's keyword tensors
+(``encoder_hidden_states``) are kept in ``CalibrationData.cond``, once per row of a step: the
+conditioning of a trajectory does not change along it (checked), so every kept step shares it.
+Block reconstruction then feeds the cross-attention blocks the context they see when sampling.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from modiff.samplers import SamplerConfig, sample
 from modiff.schedules import NoiseSchedule
@@ -36,12 +47,16 @@ def calibration_steps(n_steps: int, cali_st: int) -> list[int]:
 
 @dataclass
 class CalibrationData:
-    """Inputs by step index: ``x[i]`` is (cali_n, *image_shape), ``t[i]`` the timestep."""
+    """Inputs by step index: ``x[i]`` is (rows, *image_shape), ``t[i]`` the timestep. ``rows`` is
+    ``cali_n``, or ``2 * cali_n`` for a model with classifier-free guidance (the doubled batch).
+    ``cond``: the UNet's keyword inputs (``encoder_hidden_states``), rows as in every ``x[i]``;
+    empty for unconditional models."""
 
     steps: list[int]  # the calibration steps
     x: dict[int, torch.Tensor]  # step index -> inputs (calibration steps and the steps before them)
     t: dict[int, int]
     seeds: list[int]
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # keyword -> (rows, ...), shared by every step
 
     @property
     def n(self) -> int:
@@ -53,8 +68,14 @@ class CalibrationData:
         ts = torch.cat([torch.full((len(self.x[i]),), self.t[i], dtype=torch.long) for i in self.steps])
         return xs, ts
 
+    def conditioning(self) -> dict[str, torch.Tensor]:
+        """The keyword inputs of every row of :meth:`inputs` (``cond`` repeated for each calibration
+        step); empty for unconditional models."""
+        return {name: value.repeat(len(self.steps), *([1] * (value.dim() - 1))) for name, value in self.cond.items()}
+
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(x_prev, t_prev, x, t)`` for each calibration step that has a step before it."""
+        """``(x_prev, t_prev, x, t)`` for each calibration step that has a step before it (with the
+        same rows, so ``cond`` applies to both)."""
         out = []
         for i in self.steps:
             if i == 0:
@@ -65,35 +86,120 @@ class CalibrationData:
         return out
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "x": self.x, "t": self.t, "seeds": self.seeds}
+        data = {"steps": self.steps, "x": self.x, "t": self.t, "seeds": self.seeds}
+        if self.cond:  # unconditional data stays as it was cached before conditioning was kept
+            data["cond"] = self.cond
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> CalibrationData:
         return cls(steps=list(data["steps"]), x={int(k): v for k, v in data["x"].items()},
-                   t={int(k): int(v) for k, v in data["t"].items()}, seeds=list(data["seeds"]))
+                   t={int(k): int(v) for k, v in data["t"].items()}, seeds=list(data["seeds"]),
+                   cond=dict(data.get("cond") or {}))
+
+
+def unet_inputs(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor,
+                                                                      dict[str, torch.Tensor]]:
+    """``(sample, timestep, keyword tensors)`` of a call ``unet(*args, **kwargs)``: the first two
+    parameters of its ``forward``, then every other tensor argument by name (``encoder_hidden_states``).
+    ``None`` and ``return_dict`` are left out; any other argument (one that could not be replayed from
+    tensors) is a ValueError."""
+    bound = inspect.signature(unet.forward).bind(*args, **kwargs)
+    params = inspect.signature(unet.forward).parameters
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(names) < 2 or names[0] not in bound.arguments or names[1] not in bound.arguments:
+        raise ValueError(f"cannot tell the sample and the timestep of a call of {type(unet).__name__}")
+    sample_, timestep = bound.arguments[names[0]], bound.arguments[names[1]]
+    rest: dict = {}
+    for name, value in bound.arguments.items():
+        if name in names[:2]:
+            continue
+        if params[name].kind == params[name].VAR_KEYWORD:
+            rest.update(value)
+        else:
+            rest[name] = value
+    cond = {}
+    for name, value in rest.items():
+        if value is None or name == "return_dict":
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"cannot keep the argument {name!r} ({type(value).__name__}) of the UNet's calls as "
+                             "calibration data: only tensors are kept")
+        cond[name] = value
+    return sample_, timestep, cond
 
 
 def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: int, seeds: Sequence[int],
             image_shape: Sequence[int], batch_size: int, device: torch.device | str = "cpu",
-            progress: bool = False, on_batch=None) -> CalibrationData:
+            progress: bool = False, on_batch=None, unet: nn.Module | None = None) -> CalibrationData:
     """Run the full-precision ``denoiser`` along ``sampler``'s trajectories from ``seeds`` and keep
-    the inputs of the calibration steps (and of the steps just before them)."""
+    the inputs of the calibration steps (and of the steps just before them).
+
+    With ``unet`` (the network the denoiser calls, once per evaluation) its inputs are kept instead
+    of the denoiser's: for a guided text-conditioned model the doubled batch and its text
+    conditioning (module docstring). ValueError when the denoiser does not call it exactly once per
+    evaluation, gives it other timesteps than the sampler's, or changes a trajectory's conditioning
+    between steps."""
     timesteps = sampler.evaluation_timesteps(schedule)
     steps = calibration_steps(len(timesteps), cali_st)
     wanted = sorted({*steps, *(i - 1 for i in steps if i > 0)})
     kept: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-    step = {"index": 0}
+    batch_cond: list[dict[str, torch.Tensor] | None] = []  # per batch: the UNet's keyword tensors
+    state = {"index": 0, "calls": 0}
 
     def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if step["index"] in kept:
-            kept[step["index"]].append(x.detach().cpu())
-        step["index"] += 1
-        return denoiser(x, t)
+        index = state["index"]
+        if unet is None:
+            if index in kept:
+                kept[index].append(x.detach().cpu())
+            state["index"] += 1
+            return denoiser(x, t)
+        state["calls"] = 0
+        out = denoiser(x, t)
+        if state["calls"] != 1:
+            raise ValueError(f"the denoiser called the UNet {state['calls']} times in one evaluation; calibration "
+                             "data at the UNet's input needs exactly one call")
+        state["index"] += 1
+        return out
+
+    def hook(module, args, kwargs):
+        state["calls"] += 1
+        index = state["index"]
+        if index not in kept or state["calls"] > 1:  # a second call is refused after the evaluation
+            return
+        x, t, cond = unet_inputs(module, args, kwargs)
+        t = t.expand(len(x)) if torch.is_tensor(t) else torch.full((len(x),), t)
+        if not bool((t.detach().cpu() == timesteps[index]).all()):
+            raise ValueError(f"the denoiser gives the UNet other timesteps ({t.unique().tolist()}) than the "
+                             f"sampler's ({timesteps[index]}); calibration data cannot be kept at the UNet's input")
+        cond = {name: value.detach().cpu() for name, value in cond.items()}
+        for name, value in cond.items():
+            if not value.dim() or value.shape[0] != len(x):
+                raise ValueError(f"the UNet's argument {name!r} has {tuple(value.shape)} for a batch of {len(x)}: "
+                                 "only per-row tensors are kept")
+        first = batch_cond[-1]
+        if first is None:
+            batch_cond[-1] = cond
+        elif first.keys() != cond.keys() or not all(torch.equal(first[k], cond[k]) for k in cond):
+            raise ValueError("the UNet's conditioning changes along a trajectory; calibration data keeps one per "
+                             "trajectory")
+        kept[index].append(x.detach().cpu())
 
     def start() -> None:
-        step["index"] = 0
+        state["index"] = 0
+        batch_cond.append(None)
 
-    sample(recording, schedule, sampler, list(seeds), image_shape, batch_size, device, progress=progress,
-           on_trajectory_start=start, leave=False, on_batch=on_batch)
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True) if unet is not None else None
+    try:
+        sample(recording, schedule, sampler, list(seeds), image_shape, batch_size, device, progress=progress,
+               on_trajectory_start=start, leave=False, on_batch=on_batch)
+    finally:
+        if handle is not None:
+            handle.remove()
+    cond: dict[str, torch.Tensor] = {}
+    if unet is not None and batch_cond and batch_cond[0]:
+        if any(c is None or c.keys() != batch_cond[0].keys() for c in batch_cond):
+            raise ValueError("the UNet's conditioning arguments differ between batches")
+        cond = {name: torch.cat([c[name] for c in batch_cond]) for name in batch_cond[0]}
     return CalibrationData(steps=steps, x={i: torch.cat(v) for i, v in kept.items()},
-                           t={i: timesteps[i] for i in wanted}, seeds=list(seeds))
+                           t={i: timesteps[i] for i in wanted}, seeds=list(seeds), cond=cond)

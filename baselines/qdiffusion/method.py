@@ -43,7 +43,9 @@ from .reconstruction import (
 )
 
 CALIBRATION_SEED_OFFSET = 20_000_000  # calibration trajectories never share a seed with evaluation
-FORMAT = 2  # bump when what is cached changes meaning (2: calibration steps index network evaluations)
+# bump when what is cached changes meaning (2: calibration steps index network evaluations; 3: the reconstruction
+# loss is BRECQ's reduction, weights and step sizes fitted with the old one are not reused)
+FORMAT = 3
 
 
 def _key(payload: dict) -> str:
@@ -56,6 +58,14 @@ class QDiffusion(BaseQuantizer):
     """Q-Diffusion (ICCV 2023): time-step-aware calibration, AdaRound + BRECQ block reconstruction, learned static step sizes."""  # noqa: E501
 
     granularity = "tensor"
+
+    @classmethod
+    def version(cls, settings) -> int:
+        # 2: the reconstruction loss sums over dim 1 only and averages the rest (BRECQ's / Q-Diffusion's lp_loss),
+        # which changes every reconstructed model (weights by AdaRound, or learned step sizes)
+        own = (settings.get("params") or {}).get("qdiff") or {}
+        iters = [own.get(k, cls.PARAMS[k]) for k in ("weight_iters", "act_iters")]
+        return 2 if any(isinstance(i, int) and i > 0 for i in iters) else 1
 
     @dataclass(frozen=True)
     class Params:
@@ -93,6 +103,9 @@ class QDiffusion(BaseQuantizer):
         if not 1 <= self.settings.cali_st <= cell.steps:
             return f"qdiff cali_st={self.settings.cali_st} must be between 1 and steps={cell.steps}"
         return None
+
+    def quantizes_attention(self, cell: CellSpec) -> bool:
+        return self.recon_config(cell).quant_attention
 
     def recon_config(self, cell: CellSpec) -> ReconConfig:
         s = self.settings
@@ -137,16 +150,13 @@ class QDiffusion(BaseQuantizer):
                           CALIBRATION_SEED_OFFSET + c.seed + s.cali_seed + s.cali_n)
             data = calibration.collect(ctx.model.denoiser(), ctx.model.schedule, ctx.sampler, s.cali_st,
                                        seeds, ctx.model.image_shape, c.batch_size, ctx.device, ctx.progress,
-                                       on_batch=ctx.model.start_batch)
+                                       on_batch=ctx.model.start_batch, unet=ctx.model.unet)
             return data.to_dict()
 
         return calibration.CalibrationData.from_dict(self._cached(ctx, "data", self._data_key(ctx), make, info))
 
     def build(self, ctx: BuildContext) -> Prepared:
         cell, s = ctx.cell, self.settings
-        if ctx.model.start_batch is not None:  # block reconstruction calls the UNet on (x, t) alone
-            raise BenchError(f"qdiff: calibrating the text-conditioned model {ctx.model.name!r} (its cross-attention "
-                             "inputs) is not implemented; use the dynamic bases (ltq, lcq, psq) for it")
         try:  # resolve() checks cali_st against the steps; build() may be called without it
             calibration.calibration_steps(len(ctx.sampler.evaluation_timesteps(ctx.model.schedule)), s.cali_st)
         except ValueError as exc:
@@ -155,7 +165,8 @@ class QDiffusion(BaseQuantizer):
         info: dict[str, Any] = {}
         data = self.calibration_data(ctx, info)
         xs, ts = data.inputs()
-        example = (xs[:2].to(ctx.device), ts[:2].to(ctx.device))
+        cond = data.conditioning()  # the UNet's keyword inputs of each row (text conditioning); {} without
+        example = (xs[:2].to(ctx.device), ts[:2].to(ctx.device), {k: v[:2].to(ctx.device) for k, v in cond.items()})
         fp = ctx.model.unet
         qmodel = prepare(fp, config, example)
         data_key = self._data_key(ctx)
@@ -165,7 +176,7 @@ class QDiffusion(BaseQuantizer):
         reports: dict[str, list] = {}
 
         def make_weights():
-            reports["weight"] = reconstruct_weights(qmodel, fp, xs, ts, config, ctx.device, ctx.progress)
+            reports["weight"] = reconstruct_weights(qmodel, fp, xs, ts, config, ctx.device, ctx.progress, cond=cond)
             return {"weights": weight_state(qmodel), "report": reports["weight"]}
 
         if cell.w_bits != NOT_QUANTIZED:
@@ -174,6 +185,8 @@ class QDiffusion(BaseQuantizer):
             info["weight_reconstruction"] = _summary(cached["report"], "nearest", "adaround")
             info["adaround_hard_fraction"] = (min(r["hard_fraction"] for r in cached["report"])
                                               if cached["report"] else None)
+            # units whose reconstructed weights ended with a larger block error than rounding to nearest
+            info["adaround_units_worse"] = sum(r["adaround"] > r["nearest"] for r in cached["report"])
 
         needs_act_phase = cell.a_bits not in (0, NOT_QUANTIZED) and (cell.modulation == "off"
                                                                      or config.quant_attention)
@@ -183,7 +196,8 @@ class QDiffusion(BaseQuantizer):
                            **{k: getattr(s, k) for k in ("act_init", "act_iters", "act_lr")}}
 
             def make_acts():
-                reports["act"] = reconstruct_activations(qmodel, fp, xs, ts, config, ctx.device, ctx.progress)
+                reports["act"] = reconstruct_activations(qmodel, fp, xs, ts, config, ctx.device, ctx.progress,
+                                                         cond=cond)
                 return {"acts": act_state(qmodel), "report": reports["act"]}
 
             cached = self._cached(ctx, f"w{cell.w_bits}a{cell.a_bits}", act_payload, make_acts, info)
@@ -236,8 +250,9 @@ def calibrate_residual_scales(unet: torch.nn.Module, data: calibration.Calibrati
         with torch.no_grad():
             for x_prev, t_prev, x, t in pairs:
                 for i in range(0, len(x), batch_size):
+                    cond = {k: v[i: i + batch_size].to(device) for k, v in data.cond.items()}  # same rows as x
                     modiff.reset(unet)
-                    unet(x_prev[i: i + batch_size].to(device), t_prev[i: i + batch_size].to(device))
-                    unet(x[i: i + batch_size].to(device), t[i: i + batch_size].to(device))
+                    unet(x_prev[i: i + batch_size].to(device), t_prev[i: i + batch_size].to(device), **cond)
+                    unet(x[i: i + batch_size].to(device), t[i: i + batch_size].to(device), **cond)
 
     modiff.calibrate(unet, run, method)

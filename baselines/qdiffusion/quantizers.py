@@ -32,9 +32,13 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    """``|pred - target|^p`` summed over each sample's elements, averaged over the batch (BRECQ's
-    reduction, which the rounding regulariser's weight of 0.01 is calibrated against)."""
-    return (pred - target).abs().pow(p).flatten(1).sum(1).mean()
+    """``|pred - target|^p`` summed over dim 1 and averaged over every other dim: BRECQ's and Q-Diffusion's
+    ``lp_loss`` with ``reduction='none'``, ``(pred - tgt).abs().pow(p).sum(1).mean()``, taken literally. For a
+    conv output ``[N, C, H, W]`` that sums the channels and averages over the batch and the positions; for
+    the ``[N, L, C]`` output of a transformer block dim 1 is the tokens. The rounding regulariser's weight
+    (0.01) is calibrated against this scale: summing over C*H*W instead makes the reconstruction term
+    H*W times larger and the regulariser that much weaker (rounding variables do not reach 0/1)."""
+    return (pred - target).abs().pow(p).sum(1).mean()
 
 
 class AdaRoundWeight(nn.Module):

@@ -15,12 +15,19 @@ the target:
    20% warm-up without the rounding term; then rounding is made hard and written into the weight;
 2. activation phase (weights fixed): every activation quantizer of the unit is initialised by
    min-max or the MSE search on the unit's inputs, then its step size alone is learned, Adam with
-   a cosine learning-rate schedule, loss ``||out - target||_p^p`` with p = 2.4.
+   a cosine learning-rate schedule, loss ``||out - target||_p^p`` with p = 2.4 (a softmax quantizer at
+   16 bits, Stable Diffusion's ``sm_abit``, keeps its initial step size, as in the authors' code).
 
 Shortcut splitting: the 1x1 shortcut conv of a decoder residual block reads
 ``concat([h_deep, h_skip])``; its input gets one activation quantizer per part and its weight one
 AdaRound grid per part (split along input channels). The split point is measured on a forward
 pass: ``channels(input) - channels(skip tensor the up block pops for that resnet)``.
+
+Conditioning: a text-conditioned UNet is called as ``unet(x, t, encoder_hidden_states=...)``. Every
+function that runs the model takes the calibration rows' keyword tensors as ``cond`` (name -> tensor
+with one row per row of ``xs``; ``CalibrationData.conditioning()``; an example is ``(x, t)`` or
+``(x, t, cond)``), so the inputs a unit records (and replays) carry what the UNet passed it: a
+transformer block's ``encoder_hidden_states``, for classifier-free guidance the doubled batch.
 """
 
 from __future__ import annotations
@@ -38,11 +45,12 @@ from tqdm.auto import tqdm
 from modiff.config import NOT_QUANTIZED
 from modiff.layers import QUANTIZABLE
 
-from .attention import quantize_attention
+from .attention import fixed_step_sizes, quantize_attention
 from .quantizers import ActQuantizer, AdaRoundWeight, SplitActQuantizer, beta_schedule, lp_loss
 
 BLOCK_TYPES = ("ResnetBlock2D", "ResnetBlockCondNorm2D", "Attention", "BasicTransformerBlock")
 EVAL_SAMPLES = 256  # calibration samples the before/after reconstruction losses are measured on
+Cond = dict[str, torch.Tensor]  # the UNet's keyword inputs (``encoder_hidden_states``), one row per input row
 
 
 @dataclass(frozen=True)
@@ -123,14 +131,31 @@ class _Stop(Exception):
     """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
-def _call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
+def _call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> None:
     try:
-        model(x, t)
+        model(x, t, **(cond or {}))
     except _Stop:
         pass
 
 
-def shortcut_splits(unet: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, int]:
+def _run_example(model: nn.Module, example: tuple) -> Any:
+    """``model`` on an example ``(x, t)`` or ``(x, t, cond)``."""
+    x, t, *rest = example
+    return model(x, t, **(rest[0] if rest and rest[0] else {}))
+
+
+def _example(xs: torch.Tensor, ts: torch.Tensor, cond: Cond | None, device: torch.device) -> tuple:
+    """The first two calibration rows, as an example ``(x, t, cond)``."""
+    return xs[:2].to(device), ts[:2].to(device), {k: v[:2].to(device) for k, v in (cond or {}).items()}
+
+
+def _check_cond(xs: torch.Tensor, cond: Cond | None) -> None:
+    for name, value in (cond or {}).items():
+        if not value.dim() or value.shape[0] != len(xs):
+            raise ValueError(f"conditioning {name!r} has {tuple(value.shape)} rows for {len(xs)} calibration inputs")
+
+
+def shortcut_splits(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> dict[str, int]:
     """Name of each decoder shortcut conv that reads ``concat([deep, skip])`` -> channels of ``deep``."""
     splits: dict[str, int] = {}
     handles = []
@@ -147,16 +172,16 @@ def shortcut_splits(unet: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[s
         handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            unet(x, t)
+            unet(x, t, **(cond or {}))
     finally:
         for h in handles:
             h.remove()
     return splits
 
 
-def prepare(fp_unet: nn.Module, config: ReconConfig, example: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
+def prepare(fp_unet: nn.Module, config: ReconConfig, example: tuple) -> nn.Module:
     """A copy of ``fp_unet`` with every conv / linear in a :class:`ReconLayer` (and quantized
-    attention matmuls when ``quant_attention``)."""
+    attention matmuls when ``quant_attention``). ``example``: ``(x, t)`` or ``(x, t, cond)``."""
     unet = copy.deepcopy(fp_unet).requires_grad_(False)
     splits = shortcut_splits(unet, *example) if config.split_shortcut else {}
     targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, QUANTIZABLE) and n]
@@ -177,8 +202,9 @@ def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
     return [m for m in model.modules() if isinstance(m, ActQuantizer) and m.bits < NOT_QUANTIZED]
 
 
-def units(model: nn.Module, example: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[str, nn.Module]]:
-    """Reconstruction units in execution order (outermost block types, then lone layers)."""
+def units(model: nn.Module, example: tuple) -> list[tuple[str, nn.Module]]:
+    """Reconstruction units in execution order (outermost block types, then lone layers);
+    ``example``: ``(x, t)`` or ``(x, t, cond)``."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix, _ in found):
@@ -196,7 +222,7 @@ def units(model: nn.Module, example: tuple[torch.Tensor, torch.Tensor]) -> list[
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in found]
     try:
         with torch.no_grad():
-            model(*example)
+            _run_example(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -256,13 +282,16 @@ def _collate(parts: list[Any], n_parts: list[int]) -> Any:
     return first
 
 
-def _batches(xs: torch.Tensor, ts: torch.Tensor, batch_size: int):
+def _batches(xs: torch.Tensor, ts: torch.Tensor, batch_size: int, cond: Cond | None = None):
+    _check_cond(xs, cond)
     for i in range(0, len(xs), batch_size):
-        yield xs[i: i + batch_size], ts[i: i + batch_size]
+        yield xs[i: i + batch_size], ts[i: i + batch_size], {k: v[i: i + batch_size] for k, v in (cond or {}).items()}
 
 
 def capture_inputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: torch.Tensor, batch_size: int,
-                   device: torch.device) -> UnitData:
+                   device: torch.device, cond: Cond | None = None) -> UnitData:
+    """What ``module`` receives (positional and keyword) when ``model`` runs on the calibration rows
+    ``(xs, ts, cond)``, batch by batch, concatenated on the CPU."""
     store: list[tuple[tuple, dict]] = []
 
     def hook(mod, args, kwargs):
@@ -273,16 +302,17 @@ def capture_inputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: to
     sizes = []
     try:
         with torch.no_grad():
-            for x, t in _batches(xs, ts, batch_size):
+            for x, t, c in _batches(xs, ts, batch_size, cond):
                 sizes.append(len(x))
-                _call_model(model, x.to(device), t.to(device))
+                _call_model(model, x.to(device), t.to(device), {k: v.to(device) for k, v in c.items()})
     finally:
         handle.remove()
     return UnitData(_collate([a for a, _ in store], sizes), _collate([k for _, k in store], sizes), len(xs))
 
 
 def capture_outputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: torch.Tensor, batch_size: int,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, cond: Cond | None = None) -> torch.Tensor:
+    """What ``module`` outputs (its first tensor) when ``model`` runs on the calibration rows."""
     store: list[torch.Tensor] = []
 
     def hook(mod, args, output):
@@ -292,8 +322,8 @@ def capture_outputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: t
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            for x, t in _batches(xs, ts, batch_size):
-                _call_model(model, x.to(device), t.to(device))
+            for x, t, c in _batches(xs, ts, batch_size, cond):
+                _call_model(model, x.to(device), t.to(device), {k: v.to(device) for k, v in c.items()})
     finally:
         handle.remove()
     return torch.cat(store)
@@ -332,15 +362,18 @@ def _optimize(unit, data, target, params, loss_fn, iterations, lr, cosine, confi
 
 
 def reconstruct_weights(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor, ts: torch.Tensor,
-                        config: ReconConfig, device: torch.device, progress: bool = False) -> list[dict]:
+                        config: ReconConfig, device: torch.device, progress: bool = False,
+                        cond: Cond | None = None) -> list[dict]:
     """Weight phase over every unit (activations in float). Returns per-unit losses (squared error
-    per sample) with round-to-nearest and after reconstruction."""
+    per sample) with round-to-nearest and after reconstruction. ``cond``: the keyword inputs of
+    every calibration row (text conditioning), None for an unconditional UNet."""
+    _check_cond(xs, cond)
     for q in act_quantizers(qmodel):
         q.enabled = False
     generator = torch.Generator().manual_seed(config.seed)
     fp_modules = dict(fp_model.named_modules())
     report = []
-    example = (xs[:2].to(device), ts[:2].to(device))
+    example = _example(xs, ts, cond, device)
     for name, unit in tqdm(units(qmodel, example), desc=f"AdaRound W{config.w_bits}", leave=False,
                            disable=not progress):
         layers = [unit] if isinstance(unit, ReconLayer) else recon_layers(unit)
@@ -349,8 +382,8 @@ def reconstruct_weights(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor
         params = [q.alpha for layer in layers for q in layer.weight_quantizers]
         if not params:
             continue
-        data = capture_inputs(qmodel, unit, xs, ts, config.batch_size, device)
-        target = capture_outputs(fp_model, fp_modules[name], xs, ts, config.batch_size, device)
+        data = capture_inputs(qmodel, unit, xs, ts, config.batch_size, device, cond)
+        target = capture_outputs(fp_model, fp_modules[name], xs, ts, config.batch_size, device, cond)
         for layer in layers:
             layer.set_soft(False)
         before = _unit_loss(unit, data, target, 2.0, device, config.batch_size)
@@ -379,23 +412,25 @@ def reconstruct_weights(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor
 
 
 def reconstruct_activations(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor, ts: torch.Tensor,
-                            config: ReconConfig, device: torch.device, progress: bool = False) -> list[dict]:
+                            config: ReconConfig, device: torch.device, progress: bool = False,
+                            cond: Cond | None = None) -> list[dict]:
     """Activation phase over every unit (weights already quantized): initialise each activation
     quantizer's range on the unit's inputs, then learn the step sizes. Returns per-unit Lp losses
-    after initialisation and after learning."""
+    after initialisation and after learning. ``cond`` as for :func:`reconstruct_weights`."""
+    _check_cond(xs, cond)
     for q in act_quantizers(qmodel):
         q.enabled = False
     generator = torch.Generator().manual_seed(config.seed + 1)
     fp_modules = dict(fp_model.named_modules())
     report = []
-    example = (xs[:2].to(device), ts[:2].to(device))
+    example = _example(xs, ts, cond, device)
     for name, unit in tqdm(units(qmodel, example), desc=f"step sizes A{config.a_bits}", leave=False,
                            disable=not progress):
         quantizers = act_quantizers(unit)
         if not quantizers:
             continue
-        data = capture_inputs(qmodel, unit, xs, ts, config.batch_size, device)
-        target = capture_outputs(fp_model, fp_modules[name], xs, ts, config.batch_size, device)
+        data = capture_inputs(qmodel, unit, xs, ts, config.batch_size, device, cond)
+        target = capture_outputs(fp_model, fp_modules[name], xs, ts, config.batch_size, device, cond)
         for q in quantizers:
             q.observe()
         with torch.no_grad():
@@ -405,9 +440,11 @@ def reconstruct_activations(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Te
         for q in quantizers:
             q.initialize(config.act_init)
         before = _unit_loss(unit, data, target, config.p, device, config.batch_size)
-        _optimize(unit, data, target, [q.scale for q in quantizers],
-                  lambda out, tgt, it: lp_loss(out, tgt, config.p), config.act_iters, config.act_lr, True, config,
-                  device, generator)
+        fixed = {id(q) for q in fixed_step_sizes(unit)}  # the 16-bit softmax keeps its initial range
+        learned = [q.scale for q in quantizers if id(q) not in fixed]
+        if learned:
+            _optimize(unit, data, target, learned, lambda out, tgt, it: lp_loss(out, tgt, config.p), config.act_iters,
+                      config.act_lr, True, config, device, generator)
         with torch.no_grad():  # a step size driven to (or below) zero would divide by zero
             for q in quantizers:
                 q.scale.clamp_(min=1e-8)
