@@ -338,7 +338,11 @@ def test_int8_unet_residual_steps_run_every_layer_on_onednn(digits_model, a_bits
 def test_int8_modiff_beats_int8_ptq_at_low_activation_bits(digits_model):
     """W8, asymmetric per-sample scales, DDIM quad 50 steps, 16 samples. PSNR to FP observed (dB):
     A4 ec 36.97 int8 / 37.00 fake, A4 off 20.70 / 21.19; A3 ec 31.45 / 31.72, A3 off 8.34 / 8.37.
-    (At 100 steps: A4 ec 34.5 vs off 20.8, A3 ec 33.3 vs off 8.8.)"""
+    (At 100 steps: A4 ec 34.5 vs off 20.8, A3 ec 33.3 vs off 8.8.) On an AVX512-VNNI EPYC the fake
+    path's float kernels round differently: A3 ec 31.78 int8 / 29.72 fake, the rest within 0.75 dB
+    (this test's old two-sided 1.5 dB bound failed there, before and after issue #17). Rounding ties
+    send 16 trajectories apart by a couple of dB either way; what must hold is that int8 loses
+    nothing beyond that noise."""
     fp = draw(digits_model.unet, digits_model, 50)
     psnr = {}
     for a_bits in (4, 3):
@@ -352,7 +356,8 @@ def test_int8_modiff_beats_int8_ptq_at_low_activation_bits(digits_model):
         for execution in ("int8", "fake"):
             assert psnr[a_bits, "ec", execution] >= psnr[a_bits, "off", execution] + 10.0, (a_bits, execution)
         for modulation in ("ec", "off"):  # int8 keeps the fake path's quality
-            assert abs(psnr[a_bits, modulation, "int8"] - psnr[a_bits, modulation, "fake"]) <= 1.5
+            gap = psnr[a_bits, modulation, "int8"] - psnr[a_bits, modulation, "fake"]
+            assert -1.5 <= gap <= 3.0, (a_bits, modulation, gap)
 
 
 # -- 7. invalid configurations -------------------------------------------------------------------------
