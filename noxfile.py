@@ -82,7 +82,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
-    """The main job on the embedded default: the 'digits' matrix preset (runs/demo/, about 14 min on 2 CPU cores).
+    """The main job on the embedded default: the 'digits' matrix preset (runs/demo/, about 22 min on 2 CPU cores).
 
     Resumable: interrupt it and run it again. Extra arguments go to 'modiff-bench run'
     (e.g. '-- --force' to start over, '-- --set run.n_samples=128' for a quicker look)."""
