@@ -81,7 +81,7 @@ def without_device_skips(matrix: Matrix, device: torch.device, capability: tuple
         if reason is None:
             keep.append(cell)
         else:
-            skipped.append({**{k: getattr(cell, k) for k in AXES if hasattr(cell, k)}, "reason": reason})
+            skipped.append({**{k: getattr(cell, k) for k in AXES}, "reason": reason})
     return matrix if len(keep) == len(matrix.cells) else dataclasses.replace(matrix, cells=keep, skipped=skipped)
 
 

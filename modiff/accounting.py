@@ -274,22 +274,20 @@ def gbops_honest(
     w, a = ran_bits(w_bits, execution, float_bits), ran_bits(a_bits, execution, float_bits)
     attention_bits = w * a if attention_quantized else float_bits * float_bits
     attention = report.attention_macs * attention_bits if include_attention else 0
-    if a_bits == 0:
-        if not warmup:
-            raise ValueError("a_bits=0 needs the warm-up step (there is no output to reuse without it)")
-        first = report.conv_linear_macs * (FP_BITS if execution != "fake" else w) * FP_BITS + attention
-        reuse = report.in_elements * FP_BITS + attention
-        return (first + (steps - 1) * reuse) / steps / 1e9
+    quantized_step = report.conv_linear_macs * w * a + attention
     if modulation == "off":
-        return (report.conv_linear_macs * w * a + attention) / 1e9
-    if not warmup:
-        first = report.conv_linear_macs * w * a + attention
+        return quantized_step / 1e9
+    if a_bits == 0 and not warmup:
+        raise ValueError("a_bits=0 needs the warm-up step (there is no output to reuse without it)")
+    # the warm-up runs the layers at 32-bit activations (a float32 conv under real execution)
+    first = report.conv_linear_macs * (FP_BITS if execution != "fake" else w) * FP_BITS + attention if warmup \
+        else quantized_step
+    if a_bits == 0:  # every later step reuses the cached output: only the input difference is computed
+        later = report.in_elements * FP_BITS + attention
     else:
-        first = report.conv_linear_macs * (FP_BITS if execution != "fake" else w) * FP_BITS + attention
-    input_passes = 2 if modulation == "ec" else 1
-    additions = (input_passes * report.in_elements + report.out_elements) * FP_BITS
-    modulated = report.conv_linear_macs * w * a + additions + attention
-    return (first + (steps - 1) * modulated) / steps / 1e9
+        input_passes = 2 if modulation == "ec" else 1
+        later = quantized_step + (input_passes * report.in_elements + report.out_elements) * FP_BITS
+    return (first + (steps - 1) * later) / steps / 1e9
 
 
 def state_bytes_estimate(report: MacReport, batch_size: int, modulation: str, bytes_per_element: int = 4) -> int:

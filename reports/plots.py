@@ -26,7 +26,7 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from .tables import MetricLabels
+from .tables import MetricLabels, later_label
 
 DPI = 120
 
@@ -396,6 +396,31 @@ def quality_vs_bits(frame: pd.DataFrame, metric: str, out_dir: Path) -> list[Fig
     return figures
 
 
+def _front_panel(ax, panel: str, points: list[tuple[float, float]], tags: list[str], front: list[int],
+                 xlabel: str, ylabel: str, series: dict[str, list[tuple]]) -> None:
+    """One panel of a trade-off figure, its points already drawn: the Pareto front (``front``, indices into
+    ``points``, in x order) as a grey step line with ringed, labelled points; log x; the drawn numbers into
+    ``series``."""
+    fx, fy = [points[i][0] for i in front], [points[i][1] for i in front]
+    ax.step(fx, fy, where="post", color="0.35", linewidth=1.2, zorder=2)
+    ax.scatter(fx, fy, marker="o", s=140, facecolors="none", edgecolors="0.35", linewidths=1.0, zorder=2)
+    for i in front:
+        ax.annotate(tags[i], points[i], xytext=(4, 4), textcoords="offset points", fontsize=6.5, color="0.25")
+    ax.set_xscale("log")
+    _log_if_wide(ax, [y for _, y in points])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(panel, fontsize=9)
+    ax.grid(True, which="both", alpha=0.25)
+    series[panel] = [(x, y, tags[i]) for i, (x, y) in enumerate(points)]
+    series[f"{panel} | Pareto front"] = [(points[i][0], points[i][1], tags[i]) for i in front]
+
+
+def _front_handle() -> Line2D:
+    return Line2D([], [], color="0.35", linewidth=1.2, marker="o", markersize=10, markerfacecolor="none",
+                  label="Pareto front")
+
+
 def quality_vs_gbops(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure | None:
     """Quality against compute, with the cells nothing beats on both: the trade-off a reader would
     choose from. One panel per model / sampler / steps, since neither axis compares across them."""
@@ -426,21 +451,9 @@ def quality_vs_gbops(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure 
                        facecolors="none" if cached else colour, edgecolors=colour, linewidths=1.2)
         points = list(zip(rows["gbops"].astype(float), rows[metric].astype(float), strict=True))
         front = pareto_front(points, higher_is_better=higher)
-        fx, fy = [points[i][0] for i in front], [points[i][1] for i in front]
-        ax.step(fx, fy, where="post", color="0.35", linewidth=1.2, zorder=2)
-        ax.scatter(fx, fy, marker="o", s=140, facecolors="none", edgecolors="0.35", linewidths=1.0, zorder=2)
-        for i in front:
-            ax.annotate(tags[i], points[i], xytext=(4, 4), textcoords="offset points", fontsize=6.5, color="0.25")
-        ax.set_xscale("log")
-        _log_if_wide(ax, [y for _, y in points])
-        ax.set_xlabel("GBOPs per image per step (paper count, log scale)")
-        ax.set_ylabel(_axis_label(metric))
-        ax.set_title(panel, fontsize=9)
-        ax.grid(True, which="both", alpha=0.25)
-        series[panel] = [(x, y, tags[i]) for i, (x, y) in enumerate(points)]
-        series[f"{panel} | Pareto front"] = [(points[i][0], points[i][1], tags[i]) for i in front]
-    extra = [Line2D([], [], color="0.35", linewidth=1.2, marker="o", markersize=10, markerfacecolor="none",
-                    label="Pareto front")]
+        _front_panel(ax, panel, points, tags, front, "GBOPs per image per step (paper count, log scale)",
+                     _axis_label(metric), series)
+    extra = [_front_handle()]
     if any_cache:
         extra.append(Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="",
                             label="hollow: with cache"))
@@ -452,15 +465,6 @@ def quality_vs_gbops(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure 
                f"modulation. The grey step line joins the Pareto front: cells that no other cell beats on both "
                f"cost and quality.")
     return _save(fig, Path(out_dir), _slug(f"quality_vs_gbops_{metric}"), title, caption, series)
-
-
-def _later_tag(row) -> str:
-    """What a cell runs on beyond the paper's fake float32 (``int8``, ``bfloat16``, ``compiled``), for tags."""
-    parts = [str(getattr(row, k)) for k, v in (("execution", "fake"), ("dtype", "float32"),
-                                               ("memory_format", "contiguous"))
-             if isinstance(getattr(row, k, v), str) and getattr(row, k, v) != v]
-    compiled = [v for k, v in row._asdict().items() if k.startswith("p_") and k.endswith("_compile") and v is True]
-    return " ".join(parts + (["compiled"] if compiled else []))
 
 
 def quality_vs_throughput(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure | None:
@@ -493,8 +497,8 @@ def quality_vs_throughput(frame: pd.DataFrame, metric: str, out_dir: Path) -> Fi
     for ax, (values, rows, column) in zip(_panel_grid(fig, len(panels)), panels, strict=True):
         panel = _context_text(keys, values)
         tags = [" ".join(filter(None, [method_label(r.base, r.modulation, r.cache),
-                                       f"W{int(r.w_bits)}A{int(r.a_bits)}" if r.base != "fp" else "", _later_tag(r)]))
-                for r in rows.itertuples()]
+                                       f"W{int(r.w_bits)}A{int(r.a_bits)}" if r.base != "fp" else "", later_label(r)]))
+                for _, r in rows.iterrows()]
         for r in rows.itertuples():
             colour = _FP_COLOUR if r.base == "fp" else colours[r.base]
             real = getattr(r, "execution", "fake") not in ("fake", None)
@@ -502,23 +506,11 @@ def quality_vs_throughput(frame: pd.DataFrame, metric: str, out_dir: Path) -> Fi
                        facecolors=colour if real or r.base == "fp" else "none", edgecolors=colour, linewidths=1.2)
         points = list(zip(rows[column].astype(float), rows[metric].astype(float), strict=True))
         front = pareto_front([(-x, y) for x, y in points], higher_is_better=higher)  # faster is better
-        fx, fy = [points[i][0] for i in front], [points[i][1] for i in front]
-        ax.plot(fx, fy, color="0.35", linewidth=1.2, zorder=2, drawstyle="steps-post")
-        ax.scatter(fx, fy, marker="o", s=140, facecolors="none", edgecolors="0.35", linewidths=1.0, zorder=2)
-        for i in front:
-            ax.annotate(tags[i], points[i], xytext=(4, 4), textcoords="offset points", fontsize=6.5, color="0.25")
         ax.axvline(1.0, color="0.6", linestyle=":", linewidth=1.0)
-        ax.set_xscale("log")
-        _log_if_wide(ax, [y for _, y in points])
-        ax.set_xlabel(f"throughput / full precision {'BF16' if column == 'speedup_bf16' else 'FP32'} "
-                      f"(column `{column}`, log scale)")
-        ax.set_ylabel(_axis_label(metric))
-        ax.set_title(panel, fontsize=9)
-        ax.grid(True, which="both", alpha=0.25)
-        series[panel] = [(x, y, tags[i]) for i, (x, y) in enumerate(points)]
-        series[f"{panel} | Pareto front"] = [(points[i][0], points[i][1], tags[i]) for i in front]
-    extra = [Line2D([], [], color="0.35", linewidth=1.2, marker="o", markersize=10, markerfacecolor="none",
-                    label="Pareto front"),
+        _front_panel(ax, panel, points, tags, front, f"throughput / full precision "
+                     f"{'BF16' if column == 'speedup_bf16' else 'FP32'} (column `{column}`, log scale)",
+                     _axis_label(metric), series)
+    extra = [_front_handle(),
              Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="",
                     label="hollow: fake quantization"),
              Line2D([], [], color=_FP_COLOUR, marker="o", linestyle="", label="full precision")]

@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-from bench.methods import LATER_DEFAULTS
+from bench.methods import LATER_DEFAULTS, later_settings
 from bench.metrics import column_info
 
 MISSING = "—"
@@ -211,8 +211,8 @@ def _value(group: pd.DataFrame, metric: str, **match) -> float | None:
 def later_label(row: pd.Series) -> str:
     """The settings beyond the paper's where a row has them (``int8``, ``bfloat16 channels_last``,
     ``compiled``; empty for a fake-quantized float32 contiguous cell): part of Table 1's column labels."""
-    parts = [str(row.get(k)) for k, v in LATER_DEFAULTS.items() if pd.notna(row.get(k, v)) and row.get(k, v) != v]
-    return " ".join(parts + (["compiled"] if param_value(row, "compile") is True else []))
+    present = {k: row.get(k) for k in LATER_DEFAULTS if pd.notna(row.get(k))}  # (the compile flag: a p_ column)
+    return " ".join(later_settings(present) + (["compiled"] if param_value(row, "compile") is True else []))
 
 
 def table1(frame: pd.DataFrame) -> list[Table]:

@@ -3,7 +3,6 @@ unconditional UNet and on a text-conditioned one (a tiny random UNet2DConditionM
 conditioning and classifier-free guidance)."""
 
 import math
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -119,7 +118,7 @@ def test_nonuniform_schedule_is_deepcaches(steps, interval, center, power, expec
     assert nonuniform_full_steps(steps, interval, center, power) == expected
 
 
-def test_nonuniform_defaults_follow_deepcaches_pipelines(digits_model):
+def test_nonuniform_defaults_follow_deepcaches_pipelines(digits_model, tiny_sd):
     method = DeepCacheMethod("deepcache-nu5")
     assert method.schedule_settings(50, "text-to-image") == (15, 1.4)  # stable_diffusion.py
     assert method.schedule_settings(250, "latent") == (0, 1.5)  # the LDM script's sample_from_quad
@@ -134,7 +133,7 @@ def test_nonuniform_defaults_follow_deepcaches_pipelines(digits_model):
     assert model_kind(digits_model) == "pixel"
     assert model_kind(ZooModel("l", digits_model.unet, digits_model.schedule, (1, 16, 16), "ddim", 10,
                                decoder=lambda x: x)) == "latent"
-    assert model_kind(_tiny_text_to_image_model()) == "text-to-image"
+    assert model_kind(tiny_sd()) == "text-to-image"
     # a cell whose schedule cannot be built is a one-line error, before anything runs
     from bench.methods import BuildContext, CellSpec, build
     from bench.samplers import SamplerConfig
@@ -180,52 +179,12 @@ def test_deepcache_cells_in_a_matrix(tmp_path, digits_model):
 # ------------------------------------------------------------------ a text-conditioned UNet (Stable Diffusion's kind)
 
 
-class _Tokenizer:
-    """What ``PromptConditioning`` asks of CLIP's tokenizer: prompts -> ids padded to ``model_max_length``."""
-
-    model_max_length = 4
-
-    def __call__(self, prompts, max_length, **kwargs):
-        ids = [[1 + ord(ch) % 26 for ch in p[:max_length]] + [0] * max(0, max_length - len(p)) for p in prompts]
-        return SimpleNamespace(input_ids=torch.tensor(ids))
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.embedding = nn.Embedding(27, width)
-
-    def forward(self, input_ids):
-        return SimpleNamespace(last_hidden_state=self.embedding(input_ids))
-
-
-def _tiny_text_to_image_model() -> ZooModel:
-    """Stable Diffusion's kind at toy size: a random ``UNet2DConditionModel`` (SD's block types over three levels,
-    cross-attention width 16) behind the sd-v1-4 entry's own prompt conditioning and classifier-free guidance (one
-    UNet call on the doubled batch with ``encoder_hidden_states``); a one-layer stand-in text encoder, 8x8 latents
-    and no autoencoder."""
-    from diffusers import UNet2DConditionModel
-
-    from bench.zoo import sd
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-    ).eval().requires_grad_(False)
-    conditioning = sd.PromptConditioning(_Tokenizer(), _TextEncoder(16).eval(), ["a red cube", "a blue sphere"])
-    return ZooModel("tiny-sd", unet, sd.schedule(), (4, 8, 8), "plms", 10, make_denoiser=conditioning.denoiser,
-                    start_batch=conditioning.start_batch, default_batch_size=2)
-
-
-def test_macs_of_a_conditional_unet():
+def test_macs_of_a_conditional_unet(tiny_sd):
     """Issue 17: the MACs were counted on ``unet(x, t)`` without ``encoder_hidden_states``, so every SD cell with
     DeepCache raised."""
     from bench.generate import count_model_macs
 
-    model = _tiny_text_to_image_model()
+    model = tiny_sd()
     cache = DeepCache(model.unet, branch=0)
     full, partial = macs_full_and_partial(model.unet, cache, model.image_shape, "cpu")  # the UNet alone
     assert 0 < partial < full
@@ -237,13 +196,13 @@ def test_macs_of_a_conditional_unet():
 
 
 @pytest.mark.parametrize("cache", ["deepcache-u1", "deepcache-u3", "deepcache-nu3"])
-def test_deepcache_samples_a_conditional_unet(cache):
+def test_deepcache_samples_a_conditional_unet(cache, tiny_sd):
     """Built as the harness builds a cell, sampled with PLMS (SD's sampler; 11 evaluations for 10 steps): finite
     latents, and the evaluations that run the deep blocks are exactly the schedule's indices."""
     from bench.methods import BuildContext, CellSpec, build
     from bench.samplers import SamplerConfig, sample
 
-    model, steps = _tiny_text_to_image_model(), 10
+    model, steps = tiny_sd(), 10
     cell = CellSpec(model=model.name, checkpoint=None, sampler="plms", steps=steps, eta=0.0, n_samples=2, seed=0,
                     batch_size=2, base="fp", modulation="off", cache=cache, w_bits=32, a_bits=32,
                     a_granularity="none")
@@ -279,12 +238,12 @@ def test_deepcache_samples_a_conditional_unet(cache):
         assert full == nonuniform_full_steps(steps, 3, 3, 1.4)
 
 
-def test_deepcache_cells_on_a_text_to_image_model(tmp_path, monkeypatch):
+def test_deepcache_cells_on_a_text_to_image_model(tmp_path, monkeypatch, tiny_sd):
     """End to end through the harness: the cells that raised before issue 17's fix run and cost less."""
     from bench.zoo import registry
 
     monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))  # forget the entry afterwards
-    registry.register_model(registry.ZooEntry("tiny-sd", lambda checkpoint: _tiny_text_to_image_model(), 1000,
+    registry.register_model(registry.ZooEntry("tiny-sd", lambda checkpoint: tiny_sd(), 1000,
                                               "a tiny random text-to-image model", (8, 8)))
     matrix = load_matrix("smoke", ["run.model='tiny-sd'", "run.sampler='plms'", "steps=10", "n_samples=2",
                                    "batch_size=2", "matrix.base=['fp']", "matrix.modulation=['off']",

@@ -6,12 +6,10 @@ The model is Stable Diffusion's kind at toy size: a random ``UNet2DConditionMode
 levels, cross-attention width 16) behind the sd-v1-4 entry's own prompt conditioning and guidance (one UNet call on
 ``cat([x, x])`` with ``cat([uncond, cond])`` embeddings), a stand-in text encoder and tokenizer, 8x8 latents."""
 
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from baselines.qdiffusion import calibration
 from baselines.qdiffusion.attention import QUANTIZERS_ATTR, attention_modules
@@ -28,7 +26,6 @@ from baselines.qdiffusion.reconstruction import (
 from bench.matrix import load_matrix
 from bench.runner import Runner
 from bench.samplers import PerSampleNoise, SamplerConfig, sample
-from bench.zoo import ZooModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,49 +33,12 @@ CPU = torch.device("cpu")
 STEPS = 4
 PLMS = SamplerConfig.from_name("plms", STEPS)  # SD's sampler: 5 network evaluations for 4 steps
 SEEDS = [5, 6, 7]  # in batches of 2 and 1
-PROMPTS = ["a red cube", "a blue sphere"]
 CROSS_BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"  # a BasicTransformerBlock: self- and cross-attention
 
 
-class _Tokenizer:
-    """What ``PromptConditioning`` asks of CLIP's tokenizer: prompts -> ids padded to ``model_max_length``."""
-
-    model_max_length = 4
-
-    def __call__(self, prompts, max_length, **kwargs):
-        ids = [[1 + ord(ch) % 26 for ch in p[:max_length]] + [0] * max(0, max_length - len(p)) for p in prompts]
-        return SimpleNamespace(input_ids=torch.tensor(ids))
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.embedding = nn.Embedding(27, width)
-
-    def forward(self, input_ids):
-        return SimpleNamespace(last_hidden_state=self.embedding(input_ids))
-
-
-def _tiny_text_to_image_model() -> ZooModel:
-    from diffusers import UNet2DConditionModel
-
-    from bench.zoo import sd
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-    ).eval().requires_grad_(False)
-    conditioning = sd.PromptConditioning(_Tokenizer(), _TextEncoder(16).eval(), PROMPTS)
-    return ZooModel("tiny-sd", unet, sd.schedule(), (4, 8, 8), "plms", 10, make_denoiser=conditioning.denoiser,
-                    start_batch=conditioning.start_batch, default_batch_size=2)
-
-
 @pytest.fixture(scope="module")
-def tiny():
-    model = _tiny_text_to_image_model()
+def tiny(tiny_sd):
+    model = tiny_sd()
     data = calibration.collect(model.denoiser(), model.schedule, PLMS, 2, SEEDS, model.image_shape, 2,
                                on_batch=model.start_batch, unet=model.unet)
     return model, data
@@ -100,7 +60,8 @@ def test_calibration_data_is_the_unets_input_doubled_batch_and_text_context(tiny
     context = data.cond["encoder_hidden_states"]
     assert list(data.cond) == ["encoder_hidden_states"] and context.shape == (2 * len(SEEDS), 4, 16)
     assert all(torch.equal(context[r], conditioning.embed("")) for r in uncond)
-    assert all(torch.equal(context[r], conditioning.embed(PROMPTS[s % 2])) for r, s in zip(cond, SEEDS, strict=True))
+    prompts = conditioning.prompts
+    assert all(torch.equal(context[r], conditioning.embed(prompts[s % 2])) for r, s in zip(cond, SEEDS, strict=True))
     assert not torch.equal(context[2], context[3])  # two prompts
 
     # the same sampling, watched at the UNet: 5 calls per batch
@@ -201,13 +162,13 @@ def test_weights_and_step_sizes_reconstruct_on_the_conditional_unet(tiny):
 
 
 # -- the method, through the harness ---------------------------------------------------------------------------------
-def test_qdiff_cells_on_a_text_to_image_model(tmp_path, monkeypatch):
+def test_qdiff_cells_on_a_text_to_image_model(tmp_path, monkeypatch, tiny_sd):
     """End to end: Q-Diffusion alone (quantized attention, 16-bit softmax) and with MoDiff's residual scales, on the
     prompt-conditioned, guided model; the cells that were refused before issue 17's fix run, with finite samples."""
     from bench.zoo import registry
 
     monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))  # forget the entry afterwards
-    registry.register_model(registry.ZooEntry("tiny-sd", lambda checkpoint: _tiny_text_to_image_model(), 1000,
+    registry.register_model(registry.ZooEntry("tiny-sd", lambda checkpoint: tiny_sd(), 1000,
                                               "a tiny random text-to-image model", (8, 8)))
     matrix = load_matrix("smoke", [
         "run.model='tiny-sd'", "run.sampler='plms'", f"steps={STEPS}", "n_samples=2", "batch_size=2",
