@@ -157,6 +157,26 @@ def bench_deepcache(session: nox.Session) -> None:
     _run(session, env, "python", "benchmarks/deepcache_speedup.py", *session.posargs)
 
 
+@nox.session(name="authors-digits", venv_backend="none")
+def authors_digits(session: nox.Session) -> None:
+    """How much the MoDiff authors' settings matter on digits ('digits-authors' preset: lcq/ltq against the
+    authors' paper-lcq/paper-ltq, Q-Diffusion + MoDiff residual step sizes min-max or learned), for two seed
+    sets (runs/digits-authors/seed-<S>; each calibrates Q-Diffusion on its own trajectories), then one report
+    of both (runs/digits-authors/report.html) and the spread table (runs/digits-authors/spread.md). Resumable.
+
+    Extra arguments go to every 'modiff-bench run' (e.g. '-- --set run.n_samples=256')."""
+    env = _shared_env(session)
+    dirs = []
+    for seed in (0, 100_000):
+        out = f"runs/digits-authors/seed-{seed}"
+        _run(session, env, "modiff-bench", "run", "digits-authors", "--out", out, "--set", f"run.seed={seed}",
+             *session.posargs)
+        dirs.append(out)
+    _run(session, env, "modiff-bench", "report", *dirs, "--out", "runs/digits-authors")
+    _run(session, env, "python", "-m", "reports.spread", *dirs, "--out", "runs/digits-authors/spread.md")
+    session.log("report: runs/digits-authors/report.html   spread over seed sets: runs/digits-authors/spread.md")
+
+
 @nox.session(name="psnr-table", venv_backend="none")
 def psnr_table(session: nox.Session) -> None:
     """PSNR to full precision on digits: modulation x activation bits x granularity.

@@ -16,6 +16,7 @@ recorded, so the rerun after freeing space resumes where the run stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from collections.abc import Callable
@@ -60,6 +61,8 @@ class SampleRecord:
     decode_seconds: float = 0.0  # latent models: the autoencoder's decoding, not in ``seconds``
     # every timed batch, [images, seconds]: each chunk once, and the first chunk ``timing_repeats - 1`` more times
     batch_seconds: list = field(default_factory=list)
+    # adaptive caching (residual_tolerance): layer -> fraction of its checked residual samples that reused the cache
+    reused: dict = field(default_factory=dict)
 
 
 class RankFailed(RuntimeError):
@@ -106,6 +109,18 @@ def stop_if_disk_full(world: World, error: OSError | None) -> None:
         raise error
     if found:
         raise OSError(*found[0])
+
+
+def reused_fractions(parts: list[dict]) -> dict[str, float]:
+    """Per layer, the fraction of its checked residual samples that reused the cached output, over every chunk
+    (``modiff.reused_samples`` of each: ``name -> [reused, checked]``); independent of how chunks were shared."""
+    totals: dict[str, list[int]] = {}
+    for part in parts:
+        for name, (reused, checked) in part.items():
+            total = totals.setdefault(name, [0, 0])
+            total[0] += int(reused)
+            total[1] += int(checked)
+    return {name: reused / checked for name, (reused, checked) in totals.items() if checked}
 
 
 def is_reference_cell(cell: CellSpec) -> bool:
@@ -281,6 +296,7 @@ class Generator:
                                   noise_std=prepared.noise_std, on_batch=model.start_batch)
 
                 images, m = measured(run, self.device)
+                reused = {name: list(counts) for name, counts in modiff.reused_samples(prepared.unet).items()}
                 # the same batch again (same seeds, same work): a spread for the timing, not one sequential number
                 repeats = [measured(run, self.device)[1].seconds for _ in range(self.timing_repeats - 1)] \
                     if k == 0 else []
@@ -301,7 +317,7 @@ class Generator:
                 data = {"images": stored, "seeds": chunks[k], "tag": tag, "seconds": m.seconds,
                         "decode_seconds": decode_seconds, "peak_rss_bytes": m.peak_rss_bytes,
                         "cuda_peak_bytes": m.cuda_peak_bytes, "state_bytes": state, "rank": self.world.rank,
-                        "batch_seconds": [[len(chunks[k]), s] for s in (m.seconds, *repeats)]}
+                        "batch_seconds": [[len(chunks[k]), s] for s in (m.seconds, *repeats)], "reused": reused}
                 save_torch_atomic(paths[k], data)
 
         def assemble() -> SampleRecord | None:
@@ -317,7 +333,8 @@ class Generator:
                 peak_rss_bytes=max(p["peak_rss_bytes"] for p in parts), cuda_peak_bytes=max(cuda) if cuda else None,
                 state_bytes=max(p["state_bytes"] for p in parts),
                 decode_seconds=float(sum(p["decode_seconds"] for p in parts)),
-                batch_seconds=[t for p in parts for t in p.get("batch_seconds", [[len(p["seeds"]), p["seconds"]]])])
+                batch_seconds=[t for p in parts for t in p.get("batch_seconds", [[len(p["seeds"]), p["seconds"]]])],
+                reused=reused_fractions([p.get("reused") or {} for p in parts]))
 
         together(self.world, work)
         return together(self.world, assemble)
@@ -376,7 +393,7 @@ class Generator:
     def _costs(self, cell: CellSpec, model: ZooModel, record: SampleRecord, mac_fraction: float = 1.0) -> dict:
         """Wall-clock, memory and compute. ``mac_fraction`` (caching) scales the MACs and GBops of the
         full UNet to the average step actually run."""
-        from modiff.accounting import gbops_honest, gbops_paper
+        from modiff.accounting import gbops_honest, gbops_paper, reused_share
 
         if cell.model not in self._macs:
             self._macs[cell.model] = count_model_macs(model, self.device)
@@ -398,7 +415,9 @@ class Generator:
         quantized_attention = base_quantizer(cell.base, cell.params.get(cell.base)).quantizes_attention(cell)
         out["gbops_honest"] = mac_fraction * gbops_honest(
             report, cell.w_bits, cell.a_bits, calls, cell.modulation, execution=cell.execution,
-            float_bits=16 if cell.dtype == "bfloat16" else 32, warmup=warmup, attention_quantized=quantized_attention)
+            float_bits=16 if cell.dtype == "bfloat16" else 32, warmup=warmup, attention_quantized=quantized_attention,
+            reused=record.reused)
+        out["reused_fraction"] = reused_share(report, record.reused) if record.reused else None
         return out
 
 
@@ -424,8 +443,9 @@ def to_float16(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
 
 
 def count_model_macs(model: ZooModel, device: torch.device):
-    """MACs of one denoiser call on one image (on the doubled batch for classifier-free guidance)."""
-    from modiff.accounting import count_macs
+    """MACs of one denoiser call on one image (on the doubled batch for classifier-free guidance); layers are named
+    as in the UNet (what ``QuantLayer.name`` and ``modiff.reused_samples`` use)."""
+    from modiff.accounting import MacReport, count_macs
 
     denoiser = model.denoiser()
     x = torch.zeros((1, *model.image_shape), device=device)
@@ -441,4 +461,5 @@ def count_model_macs(model: ZooModel, device: torch.device):
         def forward(self, x, t):
             return denoiser(x, t)
 
-    return count_macs(Call(), x, t)
+    counted = count_macs(Call(), x, t)
+    return MacReport([dataclasses.replace(layer, name=layer.name.removeprefix("unet.")) for layer in counted.layers])

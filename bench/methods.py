@@ -65,7 +65,8 @@ from .zoo import ZooModel
 LATER_DEFAULTS: dict[str, Any] = {"execution": "fake", "dtype": "float32", "memory_format": "contiguous"}
 TORCH_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MEMORY_FORMATS = tuple(TORCH_MEMORY_FORMATS)
-LATER_PARAM_DEFAULTS: dict[str, Any] = {"weight_symmetric": None, "compile": False}  # method parameters added later
+LATER_PARAM_DEFAULTS: dict[str, Any] = {"weight_symmetric": None, "compile": False,  # method parameters added later
+                                        "authors_grid": False, "out_penalty": 1.0}
 EXECUTIONS = _EXECUTIONS
 DTYPES = COMPUTE_DTYPES
 
@@ -542,7 +543,7 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 # Modules that register the built-in methods; imported on first use of the registry. The baselines'
 # ``method`` modules are their glue to the harness (the libraries beside them never import bench).
 BUILTIN_MODULES = ("bench.methods", "baselines.deepcache.method", "baselines.ptqd.method",
-                   "baselines.qdiffusion.method")
+                   "baselines.qdiffusion.method", "baselines.authors.method")
 _DICT_PARAMS_WARNING = r"method '.*' declares its parameters with PARAMS/PARAM_TYPES dicts"
 
 
@@ -767,14 +768,14 @@ assert DynamicQuantizer.param_fields()["weight_method"].type == Choice(*WEIGHT_M
 
 @register_method("ltq")
 class LTQ(DynamicQuantizer):
-    """Layer(tensor)-wise dynamic activation scales: one per layer input for the whole batch (paper's LTQ)."""
+    """Layer(tensor)-wise dynamic activation scales: one per layer input for the whole batch (the paper's "LTQ" rows ran paper-ltq)."""  # noqa: E501
 
     granularity = "tensor"
 
 
 @register_method("lcq")
 class LCQ(DynamicQuantizer):
-    """Channel-wise dynamic activation scales over batch and space (paper's LCQ)."""
+    """Channel-wise dynamic activation scales over batch and space (the paper's "LCQ" rows ran paper-lcq)."""
 
     granularity = "channel"
 

@@ -68,7 +68,7 @@ SETTING_COLUMNS = ("model", "checkpoint", "sampler", "steps", "eta", "n_samples"
 METRIC_COLUMNS = ALL_COLUMNS  # the built-in metrics' (a user metric adds its own: see result_columns)
 COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "img_per_s_lo",
                 "img_per_s_hi", "timed_batches", "speedup_fp32", "speedup_bf16", "decode_s", "peak_mem_mb",
-                "peak_rss_mb", "cuda_peak_mb")
+                "peak_rss_mb", "cuda_peak_mb", "reused_fraction")
 DERIVED_COLUMNS = ("speedup_fp32", "speedup_bf16")  # computed by table_frame from the run's rows, not stored
 PROVENANCE_COLUMNS = ("device", "world_size", "torch_version", "git_rev", "modiff_bench_version", "started_utc",
                       "finished_utc", "samples_file", "trace_file", "params", "method_info", "missing_metrics",
@@ -80,8 +80,8 @@ NON_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in METRIC_COLUMNS)
 JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights", "timing_env",
                 "method_versions")
 REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes", "decode_seconds",
-                  "batch_seconds")
-OPTIONAL_REFERENCE_KEYS = ("decode_seconds", "batch_seconds")  # absent in references made by older versions
+                  "batch_seconds", "reused")
+OPTIONAL_REFERENCE_KEYS = ("decode_seconds", "batch_seconds", "reused")  # absent in references made by older versions
 CHUNK_KEYS = ("images", "seeds", "seconds", "decode_seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes")
 
 

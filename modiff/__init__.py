@@ -7,11 +7,11 @@ core it shares with the baselines. See ../shared/spec/modiff.md for the method.
         ...sample...
 """
 
-from .api import calibrate, quant_layers, quantize, reset, state_bytes, trajectory
+from .api import calibrate, quant_layers, quantize, reset, reused_samples, state_bytes, trajectory
 from .config import GRANULARITIES, MODULATIONS, ModiffConfig
 from .layers import QuantLayer
 
 __all__ = [
     "GRANULARITIES", "MODULATIONS", "ModiffConfig", "QuantLayer",
-    "calibrate", "quant_layers", "quantize", "reset", "state_bytes", "trajectory",
+    "calibrate", "quant_layers", "quantize", "reset", "reused_samples", "state_bytes", "trajectory",
 ]

@@ -13,7 +13,7 @@ MACs come from one real forward pass with hooks (``count_macs``), so they follow
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -245,6 +245,7 @@ def ran_bits(bits: int, execution: str = "fake", float_bits: int = FP_BITS) -> i
 def gbops_honest(
     report: MacReport, w_bits: int, a_bits: int, steps: int, modulation: str, include_attention: bool = True, *,
     execution: str = "fake", float_bits: int = FP_BITS, warmup: bool = True, attention_quantized: bool = True,
+    reused: Mapping[str, float] | None = None,
 ) -> float:
     """Average GBops per image per step over a trajectory of ``steps`` denoiser calls, with modulation's real costs.
 
@@ -262,6 +263,9 @@ def gbops_honest(
     are not modulated: with ``attention_quantized`` (Q-Diffusion quantizes q, k, v and the probabilities) they are
     charged at w * a every step, else (MoDiff's wrapped layers are conv/linear only: the matmuls run in float) at
     ``float_bits`` x ``float_bits``. The min/max reductions of dynamic scales are still not charged.
+    ``reused`` (adaptive caching, ``residual_tolerance``): layer name -> the fraction of its later-step samples
+    that reused the cached output (``modiff.reused_samples``); such a sample costs that layer its input
+    difference only (``in_elements`` additions, as at 0 bits), not its MACs, â update or output accumulation.
     """
     check_bits("w_bits", w_bits)
     check_bits("a_bits", a_bits, allow_zero=modulation != "off")
@@ -287,7 +291,17 @@ def gbops_honest(
     else:
         input_passes = 2 if modulation == "ec" else 1
         later = quantized_step + (input_passes * report.in_elements + report.out_elements) * FP_BITS
+        for layer in report._weighted() if reused else ():  # what a reused sample does not run
+            later -= reused.get(layer.name, 0.0) * (layer.macs * w * a + ((input_passes - 1) * layer.in_elements
+                                                                         + layer.out_elements) * FP_BITS)
     return (first + (steps - 1) * later) / steps / 1e9
+
+
+def reused_share(report: MacReport, reused: Mapping[str, float]) -> float:
+    """The MAC-weighted share of the conv/linear work of later steps that reused cached outputs (``reused`` as in
+    ``gbops_honest``): 0 when every residual was computed, 1 when every layer returned its cache."""
+    total = report.conv_linear_macs
+    return sum(reused.get(layer.name, 0.0) * layer.macs for layer in report._weighted()) / total if total else 0.0
 
 
 def state_bytes_estimate(report: MacReport, batch_size: int, modulation: str, bytes_per_element: int = 4) -> int:

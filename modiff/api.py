@@ -13,9 +13,11 @@ from .config import ModiffConfig, check_choice
 from .layers import QUANTIZABLE, QuantLayer
 
 
-def quantize(model: nn.Module, config: ModiffConfig) -> nn.Module:
+def quantize(model: nn.Module, config: ModiffConfig, weight_quantized: bool = False) -> nn.Module:
     """Replace every Conv1d/Conv2d/Linear whose qualified name matches no ``config.skip`` pattern
-    by a :class:`QuantLayer` (weights fake-quantized once, here). Returns the same model."""
+    by a :class:`QuantLayer` (weights fake-quantized once, here; left as they are with
+    ``weight_quantized=True``, for weights already on their grid, e.g. a calibrated checkpoint's).
+    Returns the same model."""
     if not isinstance(config, ModiffConfig):
         raise TypeError(f"config must be a ModiffConfig, got {type(config).__name__}")
     if any(isinstance(m, QuantLayer) for m in model.modules()):
@@ -27,7 +29,7 @@ def quantize(model: nn.Module, config: ModiffConfig) -> nn.Module:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLayer(module, config, name))
+        setattr(parent, child, QuantLayer(module, config, name, weight_quantized=weight_quantized))
     if config.compute_dtype != "float32":
         cast_outside_quant_layers(model, getattr(torch, config.compute_dtype))
     return model
@@ -40,6 +42,13 @@ def cast_outside_quant_layers(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if id(module) not in inside:
             module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+
+
+def reused_samples(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per layer whose residuals were checked since its last reset (``residual_tolerance`` or 0 bits): ``name ->
+    (samples that reused the cached output, samples checked)``, what honest GBops credit for adaptive caching."""
+    return {layer.name: (layer.cached_samples, layer.residual_samples) for layer in quant_layers(model)
+            if layer.residual_samples}
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:

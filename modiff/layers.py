@@ -74,7 +74,24 @@ class QuantLayer(nn.Module):
         self.register_buffer("static_zero_point", None)
         self._observed: list[torch.Tensor] | None = None
         self._dims: dict[int, tuple[int, ...]] = {}  # input ndim -> dims a dynamic scale reduces over
+        self.split = 0  # shortcut splitting (set_split): channels [:split] and [split:] get their own dynamic scales
         self.reset_state()
+
+    def set_split(self, split: int) -> None:
+        """Shortcut splitting (Q-Diffusion's ``--split``, which the MoDiff authors' CIFAR-10 and SD scripts
+        use): the input ``concat([deep, skip])`` of a decoder shortcut conv gets one dynamic scale per part,
+        channels ``[:split]`` and ``[split:]`` (per tensor or per sample within each part). 0 switches it off.
+        Fake execution with dynamic scales only (static split scales are a per-channel ``static_scale``)."""
+        if not isinstance(split, int) or isinstance(split, bool) or split < 0:
+            raise ValueError(f"layer {self.name!r}: split must be a non-negative integer; got {split!r}")
+        if split and (self.real or self.config.act_scale != "dynamic" or self.act_quantizer is not None
+                      or isinstance(self.layer, nn.Linear)):
+            raise ValueError(f"layer {self.name!r}: shortcut splitting needs a conv layer with fake execution and "
+                             "the built-in dynamic scales")
+        if split and not 0 < split < self.layer.in_channels:
+            raise ValueError(f"layer {self.name!r}: split {split} is not inside its {self.layer.in_channels} "
+                             "input channels")
+        self.split = split
 
     def _quantize_weight(self, layer: nn.Module, config: ModiffConfig) -> None:
         if config.number_format == "fp8":
@@ -98,6 +115,7 @@ class QuantLayer(nn.Module):
         self.warmup_calls = 0
         self.residual_calls = 0
         self.cached_samples = 0  # samples whose residual was zeroed (0 bits or tolerance)
+        self.residual_samples = 0  # samples whose residual was checked (0 bits or tolerance): cached_samples' total
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self._a_ref, self._o_ref) if t is not None)
@@ -130,6 +148,9 @@ class QuantLayer(nn.Module):
         dims = self._scale_dims(x)
         if c.number_format == "fp8":
             return fake_quant_fp8(x, dims)
+        if self.split:
+            return torch.cat([quantize_over(part, dims, c.a_bits, c.symmetric)
+                              for part in (x[:, :self.split], x[:, self.split:])], dim=1)
         return quantize_over(x, dims, c.a_bits, c.symmetric, inplace)
 
     def _scale_dims(self, x: torch.Tensor) -> tuple[int, ...]:
@@ -212,7 +233,8 @@ class QuantLayer(nn.Module):
             with torch.no_grad():
                 return self._forward_real(x)
         c = self.config
-        fused = c.compile and self.act_quantizer is None and c.act_scale == "dynamic" and c.a_bits != NOT_QUANTIZED
+        fused = (c.compile and self.act_quantizer is None and c.act_scale == "dynamic" and c.a_bits != NOT_QUANTIZED
+                 and not self.split)
         fp8 = c.number_format == "fp8"
         if c.modulation == "off":
             if fused:
@@ -350,9 +372,11 @@ class QuantLayer(nn.Module):
         c = self.config
         if c.a_bits == 0:
             self.cached_samples += residual.shape[0]
+            self.residual_samples += residual.shape[0]
             return torch.zeros(residual.shape[0], dtype=torch.bool, device=residual.device)
         if c.residual_tolerance is None:
             return None
+        self.residual_samples += residual.shape[0]
         dims = reduce_dims(residual.dim(), "sample", self.channel_axis)
         spread = residual.amax(dim=dims) - residual.amin(dim=dims)
         keep = spread > c.residual_tolerance

@@ -87,7 +87,7 @@ def reduce_dims(ndim: int, granularity: str, channel_axis: int) -> tuple[int, ..
 def dynamic_fake_quant(
     x: torch.Tensor, bits: int, granularity: str = "tensor", symmetric: bool = False, channel_axis: int = 1
 ) -> torch.Tensor:
-    """Fake-quantize with a min-max scale recomputed from ``x`` itself (the paper's LTQ / LCQ)."""
+    """Fake-quantize with a min-max scale recomputed from ``x`` itself (dynamic scales, as the paper's LTQ / LCQ)."""
     check_bits("bits", bits)
     if bits == NOT_QUANTIZED:
         return x

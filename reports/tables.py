@@ -140,10 +140,35 @@ def paper_data(name: str) -> pd.DataFrame:
 LSUN_SAMPLERS = {"ddim-ldm": "ddim", "ddpm-ldm-uniform": "ddpm"}
 
 
+# Our base that runs each paper column's setting (the authors' scripts): the paper's "LCQ" rows ran one dynamic scale
+# per batch tensor (no --act_tensor), its "LTQ" rows one per sample (--act_tensor), symmetric where --a_sym, split
+# where --split, on Q-Diffusion-calibrated weights: paper-lcq / paper-ltq (baselines/authors). The suite's own lcq
+# (per channel) and ltq (per batch tensor) ran nothing in the paper and get no "(paper)" column.
+PAPER_BASES = {"fp": "fp-act", "qdiff": "qdiff", "paper-lcq": "lcq", "paper-ltq": "ltq"}
+# Q-Diffusion + MoDiff: the authors' CIFAR-10 command has --a_sym (their symmetric residual grid, qdiff's
+# authors_grid = true); the LSUN ones do not (authors_grid = false)
+AUTHORS_GRID = {"cifar10": True, "lsun-church": False, "lsun-bedroom": False}
+
+
+def paper_setting(model: str, base: str, modulation: str, authors_grid: bool | None = None) -> str | None:
+    """The paper's base name of the column this setting reproduces, or None where no paper number came from it
+    (qdiff + MoDiff with a residual grid other than the authors' command for that dataset)."""
+    paper_base = PAPER_BASES.get(base)
+    if paper_base is None or model not in PAPER_MODELS:
+        return None
+    if base == "qdiff" and modulation != "off" and authors_grid is not None \
+            and bool(authors_grid) != AUTHORS_GRID.get(PAPER_MODELS[model][0], False):
+        return None
+    return paper_base
+
+
 def paper_table1_value(model: str, sampler: str, steps: int, w: int, a: int, base: str, modulation: str,
-                       metric: str) -> float | None:
-    """MoDiff Table 1/2/3/14 number for exactly this setting, or None."""
+                       metric: str, authors_grid: bool | None = None) -> float | None:
+    """MoDiff Table 1/2/3/14 number for exactly this setting (``base`` ours: see ``PAPER_BASES``), or None."""
     if model not in PAPER_MODELS or metric not in ("fid", "sfid", "is_mean"):
+        return None
+    paper_base = paper_setting(model, base, modulation, authors_grid)
+    if paper_base is None:
         return None
     dataset, paper_model = PAPER_MODELS[model]
     for name in ("paper_cifar10_ddim100.csv", "paper_lsun_ldm.csv"):
@@ -151,7 +176,7 @@ def paper_table1_value(model: str, sampler: str, steps: int, w: int, a: int, bas
         if metric not in data:
             continue
         sel = data[(data.dataset == dataset) & (data.model == paper_model) & (data.w_bits == w) & (data.a_bits == a)
-                   & (data.base == ("fp-act" if base == "fp" else base)) & (data.modulation == modulation)]
+                   & (data.base == paper_base) & (data.modulation == modulation)]
         if "steps" in data:
             sel = sel[(sel.steps == steps) & (sel.sampler == sampler)]
         else:  # the LSUN tables name the algorithm: latent-diffusion's DDIM and its unclipped DDPM
@@ -167,8 +192,9 @@ T4_VARIANTS = {"off": "lcq", "plain": "modulated-no-ec", "ec": "modulated-ec"}  
 
 def paper_ablation_value(model: str, sampler: str, steps: int, w: int, a: int, base: str, modulation: str,
                          metric: str) -> float | None:
-    """MoDiff Table 4 (CIFAR-10, DDIM quad 100 steps, LCQ) number for exactly this setting, or None."""
-    if (PAPER_MODELS.get(model, ("",))[0] != "cifar10" or (sampler, steps) != ("ddim-quad", 100) or base != "lcq"
+    """MoDiff Table 4 (CIFAR-10, DDIM quad 100 steps, the authors' "LCQ": our ``paper-lcq``) number for exactly
+    this setting, or None."""
+    if (PAPER_MODELS.get(model, ("",))[0] != "cifar10" or (sampler, steps) != ("ddim-quad", 100) or base != "paper-lcq"
             or metric != "fid"):
         return None
     data = paper_data("paper_ablations.csv")
@@ -236,12 +262,14 @@ def table1(frame: pd.DataFrame) -> list[Table]:
                   or (mod == "off" and ((quantized.base == base) & (quantized.later == later)).any())]
         columns = [("", "W/A"), ("", "GBops")]
         paper_cols: set[tuple[str, str, str]] = set()
+        grids = {(base, mod): _authors_grid(quantized[(quantized.base == base) & (quantized.modulation == mod)])
+                 for base, mod, _ in groups}
         for base, mod, later in groups:
             head = f"{base.upper()} {MODULATION_LABELS[mod]}" + (f" {later}" if later else "")
             for metric in metrics:
                 columns.append((head, METRIC_LABELS[metric][0]))
                 if not later and any(paper_table1_value(setting["model"], setting["sampler"], setting["steps"], w, a,
-                                                        base, mod, metric) is not None
+                                                        base, mod, metric, grids[base, mod]) is not None
                                      for w, a in _ordered_bits(group)):
                     paper_cols.add((base, mod, metric))
                     columns.append((head, f"{METRIC_LABELS[metric][0]} (paper)"))
@@ -258,7 +286,8 @@ def table1(frame: pd.DataFrame) -> list[Table]:
                     row.append(fmt(value))
                     if not later and (base, mod, metric) in paper_cols:
                         row.append(fmt(paper_table1_value(setting["model"], setting["sampler"],
-                                                          setting["steps"], w, a, base, mod, metric)))
+                                                          setting["steps"], w, a, base, mod, metric,
+                                                          grids[base, mod])))
             rows.append(row)
         arrows = ", ".join(f"{METRIC_LABELS[m][0]} {'↓' if METRIC_LABELS[m][1] == 'lower' else '↑'}" for m in metrics)
         extra = (" Groups named int8 / fp8 run real low-bit kernels, bfloat16 / channels_last / compiled name the "
@@ -271,6 +300,14 @@ def table1(frame: pd.DataFrame) -> list[Table]:
                     "The FP row is the unquantized model, shown under each base's 'alone' columns." + extra,
             columns=columns, rows=rows))
     return tables
+
+
+def _authors_grid(cells: pd.DataFrame) -> bool | None:
+    """Whether a group's Q-Diffusion cells put residuals on the authors' grid (``authors_grid``; False when
+    unset: the parameter's default), None for other bases."""
+    if cells.empty or cells.base.iloc[0] != "qdiff":
+        return None
+    return any(param_value(row, "authors_grid") is True for _, row in cells.iterrows())
 
 
 def ablation_ec(frame: pd.DataFrame) -> list[Table]:

@@ -13,6 +13,7 @@ import torch
 
 from bench.cli import main
 from bench.matrix import load_matrix, presets
+from bench.methods import base_quantizer
 
 PAPER_PRESETS = ("cifar10-paper", "cifar10-quick", "cifar10-ablations", "cifar10-deepcache", "lsun-church-paper",
                  "lsun-bedroom-paper")
@@ -24,10 +25,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_paper_presets_ship_with_the_papers_settings():
     assert set(PAPER_PRESETS) <= set(presets())
     table1 = load_matrix("cifar10-paper")
-    assert len(table1.cells) == 1 + 3 * 2 * 2 * 5  # FP + {qdiff, lcq, ltq} x {off, ec} x W8/W4 x A8..A2
+    # FP + {qdiff, paper-lcq, paper-ltq} x {off, ec} x W8/W4 x A8..A2, but Q-Diffusion + MoDiff on the authors'
+    # residual grid at A2 (their start divides by zero there)
+    assert len(table1.cells) == 1 + 3 * 2 * 2 * 5 - 2
+    assert {(s["base"], s["modulation"], s["a_bits"]) for s in table1.skipped} == {("qdiff", "ec", 2)}
     assert {(c.model, c.sampler, c.steps, c.eta, c.n_samples, c.seed, c.batch_size) for c in table1.cells} == {
         ("ddpm-cifar10", "ddim-quad", 100, 0.0, 50_000, 1234, 64)}
-    assert {c.base for c in table1.cells} == {"fp", "qdiff", "lcq", "ltq"}
+    assert {c.base for c in table1.cells} == {"fp", "qdiff", "paper-lcq", "paper-ltq"}  # the authors' settings
+    assert {c.a_granularity for c in table1.cells if c.base.startswith("paper-")} == {"tensor", "sample"}
+    assert all(c.params["paper-lcq"] == {**base_quantizer("paper-lcq").PARAMS} for c in table1.cells
+               if c.base == "paper-lcq")  # symmetric, split, Q-Diffusion weights: the CIFAR-10 command
+    assert all(c.params["qdiff"]["authors_grid"] for c in table1.cells if c.base == "qdiff")
     assert {c.a_bits for c in table1.cells if c.base != "fp"} == {8, 6, 4, 3, 2}
     assert {"fid", "is", "sfid"} <= set(table1.metrics)
     quick = load_matrix("cifar10-quick")
@@ -36,19 +44,28 @@ def test_paper_presets_ship_with_the_papers_settings():
         (c.base, c.modulation, c.w_bits, c.a_bits) for c in table1.cells}
 
     ablations = load_matrix("cifar10-ablations").cells
-    warmups = {(c.modulation, c.a_bits, c.params["ltq"]["warmup"]) for c in ablations
-               if c.base == "ltq" and c.sampler == "ddim-quad" and c.steps == 100}
+    warmups = {(c.modulation, c.a_bits, c.params["paper-ltq"]["warmup"]) for c in ablations
+               if c.base == "paper-ltq" and c.sampler == "ddim-quad" and c.steps == 100}
     assert warmups == {(m, a, w) for m in ("off", "ec") for a in (8, 6, 4) for w in (True, False)}
     assert {(c.sampler, c.steps) for c in ablations} == {("ddim-quad", 100), ("dpm-solver++", 20), ("ddim-quad", 20)}
-    assert {c.modulation for c in ablations if c.base == "lcq"} == {"off", "plain", "ec"}
+    assert {c.modulation for c in ablations if c.base == "paper-lcq"} == {"off", "plain", "ec"}
 
     deepcache = load_matrix("cifar10-deepcache").cells
     assert {c.cache for c in deepcache if c.base == "fp"} == {"none", "deepcache-u2", "deepcache-u3", "deepcache-u5",
                                                                "deepcache-u10"}
     church, bedroom = load_matrix("lsun-church-paper").cells, load_matrix("lsun-bedroom-paper").cells
-    assert {(c.model, c.sampler, c.steps) for c in church} == {("ldm-church", "ddim-ldm", 200)}
-    assert {(c.model, c.sampler, c.steps) for c in bedroom} == {("ldm-bedroom", "ddim-ldm", 500)}
-    assert {c.base for c in church} == {"fp", "qdiff", "lcq"} and {c.base for c in bedroom} == {"fp", "lcq"}
+    # the authors' commands, not the paper's text (200 / 500 steps): -c 400 / -c 200, seed 41, batch 8
+    assert {(c.model, c.sampler, c.steps, c.seed, c.batch_size) for c in church} == {("ldm-church", "ddim-ldm", 400,
+                                                                                      41, 8)}
+    assert {(c.model, c.sampler, c.steps, c.seed, c.batch_size) for c in bedroom} == {("ldm-bedroom", "ddim-ldm", 200,
+                                                                                       41, 8)}
+    assert {c.base for c in church} == {"fp", "qdiff", "paper-lcq"} and {c.base for c in bedroom} == {"fp", "paper-lcq"}
+    for cell in [*church, *bedroom, *load_matrix("lsun-bedroom-ddpm").cells]:
+        if cell.base == "paper-lcq":  # no --a_sym, no --split in the LSUN commands
+            assert cell.params["paper-lcq"]["symmetric"] is False and cell.params["paper-lcq"]["split"] is False
+            assert cell.params["qdiff"]["weight_init"] == "mse"
+        if cell.base == "qdiff":
+            assert cell.params["qdiff"]["authors_grid"] is False
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +92,8 @@ def test_cifar10_table1_preset_runs_end_to_end_on_random_weights(cifar10_checkpo
     assert "estimate: 7 cells, 28 images:" in captured.out  # printed before the run, from measured calls
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 7 and (table["status"] == "ok").all()
-    assert set(table["method"]) == {"fp", "qdiff", "qdiff+ec", "lcq", "lcq+ec", "ltq", "ltq+ec"}
+    assert set(table["method"]) == {"fp", "qdiff", "qdiff+ec", "paper-lcq", "paper-lcq+ec", "paper-ltq",
+                                    "paper-ltq+ec"}
     assert table["fid"].isna().all()  # no Inception weights here: a reason, never a number
     assert all("fid" in json.loads(m) for m in table["missing_metrics"])
     for row in table.itertuples():
@@ -103,12 +121,13 @@ def test_lsun_church_preset_runs_end_to_end_on_random_weights(tmp_path, capsys):
     code = main(["run", "lsun-church-paper", "--out", str(out), "--device", "cpu", "--no-progress",
                  "--set", f"run.checkpoint={json.dumps(str(checkpoint))}", "--set", "run.n_samples=2",
                  "--set", "run.batch_size=2", "--set", "steps=2", "--set", "matrix.a_bits=[4]",
-                 "--set", 'matrix.base=["lcq"]', "--set", 'matrix.modulation=["ec"]', "--set", 'run.metrics=["fid"]'])
+                 "--set", 'matrix.base=["paper-lcq"]', "--set", 'matrix.modulation=["ec"]',
+                 "--set", 'run.metrics=["fid"]', "--set", 'params.paper-lcq.weights="minmax"'])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "estimate: 1 cells, 2 images:" in captured.out
     table = pd.read_csv(out / "results.csv")
-    assert list(table["method"]) == ["lcq+ec"] and (table["status"] == "ok").all()
+    assert list(table["method"]) == ["paper-lcq+ec"] and (table["status"] == "ok").all()
     assert table["sampler"].iloc[0] == "ddim-ldm" and table["decode_s"].iloc[0] > 0
     assert "reference_stats" in json.loads(table["missing_metrics"].iloc[0])["fid"]  # says what to provide
     images = torch.load(out / table["samples_file"].iloc[0], weights_only=True)["images"].float()

@@ -46,19 +46,38 @@ def test_table1_layout_rows_columns_and_missing_cells():
 
 
 def test_paper_columns_appear_only_for_matching_settings():
-    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "lcq", "ec", "fid") is not None
-    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 50, 8, 4, "lcq", "ec", "fid") is None  # steps differ
-    assert paper_table1_value("ddpm-cifar10", "ddim-uniform", 100, 8, 4, "lcq", "ec", "fid") is None
-    assert paper_table1_value("digits", "ddim-quad", 100, 8, 4, "lcq", "ec", "fid") is None
-    rows = [_row("fp", "off", 32, 32, model="ddpm-cifar10", fid=4.3), _row("lcq", "off", 8, 4, model="ddpm-cifar10",
-            fid=30.0), _row("lcq", "ec", 8, 4, model="ddpm-cifar10", fid=5.0)]
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "paper-lcq", "ec", "fid") is not None
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 50, 8, 4, "paper-lcq", "ec", "fid") is None  # steps differ
+    assert paper_table1_value("ddpm-cifar10", "ddim-uniform", 100, 8, 4, "paper-lcq", "ec", "fid") is None
+    assert paper_table1_value("digits", "ddim-quad", 100, 8, 4, "paper-lcq", "ec", "fid") is None
+    # the suite's own lcq / ltq are not the authors' "LCQ" / "LTQ" (issue 17): no paper number beside them
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "lcq", "ec", "fid") is None
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "ltq", "ec", "fid") is None
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "paper-ltq", "ec", "fid") is not None
+    # Q-Diffusion + MoDiff: CIFAR-10's number came with the authors' --a_sym residual grid, LSUN's without
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "qdiff", "ec", "fid", True) is not None
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "qdiff", "ec", "fid", False) is None
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "qdiff", "off", "fid", False) is not None
+    assert paper_table1_value("ldm-church", "ddim-ldm", 400, 8, 4, "qdiff", "ec", "fid", False) is not None
+    assert paper_table1_value("ldm-church", "ddim-ldm", 400, 8, 4, "qdiff", "ec", "fid", True) is None
+    rows = [_row("fp", "off", 32, 32, model="ddpm-cifar10", fid=4.3),
+            _row("paper-lcq", "off", 8, 4, model="ddpm-cifar10", fid=30.0),
+            _row("paper-lcq", "ec", 8, 4, model="ddpm-cifar10", fid=5.0),
+            _row("lcq", "ec", 8, 4, model="ddpm-cifar10", fid=6.0, cell_id="own"),
+            _row("qdiff", "ec", 8, 4, model="ddpm-cifar10", fid=7.0, cell_id="q")]
     (table,) = table1(_frame(rows))
     header = [f"{g}|{c}" for g, c in table.columns]
-    assert "LCQ + MoDiff|FID (paper)" in header and "LCQ alone|FID (paper)" in header
+    assert "PAPER-LCQ + MoDiff|FID (paper)" in header and "PAPER-LCQ alone|FID (paper)" in header
+    assert "LCQ + MoDiff|FID" in header and "LCQ + MoDiff|FID (paper)" not in header
+    assert "QDIFF + MoDiff|FID (paper)" not in header  # default residual grid: not the authors' CIFAR-10 setting
     row = {r[0]: r for r in table.rows}["W8A4"]
-    paper = fmt(paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "lcq", "ec", "fid"))
-    assert row[header.index("LCQ + MoDiff|FID (paper)")] == paper
-    assert row[header.index("LCQ + MoDiff|FID")] == "5.00"
+    paper = fmt(paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "paper-lcq", "ec", "fid"))
+    assert row[header.index("PAPER-LCQ + MoDiff|FID (paper)")] == paper
+    assert row[header.index("PAPER-LCQ + MoDiff|FID")] == "5.00"
+    authors = [*rows[:-1], _row("qdiff", "ec", 8, 4, model="ddpm-cifar10", fid=7.0, cell_id="q",
+                                p_qdiff_authors_grid=True)]  # results.csv's flat parameter column
+    (table,) = table1(_frame(authors))
+    assert "QDIFF + MoDiff|FID (paper)" in [f"{g}|{c}" for g, c in table.columns]
 
 
 def test_ablation_and_wallclock_tables():
@@ -99,8 +118,8 @@ def test_merge_refuses_duplicates_and_hidden_differences():
 
 
 def test_ablation_and_cache_tables_show_paper_numbers_only_where_they_match():
-    rows = [_row("lcq", m, 8, 4, model="ddpm-cifar10", fid=f) for m, f in (("off", 30.0), ("plain", 20.0),
-                                                                          ("ec", 5.0))]
+    rows = [_row("paper-lcq", m, 8, 4, model="ddpm-cifar10", fid=f) for m, f in (("off", 30.0), ("plain", 20.0),
+                                                                                ("ec", 5.0))]
     (ablation,) = ablation_ec(_frame(rows))
     header = [c for _, c in ablation.columns]
     assert header[-1] == "+ MoDiff (paper)"

@@ -11,11 +11,15 @@ product depends on, so a matrix calibrates once per (model, sampler, w_bits, a_b
 
 With modulation, the activation quantizers quantize temporal residuals instead; their static
 per-tensor scales are fitted by ``modiff.calibrate`` on the residuals of the calibration pairs
-``(x_prev, x_t)`` (``residual_scale``: min-max, or the MSE search), on the Q-Diffusion weights.
+``(x_prev, x_t)`` (``residual_scale``: min-max, or the MSE search), on the Q-Diffusion weights;
+``learned`` then learns them as the MoDiff authors' ``layer_reconstruction_modiff`` does (Adam, one step
+size per half of a shortcut-split input; :mod:`.residual`). ``authors_grid`` puts the residuals on the
+authors' symmetric grid with their min-max start (``--a_sym``; :mod:`.residual` says what it leaves unused).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,7 +33,7 @@ from bench.methods import AUTO, BaseQuantizer, BuildContext, CellSpec, Prepared,
 from modiff.config import NOT_QUANTIZED
 from modiff.layers import QuantLayer
 
-from . import calibration
+from . import calibration, residual
 from .reconstruction import (
     ReconConfig,
     act_state,
@@ -84,7 +88,12 @@ class QDiffusion(BaseQuantizer):
         sm_abit: int = 8  # bits of the softmax output
         quant_attention: Literal["auto", True, False] = "auto"  # auto: without modulation only
         split_shortcut: bool = True  # two quantizers for a concatenated shortcut input
-        residual_scale: Literal["minmax", "mse"] = "minmax"  # static residual scales under modulation
+        # static residual scales under modulation: min-max or the MSE search over the whole residual, or learned
+        # from the min-max start per half of a split input (the MoDiff authors' layer_reconstruction_modiff)
+        residual_scale: Literal["minmax", "mse", "learned"] = "minmax"
+        # the MoDiff authors' symmetric residual grid and min-max start (their --a_sym; baselines.qdiffusion.residual)
+        authors_grid: bool = False
+        out_penalty: float = 1.0  # learned residual scales: the authors' overflow term's weight (their --out_penalty)
 
         def __post_init__(self) -> None:
             for name, least, words in (("cali_st", 1, "a positive"), ("cali_n", 1, "a positive"),
@@ -93,6 +102,9 @@ class QDiffusion(BaseQuantizer):
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < least:
                     raise ValueError(f"{name} must be {words} integer; got {value!r}")
+            if self.authors_grid and self.residual_scale == "mse":
+                raise ValueError("authors_grid starts from the authors' min-max step size: residual_scale must be "
+                                 "'minmax' or 'learned'")
 
     def resolve(self, cell: CellSpec) -> str | None:
         reason = super().resolve(cell)
@@ -102,6 +114,9 @@ class QDiffusion(BaseQuantizer):
             return "qdiff at W32A32 is the full-precision model"
         if not 1 <= self.settings.cali_st <= cell.steps:
             return f"qdiff cali_st={self.settings.cali_st} must be between 1 and steps={cell.steps}"
+        if self.settings.authors_grid and cell.modulation != "off" and cell.a_bits < 3:
+            return ("qdiff authors_grid: the MoDiff authors' symmetric residual start divides by 2^(b-1) - 2, "
+                    f"which is 0 at a_bits={cell.a_bits} (needs a_bits >= 3)")
         return None
 
     def quantizes_attention(self, cell: CellSpec) -> bool:
@@ -155,14 +170,17 @@ class QDiffusion(BaseQuantizer):
 
         return calibration.CalibrationData.from_dict(self._cached(ctx, "data", self._data_key(ctx), make, info))
 
-    def build(self, ctx: BuildContext) -> Prepared:
+    def weight_model(self, ctx: BuildContext, info: dict, **overrides: Any):
+        """The Q-Diffusion model with its calibrated weights (AdaRound, cached): ``(qmodel, config, data,
+        weight_payload)``. ``overrides``: ``ReconConfig`` fields other bases that take these weights set
+        (``split_shortcut``, ``quant_attention``)."""
         cell, s = ctx.cell, self.settings
         try:  # resolve() checks cali_st against the steps; build() may be called without it
             calibration.calibration_steps(len(ctx.sampler.evaluation_timesteps(ctx.model.schedule)), s.cali_st)
         except ValueError as exc:
             raise BenchError(f"qdiff: {exc}") from None
         config = self.recon_config(cell)
-        info: dict[str, Any] = {}
+        config = dataclasses.replace(config, **overrides)
         data = self.calibration_data(ctx, info)
         xs, ts = data.inputs()
         cond = data.conditioning()  # the UNet's keyword inputs of each row (text conditioning); {} without
@@ -173,11 +191,10 @@ class QDiffusion(BaseQuantizer):
         weight_payload = {"data": data_key, "w_bits": cell.w_bits, "split": config.split_shortcut,
                           **{k: getattr(s, k) for k in ("weight_init", "weight_iters", "weight_lr", "round_weight",
                                                         "p", "batch_size")}}
-        reports: dict[str, list] = {}
 
         def make_weights():
-            reports["weight"] = reconstruct_weights(qmodel, fp, xs, ts, config, ctx.device, ctx.progress, cond=cond)
-            return {"weights": weight_state(qmodel), "report": reports["weight"]}
+            report = reconstruct_weights(qmodel, fp, xs, ts, config, ctx.device, ctx.progress, cond=cond)
+            return {"weights": weight_state(qmodel), "report": report}
 
         if cell.w_bits != NOT_QUANTIZED:
             cached = self._cached(ctx, f"w{cell.w_bits}", weight_payload, make_weights, info)
@@ -187,32 +204,61 @@ class QDiffusion(BaseQuantizer):
                                               if cached["report"] else None)
             # units whose reconstructed weights ended with a larger block error than rounding to nearest
             info["adaround_units_worse"] = sum(r["adaround"] > r["nearest"] for r in cached["report"])
+        return qmodel, config, data, weight_payload
 
+    def build(self, ctx: BuildContext) -> Prepared:
+        cell, s = ctx.cell, self.settings
+        info: dict[str, Any] = {}
+        qmodel, config, data, weight_payload = self.weight_model(ctx, info)
+        fp = ctx.model.unet
         needs_act_phase = cell.a_bits not in (0, NOT_QUANTIZED) and (cell.modulation == "off"
                                                                      or config.quant_attention)
         if needs_act_phase:
+            xs, ts = data.inputs()
+            cond = data.conditioning()
             act_payload = {"weights": weight_payload, "a_bits": cell.a_bits, "sm_abit": config.sm_abit,
                            "quant_attention": config.quant_attention,
                            **{k: getattr(s, k) for k in ("act_init", "act_iters", "act_lr")}}
 
             def make_acts():
-                reports["act"] = reconstruct_activations(qmodel, fp, xs, ts, config, ctx.device, ctx.progress,
-                                                         cond=cond)
-                return {"acts": act_state(qmodel), "report": reports["act"]}
+                report = reconstruct_activations(qmodel, fp, xs, ts, config, ctx.device, ctx.progress, cond=cond)
+                return {"acts": act_state(qmodel), "report": report}
 
             cached = self._cached(ctx, f"w{cell.w_bits}a{cell.a_bits}", act_payload, make_acts, info)
             load_act_state(qmodel, cached["acts"])
             info["act_reconstruction"] = _summary(cached["report"], "initial", "learned")
 
-        split_shortcuts = sum(1 for layer in recon_layers(qmodel) if layer.split)
+        splits = {layer.name: layer.split for layer in recon_layers(qmodel) if layer.split}
         unet = to_modiff(qmodel, cell)
         if cell.modulation != "off" and cell.a_bits not in (0, NOT_QUANTIZED):
             t0 = time.perf_counter()
-            calibrate_residual_scales(unet, data, s.batch_size * 8, ctx.device, s.residual_scale)
+            calibrate_residual_scales(unet, data, s.batch_size * 8, ctx.device,
+                                      "minmax" if s.residual_scale == "learned" else s.residual_scale)
+            if s.authors_grid:
+                for layer in modiff.quant_layers(unet):
+                    layer.config = dataclasses.replace(layer.config, symmetric=True)
+                    residual.authors_grid_scale(layer)
             info.setdefault("seconds", {})["residual_scales"] = round(time.perf_counter() - t0, 3)
+            if s.residual_scale == "learned":
+                payload = {"weights": weight_payload, "a_bits": cell.a_bits, "modulation": cell.modulation,
+                           "authors_grid": s.authors_grid, "splits": splits, "rows": residual.MAX_ROWS,
+                           **{k: getattr(s, k) for k in ("act_iters", "act_lr", "p", "batch_size", "cali_seed",
+                                                             "out_penalty")}}
+
+                def make_scales():
+                    states, report = residual.learn_residual_scales(
+                        unet, fp, data, splits, s.act_iters, s.act_lr, s.p, s.batch_size, ctx.device,
+                        cell.seed + s.cali_seed, ctx.progress, s.out_penalty)
+                    return {"scales": states, "report": report}
+
+                cached = self._cached(ctx, f"w{cell.w_bits}a{cell.a_bits}-residual", payload, make_scales, info)
+                residual.load_residual_scales(unet, cached["scales"])
+                info["residual_reconstruction"] = _summary(cached["report"], "initial", "learned")
+                ratios = [max(r["scales"]) / min(r["scales"]) for r in cached["report"] if r["split"]]
+                info["residual_split_scale_ratio_max"] = max(ratios) if ratios else None
         info.update({"quantized_layers": len(modiff.quant_layers(unet)), "calibration_samples": data.n,
                      "calibration_steps": data.steps, "quant_attention": config.quant_attention,
-                     "split_shortcuts": split_shortcuts})
+                     "split_shortcuts": len(splits)})
         return Prepared(unet=unet, on_trajectory_start=[lambda: modiff.reset(unet)], info=info)
 
 

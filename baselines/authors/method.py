@@ -1,0 +1,143 @@
+"""``base = "paper-lcq"`` / ``"paper-ltq"``: the MoDiff authors' dynamic settings, the ones behind the paper's
+"LCQ" and "LTQ" columns, as their public scripts run them (WeizhiGao/MoDiff ``scripts/sample_diffusion_ddim.py``,
+``sample_diffusion_ldm.py``, ``txt2img.py``, ``qdiff/quant_layer.py`` and the README's commands):
+
+- granularity: ``UniformAffineQuantizer(channel_wise=args.act_tensor)`` with ``--quant_mode dynamic``. Without
+  ``--act_tensor`` (their default, the paper's LCQ column) one scale for the whole batch tensor; with it (the
+  README: "tensor wise activation quantization", the paper's LTQ column) ``channel_wise=True`` reduces over every
+  dim but 0: one scale per sample. No per-channel activation scale exists in their code. So ``paper-lcq`` is our
+  ``tensor`` granularity and ``paper-ltq`` our ``sample``; the suite's own ``lcq`` (per channel over batch and
+  space) and ``ltq`` (per batch tensor) are not the paper's.
+- ``symmetric``: ``--a_sym`` in the CIFAR-10 commands (not in the LSUN or Stable Diffusion ones). Their symmetric
+  dynamic scale is ``absmax / (2^(b-1) - 1)`` clamped to ``[-2^(b-1), 2^(b-1) - 1]``: the spec's symmetric grid.
+- ``split``: ``--split`` (Q-Diffusion's shortcut splitting) in the CIFAR-10 and Stable Diffusion commands, not in
+  the LSUN ones: the input ``concat([deep, skip])`` of a decoder shortcut conv gets one scale per part.
+- weights: ``--resume --cali_ckpt <dataset>_w4a8_ckpt.pth``, Q-Diffusion-calibrated (AdaRound) weights, even for
+  these dynamic rows. ``weights = "qdiff"`` takes them from this suite's own Q-Diffusion calibration (the
+  ``[params.qdiff]`` of the matrix, cached like ``qdiff``'s); ``cali_ckpt`` reads the authors' released file for
+  the CIFAR-10 DDPM (:mod:`baselines.qdiffusion.authors_checkpoint`); ``weights = "minmax"`` is per-channel
+  min-max rounding, to see what the weight source alone changes.
+- the warm-up: the first step of a trajectory in full precision (their sampler's ``set_full_prec``), as MoDiff.
+
+Not reproduced: their CIFAR-10 sampler resets the MoDiff state at every step, which turns the method off (the
+spec forbids it; the paper's numbers, which get worse with fewer bits, did not come from that path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+import modiff
+from baselines.qdiffusion.method import QDiffusion
+from baselines.qdiffusion.reconstruction import recon_layers, shortcut_splits
+from bench.errors import BenchError
+from bench.methods import BuildContext, CellSpec, DynamicQuantizer, Prepared, register_method
+from modiff.config import NOT_QUANTIZED
+from modiff.layers import QuantLayer
+
+CHECKPOINT_MODELS = ("ddpm-cifar10",)  # models whose layout the authors' checkpoint converter knows
+
+
+class AuthorsDynamic(DynamicQuantizer):
+    """Common part of ``paper-lcq`` and ``paper-ltq``."""
+
+    @dataclass(frozen=True)
+    class Params:
+        symmetric: bool = True  # --a_sym (their CIFAR-10 commands; the LSUN and SD ones are asymmetric)
+        split: bool = True  # --split (CIFAR-10 and SD; not the LSUN commands)
+        weights: Literal["qdiff", "minmax"] = "qdiff"  # Q-Diffusion-calibrated weights (their --cali_ckpt), or min-max
+        cali_ckpt: str | None = None  # the authors' calibrated checkpoint (ddpm-cifar10): weights from that file
+        warmup: bool = True  # the first step in full precision
+
+        def __post_init__(self) -> None:
+            if self.cali_ckpt is not None and not self.cali_ckpt.strip():
+                raise ValueError("cali_ckpt must be a path to the authors' calibrated checkpoint, or left unset")
+
+    real_execution: ClassVar[bool] = False  # Q-Diffusion's AdaRound weights are fake-quantized only
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+
+    @classmethod
+    def version(cls, settings) -> int:
+        return 1
+
+    def depends_on(self) -> tuple[str, ...]:
+        # the weights come from Q-Diffusion's calibration: its parameters are part of every cell's identity
+        return ("qdiff",) if self.settings.weights == "qdiff" and self.settings.cali_ckpt is None else ()
+
+    def modiff_options(self) -> dict[str, Any]:
+        return {"symmetric": self.settings.symmetric, "warmup": self.settings.warmup}
+
+    def resolve(self, cell: CellSpec) -> str | None:
+        reason = super().resolve(cell)
+        if reason:
+            return reason
+        if cell.w_bits == NOT_QUANTIZED:
+            return (f"{self.name} runs the authors' quantized weights; w_bits=32 (unquantized weights) is the "
+                    "'dynamic' base with a_granularity tensor or sample")
+        if self.settings.cali_ckpt is not None and cell.model not in CHECKPOINT_MODELS:
+            return (f"{self.name} cali_ckpt: the authors' checkpoint converter knows the layout of "
+                    f"{', '.join(CHECKPOINT_MODELS)} only, not {cell.model}")
+        return None
+
+    def build(self, ctx: BuildContext) -> Prepared:
+        cell, s = ctx.cell, self.settings
+        config = self.config(cell)
+        info: dict[str, Any] = {"weights": "cali_ckpt" if s.cali_ckpt else s.weights}
+        if s.cali_ckpt is not None:
+            unet, splits = self._from_checkpoint(ctx, config, info)
+        elif s.weights == "qdiff":
+            qdiff = QDiffusion(cell.params.get("qdiff"))
+            qmodel, _, _, _ = qdiff.weight_model(ctx, info, split_shortcut=s.split, quant_attention=False)
+            splits = {layer.name: layer.split for layer in recon_layers(qmodel) if layer.split}
+            for layer in recon_layers(qmodel):  # the calibrated weights, the authors' dynamic activation scales
+                parent_name, _, child = layer.name.rpartition(".")
+                parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
+                setattr(parent, child, QuantLayer(layer.layer, config, layer.name, weight_quantized=True))
+            unet = qmodel
+        else:
+            unet = modiff.quantize(ctx.fp_unet_copy(), config)
+            splits = self._splits(ctx) if s.split else {}
+        for layer in modiff.quant_layers(unet):
+            layer.set_split(splits.get(layer.name, 0))
+        info.update({"quantized_layers": len(modiff.quant_layers(unet)), "split_shortcuts": len(splits)})
+        return Prepared(unet=unet, on_trajectory_start=[lambda: modiff.reset(unet)], info=info)
+
+    def _splits(self, ctx: BuildContext) -> dict[str, int]:
+        """Split points measured on one forward pass of the full-precision model (unconditional models)."""
+        if getattr(ctx.model.unet.config, "cross_attention_dim", None):
+            raise BenchError(f"{self.name}: split with weights='minmax' is measured on an unconditional forward "
+                             "pass; use weights='qdiff' (its calibration data carries the text conditioning)")
+        x = torch.zeros(1, *ctx.model.image_shape, device=ctx.device)
+        return shortcut_splits(ctx.model.unet, x, torch.zeros(1, dtype=torch.long, device=ctx.device))
+
+    def _from_checkpoint(self, ctx: BuildContext, config: modiff.ModiffConfig, info: dict):
+        from baselines.qdiffusion.authors_checkpoint import load_authors_checkpoint, to_diffusers_weights
+
+        original, report = load_authors_checkpoint(self.settings.cali_ckpt, ctx.cell.w_bits)
+        unet = ctx.fp_unet_copy()
+        try:
+            unet.load_state_dict(to_diffusers_weights(original), strict=True)
+        except (RuntimeError, KeyError) as exc:
+            raise BenchError(f"{self.name}: {self.settings.cali_ckpt} does not fit {ctx.cell.model}: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
+        info["cali_ckpt_report"] = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+        unet = modiff.quantize(unet, config, weight_quantized=True)
+        splits = self._splits(ctx) if self.settings.split else {}
+        return unet, splits
+
+
+@register_method("paper-lcq")
+class PaperLCQ(AuthorsDynamic):
+    """The MoDiff authors' "LCQ" (their default, no --act_tensor): one dynamic scale per batch tensor, symmetric, split, Q-Diffusion weights."""  # noqa: E501
+
+    granularity = "tensor"
+
+
+@register_method("paper-ltq")
+class PaperLTQ(AuthorsDynamic):
+    """The MoDiff authors' "LTQ" (--act_tensor): one dynamic scale per sample, symmetric, split, Q-Diffusion weights."""  # noqa: E501
+
+    granularity = "sample"
