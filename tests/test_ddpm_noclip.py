@@ -203,11 +203,12 @@ def test_table5_preset_ships_with_the_papers_setting_and_sampler():
     assert PRESET in presets()
     matrix = load_matrix(PRESET)
     cells = matrix.cells
-    assert len(cells) == 1 + 3 * 2  # FP + LCQ x {alone, + MoDiff} x W8 x A8/A6/A4
+    assert len(cells) == 1 + 3 * 2  # FP + the authors' LCQ x {alone, + MoDiff} x W8 x A8/A6/A4
+    # seed 41 and batch 8: the authors' dynamic LSUN commands (issue 17)
     assert {(c.model, c.sampler, c.steps, c.eta, c.n_samples, c.seed, c.batch_size) for c in cells} == {
-        ("ldm-bedroom", "ddpm-ldm-uniform", 1000, 0.0, 50_000, 1234, 32)}
-    assert {c.base for c in cells} == {"fp", "lcq"}
-    assert {(c.w_bits, c.a_bits, c.modulation) for c in cells if c.base == "lcq"} == {
+        ("ldm-bedroom", "ddpm-ldm-uniform", 1000, 0.0, 50_000, 41, 8)}
+    assert {c.base for c in cells} == {"fp", "paper-lcq"}
+    assert {(c.w_bits, c.a_bits, c.modulation) for c in cells if c.base == "paper-lcq"} == {
         (8, a, m) for a in (8, 6, 4) for m in ("off", "ec")}
     assert {"fid", "sfid"} <= set(matrix.metrics)
     config = SamplerConfig.from_name(cells[0].sampler, cells[0].steps, cells[0].eta)
@@ -223,7 +224,7 @@ def test_table5_preset_dry_runs_without_weights(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_table5_paper_numbers_stand_beside_the_lcq_cells_and_none_is_invented():
+def test_table5_paper_numbers_stand_beside_the_paper_lcq_cells_and_none_is_invented():
     """reports/data/paper_lsun_ldm.csv (MoDiff paper Tables 2, 3 and 5) holds Table 5 as its sampler = ddpm
     rows: the report's "(paper)" lookup finds exactly them for the preset's LCQ cells, and nothing for its FP
     cell (Table 5 has no FP row)."""
@@ -277,10 +278,12 @@ def test_table5_numbers_stand_only_beside_the_unclipped_ddpm():
     nor Table 3's DDIM numbers beside another DDIM grid."""
     from reports.tables import paper_table1_value
 
-    assert paper_table1_value("ldm-bedroom", "ddpm-ldm-uniform", 1000, 8, 8, "lcq", "ec", "fid") is not None
-    assert paper_table1_value("ldm-bedroom", "ddpm-uniform", 1000, 8, 8, "lcq", "ec", "fid") is None
-    assert paper_table1_value("ldm-bedroom", "ddim-ldm", 500, 8, 8, "lcq", "ec", "fid") is not None
-    assert paper_table1_value("ldm-bedroom", "ddim-uniform", 500, 8, 8, "lcq", "ec", "fid") is None
+    assert paper_table1_value("ldm-bedroom", "ddpm-ldm-uniform", 1000, 8, 8, "paper-lcq", "ec", "fid") is not None
+    assert paper_table1_value("ldm-bedroom", "ddpm-uniform", 1000, 8, 8, "paper-lcq", "ec", "fid") is None
+    assert paper_table1_value("ldm-bedroom", "ddim-ldm", 200, 8, 8, "paper-lcq", "ec", "fid") is not None
+    assert paper_table1_value("ldm-bedroom", "ddim-uniform", 200, 8, 8, "paper-lcq", "ec", "fid") is None
+    # the authors' "LCQ" is one scale per batch tensor: the suite's per-channel lcq gets no paper number
+    assert paper_table1_value("ldm-bedroom", "ddpm-ldm-uniform", 1000, 8, 8, "lcq", "ec", "fid") is None
 
 
 def test_qdiff_calibration_follows_the_unclipped_ddpm():
