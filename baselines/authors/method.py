@@ -31,12 +31,11 @@ from typing import Any, ClassVar, Literal
 import torch
 
 import modiff
-from baselines.qdiffusion.method import QDiffusion
+from baselines.qdiffusion.method import QDiffusion, to_modiff
 from baselines.qdiffusion.reconstruction import recon_layers, shortcut_splits
 from bench.errors import BenchError
 from bench.methods import BuildContext, CellSpec, DynamicQuantizer, Prepared, register_method
 from modiff.config import NOT_QUANTIZED
-from modiff.layers import QuantLayer
 
 CHECKPOINT_MODELS = ("ddpm-cifar10",)  # models whose layout the authors' checkpoint converter knows
 
@@ -58,10 +57,6 @@ class AuthorsDynamic(DynamicQuantizer):
 
     real_execution: ClassVar[bool] = False  # Q-Diffusion's AdaRound weights are fake-quantized only
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
-
-    @classmethod
-    def version(cls, settings) -> int:
-        return 1
 
     def depends_on(self) -> tuple[str, ...]:
         # the weights come from Q-Diffusion's calibration: its parameters are part of every cell's identity
@@ -92,11 +87,7 @@ class AuthorsDynamic(DynamicQuantizer):
             qdiff = QDiffusion(cell.params.get("qdiff"))
             qmodel, _, _, _ = qdiff.weight_model(ctx, info, split_shortcut=s.split, quant_attention=False)
             splits = {layer.name: layer.split for layer in recon_layers(qmodel) if layer.split}
-            for layer in recon_layers(qmodel):  # the calibrated weights, the authors' dynamic activation scales
-                parent_name, _, child = layer.name.rpartition(".")
-                parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
-                setattr(parent, child, QuantLayer(layer.layer, config, layer.name, weight_quantized=True))
-            unet = qmodel
+            unet = to_modiff(qmodel, cell, config)  # the calibrated weights, the authors' dynamic activation scales
         else:
             unet = modiff.quantize(ctx.fp_unet_copy(), config)
             splits = self._splits(ctx) if s.split else {}

@@ -269,17 +269,20 @@ def _summary(report: list[dict], before: str, after: str) -> dict:
             f"loss_{after}": sum(r[after] for r in report)}
 
 
-def to_modiff(qmodel: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
+def to_modiff(qmodel: torch.nn.Module, cell: CellSpec, config: modiff.ModiffConfig | None = None) -> torch.nn.Module:
     """Replace each reconstructed layer by a ``modiff.QuantLayer`` holding its quantized weight;
     without modulation its activation quantizer is Q-Diffusion's learned one; with modulation it
-    gets static per-tensor residual scales (fitted afterwards)."""
+    gets static per-tensor residual scales (fitted afterwards). ``config``: another base's activation
+    quantization on these weights (the built-in quantizers of that config, no Q-Diffusion step sizes)."""
     modulated = cell.modulation != "off"
-    config = modiff.ModiffConfig(w_bits=cell.w_bits, a_bits=cell.a_bits, modulation=cell.modulation,
-                                 granularity="tensor", act_scale="static" if modulated else "dynamic")
+    own = config is None
+    if own:
+        config = modiff.ModiffConfig(w_bits=cell.w_bits, a_bits=cell.a_bits, modulation=cell.modulation,
+                                     granularity="tensor", act_scale="static" if modulated else "dynamic")
     for layer in recon_layers(qmodel):
         parent_name, _, child = layer.name.rpartition(".")
         parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
-        act = None if modulated else layer.act
+        act = layer.act if own and not modulated else None
         setattr(parent, child, QuantLayer(layer.layer, config, layer.name, weight_quantized=True, act_quantizer=act))
     return qmodel
 
