@@ -11,6 +11,7 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s bench         # speed / memory of int8, fp8 and fake execution vs FP32 and BF16
     nox -s bench-deepcache  # DeepCache's measured speed-ups beside the paper's
     nox -s speed         # the 'cifar10-speed' matrix (random weights): wall-clock table, ratios to FP32 and BF16
+    nox -s qdiff-act-digits  # Q-Diffusion's activation quantizers: ours vs the authors' CIFAR-10 setting, digits
     nox -s psnr-table    # PSNR to FP on digits: modulation x activation bits x granularity
     nox -s reproduce-cifar10 [-- --nproc 8 --set run.checkpoint=...]   # paper-scale presets (GPU), and
         reproduce-cifar10-quick, reproduce-cifar10-ablations, reproduce-cifar10-deepcache,
@@ -87,8 +88,9 @@ def demo(session: nox.Session) -> None:
     Resumable: interrupt it and run it again. Extra arguments go to 'modiff-bench run'
     (e.g. '-- --force' to start over, '-- --set run.n_samples=128' for a quicker look)."""
     env = _shared_env(session)
-    _run(session, env, "modiff-bench", "sample", "--n", "64", "--out", "runs/demo/grid", "--no-progress")
+    # the run first: 'run --out' refuses an existing directory that is not yet a run directory (runs/demo/grid alone)
     _run(session, env, "modiff-bench", "run", "digits", "--out", "runs/demo", *session.posargs)
+    _run(session, env, "modiff-bench", "sample", "--n", "64", "--out", "runs/demo/grid", "--no-progress")
     _run(session, env, "modiff-bench", "report", "runs/demo")
     session.log("report: runs/demo/report.html (and report.md)   results: runs/demo/results.{csv,parquet}")
 
@@ -165,16 +167,30 @@ def authors_digits(session: nox.Session) -> None:
     of both (runs/digits-authors/report.html) and the spread table (runs/digits-authors/spread.md). Resumable.
 
     Extra arguments go to every 'modiff-bench run' (e.g. '-- --set run.n_samples=256')."""
+    _two_seed_sets(session, "digits-authors")
+
+
+@nox.session(name="qdiff-act-digits", venv_backend="none")
+def qdiff_act_digits(session: nox.Session) -> None:
+    """Q-Diffusion's activation quantizers on digits, ours (asymmetric, MSE ranges over every calibration row)
+    against the authors' CIFAR-10 command (--a_sym, 'max' ranges from 64 samples), W8A4/W8A3 ('digits-qdiff-act'
+    preset), for two seed sets: runs/digits-qdiff-act/report.html and spread.md. About 12 min. Resumable.
+
+    Extra arguments go to every 'modiff-bench run'."""
+    _two_seed_sets(session, "digits-qdiff-act")
+
+
+def _two_seed_sets(session: nox.Session, preset: str) -> None:
+    """``preset`` for the seed sets 0 and 100000 (runs/<preset>/seed-<S>), one report of both and the spread table."""
     env = _shared_env(session)
     dirs = []
     for seed in (0, 100_000):
-        out = f"runs/digits-authors/seed-{seed}"
-        _run(session, env, "modiff-bench", "run", "digits-authors", "--out", out, "--set", f"run.seed={seed}",
-             *session.posargs)
+        out = f"runs/{preset}/seed-{seed}"
+        _run(session, env, "modiff-bench", "run", preset, "--out", out, "--set", f"run.seed={seed}", *session.posargs)
         dirs.append(out)
-    _run(session, env, "modiff-bench", "report", *dirs, "--out", "runs/digits-authors")
-    _run(session, env, "python", "-m", "reports.spread", *dirs, "--out", "runs/digits-authors/spread.md")
-    session.log("report: runs/digits-authors/report.html   spread over seed sets: runs/digits-authors/spread.md")
+    _run(session, env, "modiff-bench", "report", *dirs, "--out", f"runs/{preset}")
+    _run(session, env, "python", "-m", "reports.spread", *dirs, "--out", f"runs/{preset}/spread.md")
+    session.log(f"report: runs/{preset}/report.html   spread over seed sets: runs/{preset}/spread.md")
 
 
 @nox.session(name="psnr-table", venv_backend="none")

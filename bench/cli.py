@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/run.json (resolved matrix, skipped combinations, environment) and each cell's samples.",
         epilog="Rerunning the same command skips finished cells: kill it at any time and run it again. A cell "
                "that raises or produces NaN/Inf samples is recorded as failed, the run goes on and the exit "
-               "status is 1 (failed cells are retried on the next run). Bad input exits with status 2.\n\n"
+               "status is 1 (failed cells are retried on the next run). Bad input exits with status 2; cells left "
+               "to another runner sharing OUT (held by it) with status 3.\n\n"
                "examples:\n"
                "  modiff-bench run digits --out runs/digits\n"
                "  modiff-bench run smoke --out runs/smoke --set steps=10 --set matrix.a_bits=[4,3]\n"
@@ -107,13 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                "  torchrun --standalone --nproc_per_node=8 -m bench run cifar10-paper --device cuda ...\n"
                "  modiff-bench run cifar10-paper --launcher submitit --slurm-partition gpu --gpus-per-task 4 ...")
     p.add_argument("config", metavar="CONFIG", help="preset name (see 'modiff-bench presets') or path to a TOML file")
-    p.add_argument("--out", default=None, help="output directory (default: runs/<preset or file name>)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<preset or file name>); an existing "
+                                               "one must be empty or a run directory, unless --force")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, value in TOML syntax: steps=50, run.n_samples=128, "
                         "matrix.a_bits=[4,3], params.lcq.warmup=false (repeatable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
     p.add_argument("--force", action="store_true",
-                   help="rerun every cell, replacing the results in OUT (also those of a different matrix)")
+                   help="rerun every cell, replacing the results in OUT (also those of a different matrix, or "
+                        "files of a directory that is not a run directory)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and skipped combinations, run nothing")
     p.add_argument("--estimate", action="store_true",
                    help="measure throughput on the device, print the estimated device-hours of the pending "
@@ -156,18 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compute, from the saved samples of every generated cell of DIR, the metrics the cell does "
                     "not have yet (the matrix's, plus --metrics), add them to its result.json and rewrite the "
-                    "tables. Finished metrics are not computed again. The matrix, [inception] settings and plugin "
-                    "imports come from DIR/run.json; a missing full-precision reference is made again.",
+                    "tables. Finished metrics are not computed again unless named by --recompute. The matrix and "
+                    "[inception] settings come from DIR/run.json; plugins only from --import (a run directory is "
+                    "data: the imports its run.json lists are not imported). A full-precision reference that is "
+                    "missing, or does not match the size and SHA-256 recorded when it was written, is made again.",
         epilog="Cells still to generate are left for 'modiff-bench run'. Samples that do not match the SHA-256 "
-               "recorded when they were written are not used: the cell is marked to be generated again by the "
-               "next run, and the exit status is 1 (also when a metric raised; its columns stay empty with the "
-               "reason in missing_metrics). Bad input exits with status 2.\n\n"
+               "recorded when they were written are not used: the cell is marked (in its result.json) to be "
+               "generated again by the next run, and the exit status is 1 (also when a metric raised; its columns "
+               "stay empty with the reason in missing_metrics). Bad input exits with status 2.\n\n"
                "examples:\n"
                "  modiff-bench evaluate runs/demo\n"
-               "  modiff-bench evaluate runs/cifar10 --metrics fid,is --device cuda")
+               "  modiff-bench evaluate runs/cifar10 --metrics fid,is --device cuda\n"
+               "  modiff-bench evaluate runs/mine --import my_metric.py --recompute my_metric")
     p.add_argument("dir", metavar="DIR", help="a run directory written by 'modiff-bench run'")
     p.add_argument("--metrics", default="", metavar="NAMES",
                    help="comma-separated metrics to add besides the matrix's (see docs/metrics.md)")
+    p.add_argument("--recompute", default="", metavar="NAMES",
+                   help="comma-separated metrics to compute again for every generated cell that has them (e.g. "
+                        "after a fix to a metric: metrics are not part of cell ids)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module or .py file that registers metrics (repeatable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -181,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories written by 'modiff-bench run'")
     p.add_argument("--out", default=None, help="where to write the report (default: the run directory; required "
                                                "with several)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module or .py file that registers metrics or methods, for their labels "
+                        "(repeatable; the imports a run.json lists are never imported)")
 
     return parser
 
@@ -214,6 +228,25 @@ def check_out_dir(out: str | Path, probe: bool = True) -> Path:
                 raise
             raise BenchError(f"cannot write to {out}: {exc.strerror or exc} ({parent})") from None
     return out
+
+
+RUN_DIR_MARKERS = ("run.json", "cells", ".lock", "locks")  # what a run directory has, even a killed or damaged one
+
+
+def check_run_dir(out: Path, force: bool) -> None:
+    """``run --out``: an existing directory must be empty or a run directory (``RUN_DIR_MARKERS``; a
+    damaged one is repaired by the store), unless ``--force``: a run writes results.csv, run.log, cells/
+    and locks/ into it, and would adopt a directory of other files as its own."""
+    if force or not out.is_dir() or any((out / name).exists() for name in RUN_DIR_MARKERS):
+        return
+    try:
+        entries = sorted(entry.name for entry in out.iterdir())
+    except OSError as exc:
+        raise BenchError(f"cannot read {out}: {exc.strerror or exc}") from None
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise BenchError(f"--out {out} is a directory of other files ({shown}), not a run directory (no run.json); "
+                         "use an empty or new directory, or --force to write the run into it")
 
 
 def _sample_fp(args):
@@ -358,11 +391,15 @@ def cmd_train_tiny(args) -> int:
 def cmd_run(args) -> int:
     from .distributed import init_from_env, shutdown
     from .matrix import load_matrix
-    from .runner import Runner
+    from .runner import Runner, pick_device
 
     matrix = load_matrix(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     check_out_dir(out, probe=not (args.dry_run or args.estimate))
+    check_run_dir(out, args.force)
+    pick_device(args.device, here=args.launcher == "local")  # --dry-run too: a typo stops here, not on a node
+    for warning in matrix.warnings if os.environ.get("RANK", "0") == "0" else ():  # once under torchrun
+        print(f"modiff-bench: warning: {warning}", file=sys.stderr)
     if args.dry_run:
         import json
 
@@ -415,7 +452,8 @@ def cmd_run(args) -> int:
         return 1 if summary.failed else 0
     print(f"{summary.total} cells: {summary.ran} run, {summary.reused} already finished, "
           f"{len(summary.failed)} failed, {summary.skipped} invalid combinations skipped, "
-          f"{summary.seconds:.0f} s -> {summary.out / 'results.csv'}")
+          + (f"{len(summary.held)} skipped: held by another runner, " if summary.held else "")
+          + f"{summary.seconds:.0f} s -> {summary.out / 'results.csv'}")
     failed = [key for key in summary.failed if key not in summary.unevaluated]
     if failed:
         print(f"modiff-bench: {len(failed)} cell(s) failed: {', '.join(failed)} "
@@ -424,9 +462,15 @@ def cmd_run(args) -> int:
         print(f"modiff-bench: {len(summary.unevaluated)} cell(s) sampled but a metric failed: "
               f"{', '.join(summary.unevaluated)} (reasons in the 'missing_metrics' column; the next run or "
               f"'modiff-bench evaluate {summary.out}' tries again)", file=sys.stderr)
+    if summary.held:
+        print(f"modiff-bench: {len(summary.held)} skipped: held by another runner ({', '.join(summary.held)}); "
+              "they are not done yet: run the command again once that runner ends", file=sys.stderr)
     if summary.failed:
         return 1
-    return 0
+    return HELD_ELSEWHERE if summary.held else 0
+
+
+HELD_ELSEWHERE = 3  # exit status of a 'run' that left cells to another runner sharing its directory
 
 
 def _estimate_line(runner, todo) -> str:
@@ -472,8 +516,9 @@ def cmd_evaluate(args) -> int:
         raise BenchError(f"{out} is not a run directory (no such directory)")
     check_out_dir(out)
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    recompute = [n.strip() for n in args.recompute.split(",") if n.strip()]
     done, busy, bad = evaluate_run(out, names, args.device, progress=not args.no_progress and sys.stderr.isatty(),
-                                   argv=args.argv)
+                                   argv=args.argv, imports=args.imports, recompute=recompute)
     print(f"{done} cell(s) evaluated, {busy} held by another process, {len(bad)} not evaluated -> "
           f"{out / 'results.csv'}")
     if bad:
@@ -490,7 +535,7 @@ def cmd_report(args) -> int:
         check_out_dir(args.out)
     elif len(args.dirs) == 1 and Path(args.dirs[0]).is_dir():
         check_out_dir(args.dirs[0])
-    html, md = build_report(args.dirs, args.out)
+    html, md = build_report(args.dirs, args.out, imports=args.imports)
     print(f"report: {html}\n        {md}")
     return 0
 

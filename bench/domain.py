@@ -59,10 +59,13 @@ class ConfidenceStats:
 def features_and_logits(
     classifier: DigitClassifier, images: torch.Tensor, batch_size: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's penultimate features and logits of ``images``, clamped to [-1, 1] first: it was
+    trained on digits in [-1, 1], and stored samples are the sampler's unclipped output (some values reach
+    -2.4 or +-28), which would put its features where no digit is."""
     classifier.eval()
     feats, logits = [], []
     for chunk in images.split(batch_size):
-        f = classifier.features(chunk.float())
+        f = classifier.features(chunk.float().clamp(-1, 1))
         feats.append(f)
         logits.append(classifier.head(f))
     return torch.cat(feats).double(), torch.cat(logits).double()
@@ -93,11 +96,34 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
         )
 
 
+def is_splits(n: int, splits: int = 10) -> int:
+    """How many splits the Inception score of ``n`` images takes: ``splits``, fewer when that would leave a
+    split with fewer than two images (a one-image split scores exactly 1), at least one."""
+    return max(1, min(splits, n // 2))
+
+
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """torch-fidelity's Inception score (mean, std over splits) of ``logits``; ``splits`` is capped so that
+    every split holds at least two images (:func:`is_splits`)."""
     from torch_fidelity.metric_isc import isc_features_to_metric
 
-    out = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=True, rng_seed=2020)
+    out = isc_features_to_metric(logits.cpu(), splits=is_splits(len(logits), splits), shuffle=True, rng_seed=2020)
     return out["inception_score_mean"], out["inception_score_std"]
+
+
+def kernel_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 100,
+                    subset_size: int = 1000) -> tuple[float, float, int]:
+    """torch-fidelity's KID (``kid_features_to_metric``: unbiased MMD^2 with its cubic polynomial kernel, mean
+    and std over ``subsets`` random subsets) between two feature sets, and the subset size it used:
+    ``subset_size`` capped at the smaller set (the library asserts both sets hold a whole subset)."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    size = min(subset_size, len(feats_a), len(feats_b))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 images on each side, got {len(feats_a)} and {len(feats_b)}")
+    out = kid_features_to_metric(feats_a.cpu().double(), feats_b.cpu().double(), kid_subsets=subsets,
+                                 kid_subset_size=size, verbose=False)
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"], size
 
 
 @dataclass

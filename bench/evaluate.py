@@ -9,7 +9,14 @@ same record. It is idempotent (a metric already there is not computed again), ru
 
 A metric that raises leaves its columns empty with the reason in ``missing_metrics`` and is tried
 again by the next evaluation; the cell's samples stay. Damaged samples mark the cell for generating
-again (``RunStore.damaged``).
+again, in its ``result.json`` (``RunStore.mark_damaged``). The full-precision reference is verified
+against the size and SHA-256 recorded when it was written before a metric reads it: a mismatch makes
+it again where the model can be loaded (``ensure_reference``), else fails the metrics that need it.
+``recompute`` names metrics to compute again although a cell has them (metrics are not part of cell
+ids: a fixed metric is recomputed this way).
+
+A run directory is data: nothing it names is imported. Metrics of plugins come from the modules the
+user names (``modiff-bench evaluate --import``).
 """
 
 from __future__ import annotations
@@ -31,17 +38,18 @@ class Evaluator:
     and it is missing (None: such metrics are left missing, with the reason)."""
 
     def __init__(self, store: RunStore, metrics: list[str], inception: dict, device: torch.device,
-                 ensure_reference: Callable[[CellSpec], None] | None = None):
+                 ensure_reference: Callable[[CellSpec], None] | None = None, recompute: list[str] = ()):
         self.store = store
-        self.metrics = list(dict.fromkeys(metrics))
+        self.recompute = list(dict.fromkeys(recompute))
+        self.metrics = list(dict.fromkeys([*metrics, *self.recompute]))
         self.inception = dict(inception)
         self.device = device
         self.ensure_reference = ensure_reference
         self.errors: dict[str, str] = {}  # cell id -> the metric that raised, and its one-line error
 
     def wanted(self, row: dict) -> list[str]:
-        """The metrics of this evaluator the row does not have yet."""
-        have = set(row.get("metrics") or [])
+        """The metrics of this evaluator the row does not have yet, and those to recompute."""
+        have = set(row.get("metrics") or []) - set(self.recompute)
         return [n for n in self.metrics if n not in have]
 
     def todo(self) -> list[Cell]:
@@ -77,20 +85,21 @@ class Evaluator:
         if samples is None:
             samples, reason = cell.load_samples(row)
             if samples is None:
-                store.mark_damaged(cell.key, reason)
+                store.mark_damaged(cell.key, reason, row)
                 store.log(f"cell {cell.key} ({spec.label}): {reason}; sampling it "
                           "again")
                 reference = self.reference_path(row, spec)
                 if store.out / row["samples_file"] == reference:
                     store.discard_reference(reference)  # the fp cell's samples: made again
                 return None
-        reference = None
+        for name in (n for n in names if n in self.recompute and n in METRICS):  # as if never computed
+            for column in METRICS[name].columns:
+                row[column] = None
+                (row.get("missing_metrics") or {}).pop(column, None)
+            row["metrics"] = [m for m in row.get("metrics") or [] if m != name]
+        reference, unusable = None, None
         if self.needs_reference(names):
-            path = self.reference_path(row, metric_reference(spec))
-            if not path.is_file() and self.ensure_reference is not None:
-                self.ensure_reference(metric_reference(spec))
-            if path.is_file():
-                reference = store.load_reference(path)["images"]
+            reference, unusable = self._reference(row, metric_reference(spec))
         inception = None
         if any(METRICS[n].group == "inception" for n in names):
             from .inception import InceptionSettings
@@ -100,6 +109,13 @@ class Evaluator:
         # 39 GB as one float32 tensor)
         done, values, missing = [], {}, {}
         for name in names:  # one by one: a metric that raises costs only its own columns
+            if unusable is not None and METRICS[name].needs_fp_reference:  # tried again by the next evaluation
+                error = f"metric {name!r} failed: {unusable}"
+                self.errors[cell.key] = error
+                store.log(f"cell {cell.key} ({spec.method}): {error}")
+                for column in METRICS[name].columns:
+                    values[column], missing[column] = None, error
+                continue
             try:
                 got, why = compute_metrics([name], MetricInputs(samples, spec.model, spec.checkpoint, reference,
                                                                 inception))
@@ -128,22 +144,51 @@ class Evaluator:
         cell.write_result(row)
         return row
 
+    def _reference(self, row: dict, spec: CellSpec) -> tuple[torch.Tensor | None, str | None]:
+        """The full-precision samples a metric compares with, verified against the size and SHA-256
+        recorded when they were written: (images, None), (None, None) when there are none, or (None,
+        why they cannot be used). A missing or mismatching file is made again when ``ensure_reference``
+        can."""
+        store = self.store
+        path = self.reference_path(row, spec)
+        problem = store.verify_reference(path) if path.is_file() else None
+        if (problem is not None or not path.is_file()) and self.ensure_reference is not None:
+            if problem is not None:
+                store.log(f"{path.relative_to(store.out)} {problem}; regenerating it")
+                store.discard_reference(path)
+            self.ensure_reference(spec)
+            problem = store.verify_reference(path) if path.is_file() else None
+        if not path.is_file():
+            return None, None
+        if problem is not None:
+            return None, f"its full-precision reference {path.relative_to(store.out)} {problem}"
+        return store.load_reference(path)["images"], None
+
 
 def evaluate_run(out: str | Path, metrics: list[str] | None = None, device: str = "auto", progress: bool = True,
-                 argv: list[str] | None = None, log: Callable[[str], None] = print) -> tuple[int, int, list[str]]:
+                 argv: list[str] | None = None, log: Callable[[str], None] = print, imports: list[str] = (),
+                 recompute: list[str] = ()) -> tuple[int, int, list[str]]:
     """``modiff-bench evaluate``: add the missing metrics (the matrix's, plus ``metrics``) to every
-    generated cell of a run directory, then rewrite its tables. Returns (cells evaluated, cells
-    skipped because another process holds them, cells that need generating again or whose metric
-    failed). The matrix comes from ``run.json``; full-precision references that are missing are made
-    again (this loads the model)."""
+    generated cell of a run directory, and compute those of ``recompute`` again, then rewrite its
+    tables. Returns (cells evaluated, cells skipped because another process holds them, cells that
+    need generating again or whose metric failed). The matrix comes from ``run.json``; plugins from
+    ``imports`` only (never from the directory); full-precision references that are missing or do not
+    match their record are made again (this loads the model)."""
     from tqdm.auto import tqdm
 
-    from .metrics import check_metrics
+    from .errors import BenchError
+    from .metrics import METRICS, check_metrics
     from .runner import pick_device
 
     out = Path(out)
-    matrix = matrix_from_run_json(out)
-    names = list(dict.fromkeys([*matrix.metrics, *(metrics or [])]))
+    matrix = matrix_from_run_json(out, imports)
+    names = list(dict.fromkeys([*matrix.metrics, *(metrics or []), *recompute]))
+    unknown = [n for n in names if n not in METRICS]
+    recorded = matrix.run.get("imports") if isinstance(matrix.run.get("imports"), list) else []
+    if unknown and recorded:
+        raise BenchError(f"unknown metric {unknown[0]!r}; this run's matrix imported {', '.join(map(str, recorded))}"
+                         f"{_relative_to(matrix.source)}, which evaluate does not import from a run directory: pass "
+                         "the plugin that registers it with --import")
     for model in {c.model for c in matrix.cells}:
         check_metrics(names, model)
     dev = pick_device(device)
@@ -164,13 +209,15 @@ def evaluate_run(out: str | Path, metrics: list[str] | None = None, device: str 
         log(f"making the full-precision reference of {spec.model} {spec.sampler} {spec.steps} steps")
         generator.reference(spec, load=False)
 
-    evaluator = Evaluator(store, names, matrix.inception, dev, ensure_reference)
+    evaluator = Evaluator(store, names, matrix.inception, dev, ensure_reference, recompute)
     with store.open(exclusive=False):
         store.share()
         store.record_invocation({"started_utc": now(), "argv": argv, "command": "evaluate", "metrics": names,
-                                 "device": str(dev), "world_size": 1, "force": False, "cells": None})
+                                 "recompute": list(recompute), "imports": list(imports), "device": str(dev),
+                                 "world_size": 1, "force": False, "cells": None})
         todo = evaluator.todo()
-        log(f"{out}: {len(todo)} generated cell(s) lack some of {', '.join(names)}")
+        log(f"{out}: {len(todo)} generated cell(s) lack some of {', '.join(names)}"
+            + (f" or recompute {', '.join(recompute)}" if recompute else ""))
         done, busy, bad = 0, 0, []
         for cell in tqdm(todo, desc="evaluate", unit="cell", disable=not progress):
             with cell.lock() as mine:
@@ -187,10 +234,15 @@ def evaluate_run(out: str | Path, metrics: list[str] | None = None, device: str 
     return done, busy, bad
 
 
-def matrix_from_run_json(out: Path):
+def _relative_to(source: str) -> str:
+    return f" (relative to {Path(source).parent})" if source.endswith(".toml") else ""
+
+
+def matrix_from_run_json(out: Path, imports: list[str] = ()):
     """The matrix of a run directory, from its ``run.json``: the cells as recorded (their ids checked
-    against this version's), the run settings, ``[inception]``, and the plugins it imported (metrics
-    and methods of user files)."""
+    against this version's), the run settings and ``[inception]``. The plugins it names
+    (``run.imports``) are not imported: a run directory is data, and a shared one could carry any
+    code; ``imports`` (the user's ``--import``, relative to the working directory) are."""
     from dataclasses import fields
 
     from .errors import BenchError
@@ -207,9 +259,7 @@ def matrix_from_run_json(out: Path):
     resolved = data.get("resolved") if isinstance(data.get("resolved"), dict) else {}
     run = resolved.get("run") if isinstance(resolved.get("run"), dict) else {}
     source = str(data.get("source") or resolved.get("source") or out)
-    imports = run.get("imports") or []
-    folder = Path(source).parent if source.endswith(".toml") else None
-    import_plugins(imports, folder)
+    import_plugins(list(imports))
     names = {f.name for f in fields(CellSpec)}
     cells = []
     for entry in data.get("cells") if isinstance(data.get("cells"), list) else []:

@@ -52,7 +52,7 @@ FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 @dataclass
 class SampleRecord:
-    images: torch.Tensor  # float16, CPU, [-1, 1]
+    images: torch.Tensor  # float16, CPU, the decoded sampler output, unclipped (nominally [-1, 1])
     seeds: list[int]
     seconds: float  # sampling, summed over chunks (device-seconds when several ranks sampled)
     peak_rss_bytes: int
@@ -430,8 +430,8 @@ def throughput_spread(batch_seconds: list) -> dict:
 
 
 def to_float16(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """The samples as stored (float16), refused when that overflows: values beyond +-65504 in [-1, 1]
-    images are a broken method, and storing float32 instead would double a 19.6 GB cell."""
+    """The samples as stored (float16), refused when that overflows: values beyond +-65504 in images
+    nominally in [-1, 1] are a broken method, and storing float32 instead would double a 19.6 GB cell."""
     stored = images.to(torch.float16)
     bad = int((~stored.isfinite().flatten(1).all(dim=1)).sum())
     if bad:

@@ -33,15 +33,18 @@ cells are crossed with each listed value (results show it as the ``p_<method>_<n
 ``[[matrix]]`` blocks give the union of their products (e.g. a caching block
 next to the quantization grid); ``--set matrix.KEY=...`` then sets KEY in every block.
 
-Values that are invalid on their own (an unknown method, a bit width out of range) are
-rejected before anything runs. Combinations that are invalid only together (modulation at 32-bit
-activations, a granularity that contradicts the base quantizer, 0-bit activations without
-modulation) are skipped, each with its reason, and recorded in ``run.json``. Cells that resolve to
-the same settings (every bit width of the ``fp`` base) are run once.
+Values that are invalid on their own (an unknown method, a bit width out of range, an empty file,
+more samples than a cell can hold) are rejected before anything runs; a ``[params.X]`` table for a
+method no cell runs or builds on is a warning (``Matrix.warnings``). Combinations that are invalid
+only together (modulation at 32-bit activations, a granularity that contradicts the base quantizer,
+0-bit activations without modulation) are skipped, each with its reason, and recorded in
+``run.json``. Cells that resolve to the same settings (every bit width of the ``fp`` base) are run
+once.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -88,6 +91,10 @@ AXIS_DEFAULTS: dict[str, list] = {"w_bits": [8], "a_bits": [8], "base": ["lcq"],
 INCEPTION_KEYS = {"weights": str, "pytorch_fid_weights": str, "cache_dir": str, "batch_size": int, "download": bool,
                   "cifar10_root": str, "reference_images": str, "reference_stats": str}  # see bench.references
 SECTIONS = ("run", "matrix", "params", "inception")
+# A cell keeps all its samples together, in memory and in one samples.pt (float16), and its seeds as a list;
+# n_samples is refused when that would pass 1 TiB at 3 channels (the most any zoo model decodes): beyond any
+# machine's memory, while 50,000 Stable Diffusion images at 512x512 (73 GiB, the papers' largest sets) pass
+MAX_SAMPLE_BYTES = 2**40
 PRESET_PACKAGE = "bench.presets"
 
 
@@ -126,6 +133,9 @@ def load_config(name_or_path: str) -> tuple[dict, str, Path | None]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BenchError(f"malformed TOML in {source}: {exc}") from None
+    if not data:  # every setting has a default, so an empty file would run a cell nobody declared
+        raise BenchError(f"matrix file {source} is empty (no [run] or [matrix] table); declare what to run, "
+                         "e.g. [matrix] base = [\"lcq\"], or name a preset")
     return data, source, folder
 
 
@@ -199,6 +209,7 @@ class Matrix:
     inception: dict[str, Any]
     cells: list[CellSpec]
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # one line each, printed by 'run' (--dry-run too)
 
     @property
     def metrics(self) -> list[str]:
@@ -290,6 +301,7 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
         if run[key] < 1:
             raise BenchError(f"run.{key} must be >= 1, got {run[key]}")
     check_seeds(run["seed"], run["n_samples"], "run.seed")
+    _check_sample_bytes(run["n_samples"], {m for axes in blocks for m in axes["model"]})
     if not run["metrics"]:
         raise BenchError("run.metrics is empty; name at least one metric")
     for model in {m for axes in blocks for m in axes["model"]}:
@@ -302,7 +314,9 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
         _check_type(where, table, dict)
         for name, values in table.items():
             if name not in registered:
-                raise BenchError(f"{where}.{name}: unknown method; available: {', '.join(registered)}")
+                close = difflib.get_close_matches(name, registered, n=1)
+                raise BenchError(f"{where}.{name}: unknown method" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; available: {', '.join(registered)}")
             _check_type(f"{where}.{name}", values, dict)
     block_params = []  # per [[matrix]] block: every variant of the global [params] with the block's own on top
     for raw_axes in raw_blocks:
@@ -325,10 +339,12 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     check_settings(inception, [m for axes in blocks for m in axes["model"]])
 
     cells, skipped, seen = [], [], set()
-    combos = [(combo, variant) for index, axes in enumerate(blocks)
+    named: list[set[str]] = [set() for _ in blocks]  # per block: the methods its combinations run or carry
+    combos = [(index, combo, variant) for index, axes in enumerate(blocks)
               for combo in itertools.product(*(axes[k] for k in AXES)) for variant in block_params[index]]
-    for combo, params in combos:
+    for index, combo, params in combos:
         values = dict(zip(AXES, combo, strict=True))
+        named[index] |= _methods_named(values["base"], values["cache"], params)
         try:  # eta > 0 with a deterministic solver (plms, dpm-solver++) is only wrong in combination
             SamplerConfig.from_name(values["sampler"], values["steps"], float(values["eta"]))
         except BenchError as exc:
@@ -354,7 +370,47 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
         reasons = sorted({s["reason"] for s in skipped})
         raise BenchError(f"{source}: the matrix is empty: every combination is invalid ({'; '.join(reasons)})")
     params = data.get("params", {})  # the global table; blocks' own params are in resolved()["matrix"]
-    return Matrix(source, run, blocks, params, inception, cells, skipped)
+    warnings = [f"{source}: [params.{name}] is not used: no cell runs {name} or a method built on it "
+                f"(matrix.base: {', '.join(sorted({b for axes in blocks for b in axes['base']}))})"
+                for name in params if not any(name in used for used in named)]
+    warnings += [f"{source}: " + ("matrix.params" if len(raw_blocks) == 1 else f"[[matrix]] block {index + 1}: params")
+                 + f".{name} is not used: none of its cells runs {name} or a method built on it"
+                 for index, raw_axes in enumerate(raw_blocks) for name in raw_axes.get("params", {})
+                 if name not in named[index]]
+    return Matrix(source, run, blocks, params, inception, cells, skipped, warnings)
+
+
+def _methods_named(base: str, cache: str, params: dict[str, dict[str, Any]]) -> set[str]:
+    """The methods a combination runs or whose parameters it carries: its base, its cache scheme and
+    what the base builds on (``depends_on``: PTQD's base, paper-lcq's Q-Diffusion weights)."""
+    quantizer = base_quantizer(base, params.get(base))
+    scheme = cache_method(cache, params)
+    return {base, *quantizer.depends_on(), *([scheme.name] if scheme else [])}
+
+
+def _check_sample_bytes(n_samples: int, models: set[str]) -> None:
+    """Refuse ``n_samples`` whose float16 samples would pass ``MAX_SAMPLE_BYTES`` for one of ``models``
+    (counted at 3 channels of the model's output size), before any cell fails on it."""
+    from .zoo import model_entry
+
+    for model in sorted(models):
+        height, width = model_entry(model).output_size
+        per_sample = 3 * height * width * 2
+        if n_samples * per_sample > MAX_SAMPLE_BYTES:
+            raise BenchError(
+                f"run.n_samples = {n_samples} is more than a cell can hold: its samples stay together in memory and "
+                f"in one file, {_size(n_samples * per_sample)} for {model} ({height}x{width} images at 3 channels, "
+                f"float16); the limit is {_size(MAX_SAMPLE_BYTES)}, {MAX_SAMPLE_BYTES // per_sample} samples of "
+                f"{model}")
+
+
+def _size(n_bytes: float) -> str:
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n_bytes < 1024 or unit == "EiB":
+            break
+        n_bytes /= 1024
+    return f"{n_bytes:.3g} {unit}"
 
 
 def _param_sweep(table: dict[str, dict[str, Any]], registered: dict) -> list[dict[str, dict[str, Any]]]:

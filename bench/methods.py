@@ -66,7 +66,9 @@ LATER_DEFAULTS: dict[str, Any] = {"execution": "fake", "dtype": "float32", "memo
 TORCH_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MEMORY_FORMATS = tuple(TORCH_MEMORY_FORMATS)
 LATER_PARAM_DEFAULTS: dict[str, Any] = {"weight_symmetric": None, "compile": False,  # method parameters added later
-                                        "authors_grid": False, "out_penalty": 1.0}
+                                        "authors_grid": False, "out_penalty": 0.0, "act_symmetric": False,
+                                        "act_init_samples": 0, "act_init_pick": "random", "running_stat": False,
+                                        "regularize_both_halves": False}
 EXECUTIONS = _EXECUTIONS
 DTYPES = COMPUTE_DTYPES
 
@@ -93,9 +95,12 @@ def id_settings(settings: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in settings.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
     later = LATER_PARAM_DEFAULTS
     if isinstance(out.get("params"), dict):
+        _load_builtins()
         params = {}
         for m, p in out["params"].items():
             if isinstance(p, dict):
+                if m in REGISTRY:  # the method's parameters that cannot change this cell stay out of its id
+                    p = REGISTRY[m].id_params(p)
                 kept = {k: v for k, v in p.items() if k not in later or v != later[k]}
                 if p and not kept:  # only parameters added later, at their defaults (fp's compile): as before
                     continue
@@ -446,6 +451,13 @@ class Method:
         number: raise it (for the cells concerned) when a fix changes the samples, so those cells get
         new ids and run again (``method_versions``). 1 until then."""
         return 1
+
+    @classmethod
+    def id_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` (this method's, as a cell records them) without those that cannot change what the
+        cell computes given the others (Q-Diffusion's ``out_penalty`` unless its residual scales are
+        learned): what the cell's id hashes (``id_settings``). All of them unless a method says otherwise."""
+        return params
 
     def depends_on(self) -> tuple[str, ...]:
         """Other registered methods this one builds on: their ``[params.<name>]`` become part of

@@ -15,15 +15,19 @@ A matrix uses it by name (``[run] metrics = ["mean_abs"]``) once the file is imp
 (``[run] imports = ["my_metric.py"]``, as for user methods); ``modiff-bench evaluate DIR`` adds it to
 finished cells from their saved samples. ``inputs.samples`` is the stored float16 tensor as saved
 (possibly memory-mapped): convert it chunk by chunk, never all at once (a 50,000-image LSUN cell is
-19.6 GB as float16).
+19.6 GB as float16). It is the sampler's output, unclipped: nominally [-1, 1], but 14-23% of the values of
+a quantized cell lie outside (to +-28), so a metric that needs [-1, 1] clamps itself, as every built-in
+one does (PSNR / MSE on images mapped to [0, 1] and clipped, the domain classifier's and the Inception
+networks' inputs clamped to [-1, 1]).
 
 Built in:
 
 - ``psnr_to_fp`` / ``mse_to_fp``: final samples vs the full-precision model's samples from the
   same noise (same seeds, sampler and steps).
-- ``fd_domain`` / ``is_domain``: Frechet distance to the held-out digits and an Inception-score
-  analogue, in the feature space of the digits model's domain classifier (digits only).
-- ``fid``, ``is``, ``sfid``, ``prc``: Inception-based, through torch-fidelity and pytorch-fid
+- ``fd_domain`` / ``is_domain`` / ``kid_domain``: Frechet distance to the held-out digits, an
+  Inception-score analogue and the kernel distance (KID) to the held-out digits, in the feature space
+  of the digits model's domain classifier (digits only).
+- ``fid``, ``is``, ``sfid``, ``prc``, ``kid``: Inception-based, through torch-fidelity and pytorch-fid
   (``bench.inception``), against each model's reference data (``bench.references``); missing with
   a reason when the weights or the reference data are unavailable. They share one feature pass
   (``group="inception"``).
@@ -70,6 +74,9 @@ class MetricSpec:
     group: str | None = None  # metrics of one group are computed together (the Inception ones)
     column_info: tuple[Column, ...] = ()
     builtin: bool = False
+    # the fewest images for which its value means what it says (FD in d-dim features: d + 1, else the
+    # covariance is singular); the report marks values computed on fewer
+    min_images: int = 1
 
     @property
     def needs_fp_reference(self) -> bool:
@@ -81,12 +88,14 @@ METRICS: dict[str, MetricSpec] = {}
 
 def register_metric(name: str, columns: Sequence[str | Column] | None = None, summary: str = "",
                     needs: Iterable[str] = (), models: Iterable[str] | None = None, group: str | None = None,
-                    _builtin: bool = False):
+                    min_images: int = 1, _builtin: bool = False):
     """Decorator: register ``fn(inputs: MetricInputs) -> {column: value}`` as metric ``name``.
 
     ``columns``: its result columns, names or :class:`Column` (label, better); default one column
     named like the metric. ``needs``: ``"fp_reference"`` to get the full-precision samples of the
     same seeds as ``inputs.reference``. ``models``: the zoo models it is defined for (default any).
+    ``min_images``: the fewest images its value needs to mean what it says; the report marks values
+    computed on fewer (a cell's ``n_samples``).
     The function may also return a single number (for a one-column metric) or a tuple (one value per
     column); a column it leaves out is recorded as missing."""
     info = tuple(c if isinstance(c, Column) else Column(c) for c in (columns or [name]))
@@ -107,7 +116,8 @@ def register_metric(name: str, columns: Sequence[str | Column] | None = None, su
     def decorate(fn):
         text = summary or ((fn.__doc__ or "").strip().split("\n")[0] if fn is not None else "")
         METRICS[name] = MetricSpec(name, tuple(c.name for c in info), text, needs,
-                                   None if models is None else tuple(models), fn, group, info, _builtin)
+                                   None if models is None else tuple(models), fn, group, info, _builtin,
+                                   int(min_images))
         return fn
 
     return decorate
@@ -124,6 +134,11 @@ def column_info() -> dict[str, Column]:
     return {c.name: c for m in METRICS.values() for c in m.column_info}
 
 
+def column_min_images() -> dict[str, int]:
+    """Every registered metric column -> the fewest images its metric needs (``min_images``)."""
+    return {c: m.min_images for m in METRICS.values() for c in m.columns}
+
+
 def check_metrics(names: Iterable[str], model: str) -> None:
     for name in names:
         spec = METRICS.get(name)
@@ -135,7 +150,9 @@ def check_metrics(names: Iterable[str], model: str) -> None:
 
 @dataclass
 class MetricInputs:
-    samples: torch.Tensor  # images in [-1, 1], (N, C, H, W), float16 or float32 (as stored; maybe memory-mapped)
+    # the sampler's output as stored, (N, C, H, W), float16 or float32, maybe memory-mapped; NOT clipped:
+    # nominally [-1, 1], with values beyond it (to +-28 in quantized cells); clamp where [-1, 1] is needed
+    samples: torch.Tensor
     model: str
     checkpoint: str | None = None
     reference: torch.Tensor | None = None  # full-precision samples from the same seeds
@@ -145,7 +162,8 @@ class MetricInputs:
 
 # -- the built-in metrics ----------------------------------------------------------------------
 def mse_to_fp(samples: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean squared error on images mapped to [0, 1] (clipped), over all pixels of all images."""
+    """Mean squared error on images mapped to [0, 1] and clipped there (the images as they would be saved:
+    values beyond [-1, 1] are not pixels), over all pixels of all images."""
     if samples.shape != reference.shape:
         raise ValueError(f"shape mismatch: {tuple(samples.shape)} vs {tuple(reference.shape)}")
     total, chunk = 0.0, 256  # in chunks: 50,000 LSUN images in float64 would take 80 GB at once
@@ -176,7 +194,8 @@ def _digits_domain(checkpoint: str | None):
 
 
 def fd_domain(samples: torch.Tensor, checkpoint: str | None = None) -> float:
-    """FD between all samples and all 364 held-out digits (neither seen by the classifier)."""
+    """FD between all samples and all 364 held-out digits (neither seen by the classifier); the samples
+    clamped to [-1, 1] (``features_and_logits``)."""
     from .domain import features_and_logits, frechet_distance
 
     classifier, heldout = _digits_domain(checkpoint)
@@ -184,38 +203,61 @@ def fd_domain(samples: torch.Tensor, checkpoint: str | None = None) -> float:
 
 
 def is_domain(samples: torch.Tensor, checkpoint: str | None = None) -> tuple[float, float]:
-    """Mean and std over 10 splits (fewer when there are fewer than 10 samples)."""
+    """Mean and std over 10 splits, fewer below 20 samples: every split holds at least two images (a
+    one-image split scores exactly 1), as the Inception score's ``N // 2``; samples clamped to [-1, 1]."""
     from .domain import features_and_logits, inception_score
 
     classifier, _ = _digits_domain(checkpoint)
-    return inception_score(features_and_logits(classifier, samples.float())[1], splits=min(10, len(samples)))
+    return inception_score(features_and_logits(classifier, samples.float())[1], splits=10)
+
+
+def kid_domain(samples: torch.Tensor, checkpoint: str | None = None) -> tuple[float, float, int]:
+    """KID between the samples and the 364 held-out digits in the domain classifier's features (samples
+    clamped to [-1, 1]): mean and std over 100 subsets, and the subset size, ``min(1000, N, 364)``."""
+    from .domain import features_and_logits, kernel_distance
+
+    classifier, heldout = _digits_domain(checkpoint)
+    return kernel_distance(features_and_logits(classifier, samples)[0], heldout)  # torch-fidelity's 100 x 1000
 
 
 register_metric("psnr_to_fp", [Column("psnr_to_fp", "PSNR to FP (dB)", "higher")],
-                "PSNR (dB) of the samples vs full precision from the same noise", needs=["fp_reference"],
-                _builtin=True)(lambda inputs: {"psnr_to_fp": psnr_to_fp(inputs.samples, inputs.reference)})
+                "PSNR (dB) of the [0, 1]-clipped samples vs full precision from the same noise",
+                needs=["fp_reference"], _builtin=True)(
+    lambda inputs: {"psnr_to_fp": psnr_to_fp(inputs.samples, inputs.reference)})
 register_metric("mse_to_fp", [Column("mse_to_fp", "MSE to FP", "lower", quality=False)],
                 "MSE of [0, 1] samples vs full precision from the same noise", needs=["fp_reference"],
                 _builtin=True)(lambda inputs: {"mse_to_fp": mse_to_fp(inputs.samples, inputs.reference)})
 register_metric("fd_domain", [Column("fd_domain", "FD (domain)", "lower")],
                 "Frechet distance to the held-out digits in the domain classifier's 64-d features",
-                models=["digits"], _builtin=True)(
+                models=["digits"], min_images=65, _builtin=True)(
     lambda inputs: {"fd_domain": fd_domain(inputs.samples, inputs.checkpoint)})
 register_metric("is_domain", [Column("is_domain", "IS (domain)", "higher"), Column("is_domain_std", quality=False)],
-                "Inception-score analogue on the domain classifier's logits (10 splits)", models=["digits"],
-                _builtin=True)(
+                "Inception-score analogue on the domain classifier's logits (10 splits of at least 2 images)",
+                models=["digits"], min_images=20, _builtin=True)(
     lambda inputs: dict(zip(("is_domain", "is_domain_std"), is_domain(inputs.samples, inputs.checkpoint),
                             strict=True)))
-for _name, _columns, _summary in (
+# kid_domain stays out of the report's quality tables (quality=False): its scale is the classifier's features'
+# (thousands), and the digits tables already carry FD and IS in those features; results.csv has it
+register_metric("kid_domain", [Column("kid_domain", "KID (domain)", "lower", quality=False),
+                               Column("kid_domain_std", quality=False),
+                               Column("kid_domain_subset_size", quality=False)],
+                "KID (torch-fidelity) to the held-out digits in the domain classifier's features; subset size "
+                "min(1000, N, 364)", models=["digits"], min_images=2, _builtin=True)(
+    lambda inputs: kid_domain(inputs.samples, inputs.checkpoint))
+for _name, _columns, _summary, _min in (
     ("fid", [Column("fid", "FID", "lower"), Column("fid_pytorch_fid", "FID (pytorch-fid)", "lower", quality=False)],
-     "FID via torch-fidelity, and pytorch-fid as a cross-check"),
-    ("is", [Column("is_mean", "IS", "higher"), Column("is_std", quality=False)], "Inception score via torch-fidelity"),
+     "FID via torch-fidelity, and pytorch-fid as a cross-check", 2049),  # 2048-d pool features
+    ("is", [Column("is_mean", "IS", "higher"), Column("is_std", quality=False)], "Inception score via torch-fidelity",
+     20),  # 10 splits of at least 2
     ("sfid", [Column("sfid", "sFID", "lower")], "spatial FID (guided-diffusion: Inception mixed_6/conv, first 7 "
-     "channels)"),
+     "channels)", 2024),  # 2023-d spatial features
     ("prc", [Column("precision", "precision", "higher", quality=False),
-             Column("recall", "recall", "higher", quality=False)], "precision / recall (torch-fidelity prc, k=3)"),
+             Column("recall", "recall", "higher", quality=False)], "precision / recall (torch-fidelity prc, k=3)", 4),
+    ("kid", [Column("kid", "KID", "lower"), Column("kid_std", quality=False),
+             Column("kid_subset_size", quality=False)],
+     "KID via torch-fidelity (unbiased at small N); subset size min(1000, N, reference images)", 2),
 ):
-    register_metric(_name, _columns, _summary, group="inception", _builtin=True)(None)
+    register_metric(_name, _columns, _summary, group="inception", min_images=_min, _builtin=True)(None)
 INCEPTION_METRICS = tuple(n for n, m in METRICS.items() if m.group == "inception")
 ALL_COLUMNS = metric_columns()  # the built-in metrics' columns (user metrics add theirs when imported)
 

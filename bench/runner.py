@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from modiff.layers import QUANTIZABLE
 
 from .distributed import World
-from .errors import BenchError
+from .errors import BenchError, plain
 from .evaluate import Evaluator
 from .generate import Generator, together
 from .matrix import AXES, Matrix
@@ -56,6 +56,7 @@ class RunSummary:
     skipped: int
     seconds: float
     unevaluated: list[str] = field(default_factory=list)  # a metric raised; reasons in ``missing_metrics``
+    held: list[str] = field(default_factory=list)  # pending cells another runner was generating: not done here
 
 
 FP8_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm) on CUDA: Ada Lovelace / Hopper and newer
@@ -112,7 +113,7 @@ class Runner:
         return self.store.ids
 
     def log(self, text: str) -> None:
-        self.store.log(text)
+        self.store.log(plain(text))  # a cell's error may quote a library's escape codes
 
     def load_models(self) -> None:
         """Load every model of the matrix and check the matrix against them (trace layer, timesteps)."""
@@ -172,7 +173,7 @@ class Runner:
                 together(world, lambda: before(todo) if main else None)
             self._evaluate_finished()  # may find finished cells' samples damaged: they run again
             todo = world.broadcast(self.pending() if main else None)
-            ran, seen, batch = 0, set(), todo
+            ran, seen, batch, held_elsewhere, finished_elsewhere = 0, set(), todo, [], 0
             while batch:
                 bar, total = tqdm(batch, desc="cells", unit="cell", disable=not self.progress), len(batch)
                 for done, (key, spec) in enumerate(bar, start=1):
@@ -181,10 +182,15 @@ class Runner:
                     cell = store.cell(key)
                     with ExitStack() as held:
                         mine = held.enter_context(cell.lock()) if main else None
-                        if not world.broadcast(mine and not store.finished(key)[0] if main else None):
-                            # another runner has it (or just finished it)
-                            self.log(f"[{done}/{total}] {spec.label}: "
-                                     "run by another runner sharing this directory, skipped")
+                        state = world.broadcast(("run" if not store.finished(key)[0] else "finished") if mine
+                                                else "held" if main else None)
+                        if state == "held":  # another runner sharing this directory is generating it
+                            self.log(f"[{done}/{total}] {spec.label}: held by another runner, skipped")
+                            held_elsewhere.append(key)
+                            continue
+                        if state == "finished":  # another runner has just finished it
+                            self.log(f"[{done}/{total}] {spec.label}: finished meanwhile by another runner")
+                            finished_elsewhere += 1
                             continue
                         row, record = self.generator.generate(cell)
                         if main and row["status"] == "ok":
@@ -205,10 +211,10 @@ class Runner:
             together(world, lambda: store.write_tables() if main else None)
         wanted = set(self.ids) if store.only is None else store.only
         failed = [r["cell_id"] for r in rows if (r["status"] != "ok" or r["cell_id"] in self.evaluator.errors)
-                  and r["cell_id"] in wanted]
+                  and r["cell_id"] in wanted and r["cell_id"] not in held_elsewhere]  # (its row: an earlier try)
         unevaluated = [key for key in failed if key in self.evaluator.errors]
-        return RunSummary(self.out, len(self.ids), ran, len(self.ids) - len(todo), failed,
-                          len(self.matrix.skipped), time.perf_counter() - start, unevaluated)
+        return RunSummary(self.out, len(self.ids), ran, len(self.ids) - len(todo) + finished_elsewhere, failed,
+                          len(self.matrix.skipped), time.perf_counter() - start, unevaluated, held_elsewhere)
 
     def _evaluate_finished(self) -> None:
         """Finished cells lacking a metric the matrix now asks for get it from their saved samples (the
@@ -231,10 +237,22 @@ class Runner:
             together(self.world, evaluate)
 
 
-def pick_device(device: str) -> torch.device:
+def pick_device(device: str, here: bool = True) -> torch.device:
+    """The device ``device`` names (``auto``: CUDA when available); BenchError for an unknown name or,
+    ``here``, one this machine lacks. ``here=False`` checks the name only: for jobs that run on other
+    machines (SLURM nodes, whose GPUs the submitting host need not have)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return resolve_device(device)
+        return torch.device("cuda" if here and torch.cuda.is_available() else "cpu")
+    if not here and device.startswith("cuda"):
+        try:
+            return torch.device(device)
+        except RuntimeError:
+            raise BenchError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BenchError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} GPU(s) "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
 def run_matrix(matrix: Matrix, out: str | Path, **kwargs) -> RunSummary:

@@ -7,11 +7,13 @@ Layout::
     DIR/results.md                the main columns as a Markdown table
     DIR/cells/<cell_id>/result.json   the row of one cell: settings, costs, provenance (the generation
                                   record) and the metrics computed so far (the metrics record)
-    DIR/cells/<cell_id>/samples.pt    its samples (float16 in [-1, 1]) and seeds
+    DIR/cells/<cell_id>/samples.pt    its samples and seeds (float16: the sampler's output, unclipped;
+                                  nominally in [-1, 1], not confined to it)
     DIR/cells/<cell_id>/trace.json    per-step error of ``run.trace_layer`` (optional)
     DIR/cells/<cell_id>/chunks/   while a cell is generated: one file per batch of seeds
     DIR/reference/<key>.pt        full-precision samples shared by every cell with the same
                                   model, sampler, steps, eta, seeds and batch size
+    DIR/reference/<key>.pt.sha256.json   its size and SHA-256, written with it
     DIR/cache/                    calibration data and calibrated models methods keep for reuse
                                   (keyed by what they depend on; safe to delete)
     DIR/locks/, .lock             the per-cell locks and the directory lock
@@ -31,10 +33,15 @@ runs (each repair is a note in ``run.log``):
   ``samples_sha256``; for the full-precision cell, of its reference file). Deciding what is finished
   compares the size only (cheap: a cell may be 19.6 GB); reading the samples (a metric) verifies the
   hash. A missing, resized or mismatching file means the cell is generated again. Cells of older
-  versions recorded neither: they count as finished while their file exists and loads;
-- a reference file is checked on its first use (loadable with ``weights_only=True``, its keys, one
-  finite image per seed, the seeds, the SHA-256 its full-precision cell recorded) and made again when
-  it is not valid (that cell then runs again);
+  versions recorded neither: they count as finished while their file exists and loads. A mismatch
+  found by ``modiff-bench evaluate`` is recorded in the cell's ``result.json`` (``damaged``, the
+  reason), so that the next run generates the cell again;
+- a reference file records its size and SHA-256 beside it when written (``<key>.pt.sha256.json``);
+  it is checked whenever a process first reads it (the record, loadable with ``weights_only=True``,
+  its keys, one finite image per seed, the seeds, the SHA-256 its full-precision cell recorded) and
+  made again when it is not valid (that cell then runs again). A reference without a record (an
+  older version's, or one whose writer died between the two files) is adopted when a
+  full-precision cell recorded its hash, else made again;
 - a missing or unreadable ``run.json`` is rebuilt from the current matrix when every cell present
   belongs to it (``repaired_utc`` and ``repair_reason`` say so); cells of another matrix are refused;
 - ``results.*`` are derived: rebuilt from the cells after every cell (and by the report when stale).
@@ -56,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BenchError
+from .errors import BenchError, plain
 from .matrix import Matrix, cell_id, settings_id
 from .methods import LATER_DEFAULTS, CellSpec, id_settings, later_settings
 from .metrics import ALL_COLUMNS, METRICS, metric_columns
@@ -90,7 +97,7 @@ def now() -> str:
 
 
 def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = plain(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
@@ -171,6 +178,8 @@ def check_result(row, key: str) -> str | None:
         return f"samples_bytes is {size!r}, not a size"
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
         return f"samples_sha256 is {digest!r}, not a SHA-256"
+    if row.get("damaged") is not None and not isinstance(row["damaged"], str):
+        return f"damaged is {row['damaged']!r}, not a reason"
     return None
 
 
@@ -272,9 +281,12 @@ def table_frame(rows: list[dict]):
     return frame
 
 
-def markdown_table(frame, metrics: list[str]) -> str:
-    """A flat Markdown view of the main columns (the paper-style tables are the report's job)."""
-    metric_columns_ = [c for name in metrics for c in METRICS[name].columns if c in frame]
+def markdown_table(frame, metrics: list[str], recorded: dict[str, list[str]] | None = None) -> str:
+    """A flat Markdown view of the main columns (the paper-style tables are the report's job).
+    ``recorded``: the columns of metrics not registered in this process, as the rows recorded them."""
+    recorded = recorded or {}
+    metric_columns_ = [c for name in metrics for c in (METRICS[name].columns if name in METRICS
+                                                        else recorded.get(name, ())) if c in frame]
     columns = ["method", "w_bits", "a_bits", "a_granularity", *metric_columns_, "gbops", "wall_s", "status"]
     view = frame[columns].copy()
     for column in metric_columns_ + ["gbops", "wall_s"]:
@@ -282,16 +294,24 @@ def markdown_table(frame, metrics: list[str]) -> str:
     return view.to_markdown(index=False) + "\n"
 
 
+def markdown_text(rows: list[dict], frame, metrics: list[str] | None = None) -> str:
+    """``results.md`` of these rows (``frame``: their table): the columns of ``metrics`` (default every
+    metric some row computed), from the registry or, for a plugin this process has not imported, from
+    what the rows recorded: the same text whichever plugins are imported."""
+    if metrics is None:
+        metrics = list(dict.fromkeys(m for r in rows for m in (r.get("metrics") or [])))
+    recorded = {name: list(columns) for r in rows for name, columns in (r.get("metric_columns") or {}).items()}
+    return markdown_table(frame, list(dict.fromkeys(metrics)), recorded)
+
+
 def write_tables(out: str | Path, rows: list[dict], metrics: list[str] | None = None):
     """Write ``results.csv``, ``results.parquet`` and ``results.md`` of a run directory from its rows;
     ``metrics``: the columns of results.md (default: every metric some row computed). Returns the frame."""
     out = Path(out)
     frame = table_frame(rows)
-    if metrics is None:
-        metrics = list(dict.fromkeys(m for r in rows for m in (r.get("metrics") or []) if m in METRICS))
     write_atomic(out / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))
     write_atomic(out / "results.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
-    text = markdown_table(frame, [m for m in metrics if m in METRICS])
+    text = markdown_text(rows, frame, metrics)
     write_atomic(out / "results.md", lambda tmp: tmp.write_text(text))
     return frame
 
@@ -353,6 +373,31 @@ def read_run_json(path: Path) -> tuple[dict | None, str]:
     if not isinstance(data, dict) or not isinstance(data.get("matrix_hash"), str):
         return None, f"not a run description (a JSON {type(data).__name__} without matrix_hash)"
     return data, ""
+
+
+def mark_result_damaged(out: str | Path, key: str, reason: str, row: dict) -> bool:
+    """Record in ``cells/<key>/result.json`` that the cell's samples are damaged (``damaged`` = the
+    reason): it is not finished, and the next run generates it again. Nothing is written when the
+    result is no longer ``row`` (the cell was generated again meanwhile). Returns whether it was written."""
+    path = Path(out) / "cells" / key / "result.json"
+    current, _ = read_result(path, key)
+    if current is None or current.get("damaged") or any(current.get(k) != row.get(k) for k in (
+            "samples_sha256", "generated_utc")):
+        return False
+    write_json_atomic(path, jsonable({**current, "damaged": reason}))
+    return True
+
+
+def _read_reference_record(path: Path) -> dict | None:
+    """A reference's ``.sha256.json`` ({"bytes", "sha256"}), or None when missing or not valid."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and _is_int(record.get("bytes")) and isinstance(record.get("sha256"), str)
+            and len(record["sha256"]) == 64):
+        return None
+    return record
 
 
 def _try_flock(handle, mode: int, patience_s: float = 0.0) -> bool:
@@ -502,6 +547,7 @@ class RunStore:
     def log(self, text: str) -> None:
         if self._print is None:
             return
+        text = plain(text)  # a library's or a file's text may carry terminal escape codes
         self._print(text)
         try:
             with open(self.out / "run.log", "a") as f:
@@ -652,6 +698,8 @@ class RunStore:
             return False, f"{path.relative_to(self.out)} is invalid ({reason})"
         if row["status"] != "ok":
             return False, None
+        if row.get("damaged"):  # found by an earlier evaluation (``mark_damaged``)
+            return False, row["damaged"]
         file = row["samples_file"]
         try:
             size = (self.out / file).stat().st_size
@@ -669,8 +717,14 @@ class RunStore:
         """The cells this process still has to generate (not finished, and in ``only`` if given)."""
         return [(k, c) for k, c in self.specs.items() if self.mine(k) and not self.finished(k)[0]]
 
-    def mark_damaged(self, key: str, reason: str) -> None:
+    def mark_damaged(self, key: str, reason: str, row: dict | None = None) -> None:
+        """The finished cell's samples are damaged: generate it again. ``row`` (the result it was found
+        with) is rewritten with ``damaged`` = the reason, so that the next process knows too (the check
+        on resume compares sizes only); unless result.json changed meanwhile (regenerated by another
+        runner: that one is not damaged)."""
         self.damaged[key] = reason
+        if row is not None:
+            mark_result_damaged(self.out, key, reason, row)
 
     def log_damaged(self) -> None:
         """A note in the log for every cell that looked finished but is damaged (it runs again)."""
@@ -709,7 +763,7 @@ class RunStore:
         except OSError as exc:
             return None, f"cannot be read: {one_line(exc)}"
         known = self._references.get(path)
-        if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+        if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns) and known[2] is not None:
             return None, None
         try:
             data = torch.load(path, weights_only=True)
@@ -721,14 +775,45 @@ class RunStore:
             reason = f"unexpected keys {sorted(set(data) - set(REFERENCE_KEYS))}"
         if reason is not None:
             return None, reason
-        digest = None
+        reason = self.verify_reference(path)
+        return (None, reason) if reason is not None else (data, None)
+
+    @staticmethod
+    def reference_record_path(path: Path) -> Path:
+        """Where a reference's size and SHA-256 are kept: ``reference/<key>.pt.sha256.json``."""
+        return path.with_name(path.name + ".sha256.json")
+
+    def verify_reference(self, path: Path) -> str | None:
+        """Why the reference file is not the one written (its size and SHA-256 against its record, and
+        against those its full-precision cells recorded), or None. Hashed once per process while the
+        file's size and mtime stay the same. A file without a record that a full-precision cell vouches
+        for gets its record now."""
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            return f"cannot be read: {one_line(exc)}"
+        known = self._references.get(path)
+        if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns) and known[2] is not None:
+            return None
+        record_path = self.reference_record_path(path)
+        record = _read_reference_record(record_path)
+        digest = sha256_file(path)
+        vouched = False
         for key, row in self.reference_rows(path):
             if row.get("samples_sha256") is not None:
-                digest = digest or sha256_file(path)
                 if (stat.st_size, digest) != (row.get("samples_bytes", stat.st_size), row["samples_sha256"]):
-                    return None, f"not the file whose SHA-256 the full-precision cell {key} recorded"
+                    return f"is not the file whose SHA-256 the full-precision cell {key} recorded"
+                vouched = True
+        if record is not None and (stat.st_size, digest) != (record["bytes"], record["sha256"]):
+            return (f"does not match the size and SHA-256 recorded when it was written "
+                    f"({record_path.relative_to(self.out)})")
+        if record is None:
+            if not vouched:
+                return (f"has no record of its size and SHA-256 ({record_path.relative_to(self.out)} is missing "
+                        "or invalid) and no full-precision cell recorded them")
+            write_json_atomic(record_path, {"bytes": stat.st_size, "sha256": digest})
         self._references[path] = (stat.st_size, stat.st_mtime_ns, digest)
-        return data, None
+        return None
 
     def load_reference(self, path: Path) -> dict:
         try:
@@ -738,7 +823,9 @@ class RunStore:
 
     def save_reference(self, path: Path, record: dict) -> None:
         """Write a newly made reference; the full-precision cells that recorded the old file run again."""
+        self.reference_record_path(path).unlink(missing_ok=True)  # (no stale record beside a new file)
         size, digest = save_torch_atomic(path, record)
+        write_json_atomic(self.reference_record_path(path), {"bytes": size, "sha256": digest})
         self._references[path] = (size, path.stat().st_mtime_ns, digest)
         shutil.rmtree(path.with_suffix(".chunks"), ignore_errors=True)
         for key, _ in self.reference_rows(path):
@@ -761,6 +848,7 @@ class RunStore:
     def discard_reference(self, path: Path) -> None:
         with self.reference_lock(path):
             path.unlink(missing_ok=True)
+            self.reference_record_path(path).unlink(missing_ok=True)
             self._references.pop(path, None)
 
     def reference_digest(self, path: Path) -> tuple[int, str]:

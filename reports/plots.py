@@ -26,7 +26,7 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from .tables import MetricLabels, later_label
+from .tables import MetricLabels, later_label, measured, replicated, setting_key
 
 DPI = 120
 
@@ -149,8 +149,44 @@ def _varying(frame: pd.DataFrame, columns: Iterable[str]) -> list[str]:
     return [c for c in columns if c in frame.columns and frame[c].astype(str).nunique() > 1]
 
 
-def _group_keys(frame: pd.DataFrame, base_keys: Iterable[str] = GROUP_KEYS) -> list[str]:
-    return [*base_keys, *_varying(frame, CONTEXT_KEYS)]
+def _group_keys(frame: pd.DataFrame, base_keys: Iterable[str] = GROUP_KEYS, pool_seeds: bool = False) -> list[str]:
+    """The settings that split a figure; ``pool_seeds``: not the seed when some setting was measured under
+    several seed sets (a merged report), whose values are then drawn as a mean with a range."""
+    skip = {"seed"} if pool_seeds and replicated(frame) else set()
+    return [*base_keys, *(k for k in _varying(frame, CONTEXT_KEYS) if k not in skip)]
+
+
+SINGLE_RUN = "Single run: no spread over seed sets."
+
+
+def _runs_text(runs: int) -> str:
+    """What a figure's values rest on: one run, or the mean over several seed sets with bars."""
+    if runs <= 1:
+        return SINGLE_RUN
+    return (f"Mean over the {runs} runs with other seed sets (run.seed) that measured each setting; bars span "
+            "their minimum to maximum.")
+
+
+def _newest_first(rows: pd.DataFrame) -> pd.DataFrame:
+    if "finished_utc" in rows.columns and len(rows) > 1:
+        return rows.sort_values("finished_utc", na_position="last", ascending=False, kind="stable")
+    return rows.iloc[::-1]
+
+
+def _collapse(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per setting (the newest of it), ``metric`` its mean over the seed sets that measured it,
+    with ``range_lo`` / ``range_hi`` / ``range_runs`` columns (a range and a count)."""
+    rows = rows[np.isfinite(rows[metric].to_numpy(dtype=float))]
+    if rows.empty:
+        return rows.assign(range_lo=[], range_hi=[], range_runs=[])
+    keys = setting_key(rows)
+    out = []
+    for key in dict.fromkeys(keys):
+        value = measured(_newest_first(rows[keys == key]), metric)
+        row = _newest_first(rows[keys == key]).iloc[0].copy()
+        row[metric], row["range_lo"], row["range_hi"], row["range_runs"] = float(value), value.lo, value.hi, value.runs
+        out.append(row)
+    return pd.DataFrame(out).reset_index(drop=True)
 
 
 def _context_text(keys: list[str], values: tuple) -> str:
@@ -336,29 +372,38 @@ def quality_vs_bits(frame: pd.DataFrame, metric: str, out_dir: Path) -> list[Fig
     if metric not in usable.columns:
         return []
     label, direction = _metric_info(metric)
-    keys = _group_keys(usable)
+    keys = _group_keys(usable, pool_seeds=True)
     fp_keys = [k for k in keys if k != "w_bits"]
     fps = _fp_rows(usable)
     figures, used = [], set()
     for values, group in _groups(usable[usable["base"] != "fp"], keys):
         series: dict[str, list[tuple]] = {}
+        ranges: dict[str, dict[int, tuple[float, float]]] = {}
         styles = {}
+        runs = 1
         for key, rows in _lines(group).items():
-            points = {}
+            points, spread = {}, {}
             for a_bits, rows_at in rows.groupby("a_bits", sort=False):
                 rows_at = rows_at[np.isfinite(rows_at[metric].to_numpy(dtype=float))]
                 if len(rows_at):
-                    points[int(a_bits)] = float(_latest(rows_at)[metric])
+                    value = measured(_newest_first(rows_at), metric)
+                    points[int(a_bits)] = float(value)
+                    runs = max(runs, value.runs)
+                    if value.runs > 1:
+                        spread[int(a_bits)] = (value.lo, value.hi)
             if points:
                 series[_line_label(key)] = sorted(points.items(), reverse=True)
                 styles[_line_label(key)] = key
+                ranges[_line_label(key)] = spread
         if not series:
             continue
-        fp_value = None
+        fp_value = fp_range = None
         fp_match = _matching(fps, fp_keys, tuple(v for k, v in zip(keys, values, strict=True) if k != "w_bits"))
         fp_match = fp_match[np.isfinite(fp_match[metric].to_numpy(dtype=float))]
         if len(fp_match):
-            fp_value = float(_latest(fp_match)[metric])
+            value = measured(_newest_first(fp_match), metric)
+            fp_value, runs = float(value), max(runs, value.runs)
+            fp_range = (value.lo, value.hi) if value.runs > 1 else None
 
         context = _context_text(keys, values)
         bits = sorted({b for points in series.values() for b, _ in points}, reverse=True)
@@ -372,9 +417,17 @@ def quality_vs_bits(frame: pd.DataFrame, metric: str, out_dir: Path) -> list[Fig
             ax.plot([position[b] for b, _ in points], [v for _, v in points], linestyle=linestyle, marker=marker,
                     color=colours[base], linewidth=2.0 if modulation == "ec" else 1.4, markersize=6,
                     label=line_label)
+            spread = [(b, v, *ranges[line_label][b]) for b, v in points if b in ranges[line_label]]
+            if spread:  # the range over seed sets
+                ax.errorbar([position[b] for b, *_ in spread], [v for _, v, *_ in spread],
+                            yerr=[[v - lo for _, v, lo, _ in spread], [hi - v for _, v, _, hi in spread]],
+                            fmt="none", ecolor=colours[base], elinewidth=1.0, capsize=3)
         if fp_value is not None:
             ax.axhline(fp_value, color=_FP_COLOUR, linestyle="--", linewidth=1.0, label=f"FP ({_fmt(fp_value)})")
+            if fp_range is not None:
+                ax.axhspan(*fp_range, color=_FP_COLOUR, alpha=0.08, linewidth=0)
         values_drawn = [v for points in series.values() for _, v in points]
+        values_drawn += [x for spread in ranges.values() for pair in spread.values() for x in pair]
         values_drawn += [fp_value] if fp_value is not None else []
         _log_if_wide(ax, values_drawn)
         ax.set_xticks(range(len(bits)), [_bits_label(b) for b in bits])
@@ -387,10 +440,16 @@ def quality_vs_bits(frame: pd.DataFrame, metric: str, out_dir: Path) -> list[Fig
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
         if fp_value is not None:
             series["FP"] = [(32, fp_value)]
+        for line_label, spread in ranges.items():
+            if spread:
+                series[f"{line_label} | range"] = [(b, *spread[b]) for b in sorted(spread, reverse=True)]
+        if fp_range is not None:
+            series["FP | range"] = [(32, *fp_range)]
         caption = (f"{label} (column `{metric}`; {direction} is better) of each method at each activation bit "
                    f"width for {context}; line style marks the modulation (dotted: none, dashed: plain, solid: "
                    f"MoDiff)" + (", the dashed black line is full precision" if fp_value is not None else "")
-                   + ". Failed cells and unmeasured values are not drawn.")
+                   + (" (shaded: its range)" if fp_range is not None else "")
+                   + ". Failed cells and unmeasured values are not drawn. " + _runs_text(runs))
         name = _unique(_slug(f"quality_vs_bits_{metric}_{_stem(keys, values)}"), used)
         figures.append(_save(fig, out_dir, name, title, caption, series))
     return figures
@@ -431,8 +490,11 @@ def quality_vs_gbops(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure 
     higher = direction == "higher"
     usable = usable[np.isfinite(usable[metric].to_numpy(dtype=float))
                     & np.isfinite(usable["gbops"].to_numpy(dtype=float)) & (usable["gbops"] > 0)]
-    keys = _group_keys(usable, ("model", "sampler", "steps"))
+    keys = _group_keys(usable, ("model", "sampler", "steps"), pool_seeds=True)
+    if "seed" not in keys:  # one point per setting: the mean over the seed sets, with its range
+        usable = _collapse(usable, metric)
     panels = _groups(usable, keys)
+    runs = int(usable["range_runs"].max()) if "range_runs" in usable and len(usable) else 1
     if not panels:
         return None
     colours = _colours(usable["base"])
@@ -449,6 +511,10 @@ def quality_vs_gbops(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure 
             cached = r.cache != "none"
             ax.scatter([r.gbops], [getattr(r, metric)], marker=_style(r.modulation)[1], s=42, zorder=3,
                        facecolors="none" if cached else colour, edgecolors=colour, linewidths=1.2)
+            if getattr(r, "range_runs", 1) > 1:
+                value = getattr(r, metric)
+                ax.errorbar([r.gbops], [value], yerr=[[value - r.range_lo], [r.range_hi - value]], fmt="none",
+                            ecolor=colour, elinewidth=1.0, capsize=3, zorder=3)
         points = list(zip(rows["gbops"].astype(float), rows[metric].astype(float), strict=True))
         front = pareto_front(points, higher_is_better=higher)
         _front_panel(ax, panel, points, tags, front, "GBOPs per image per step (paper count, log scale)",
@@ -463,7 +529,7 @@ def quality_vs_gbops(frame: pd.DataFrame, metric: str, out_dir: Path) -> Figure 
     caption = (f"{label} (column `{metric}`; {direction} is better) against the paper's bit-operation count "
                f"(column `gbops`, log scale) for every finished cell; colour is the base quantizer, marker the "
                f"modulation. The grey step line joins the Pareto front: cells that no other cell beats on both "
-               f"cost and quality.")
+               f"cost and quality. " + _runs_text(runs))
     return _save(fig, Path(out_dir), _slug(f"quality_vs_gbops_{metric}"), title, caption, series)
 
 
@@ -523,7 +589,7 @@ def quality_vs_throughput(frame: pd.DataFrame, metric: str, out_dir: Path) -> Fi
                f"kernels (int8 / fp8) or are full precision, hollow ones fake-quantize in float. The grey step "
                f"line joins the Pareto front: cells no other cell beats on both speed and quality. Each point is "
                f"one cell's measured images per second (its timed batches' spread is in the wall-clock table); "
-               f"for a speed claim about a kernel use 'nox -s bench'.")
+               f"for a speed claim about a kernel use 'nox -s bench'. Each point is a single run.")
     return _save(fig, Path(out_dir), _slug(f"quality_vs_throughput_{metric}"), title, caption, series)
 
 
@@ -592,7 +658,7 @@ def cache_speedup_vs_quality(frame: pd.DataFrame, metric: str, out_dir: Path) ->
     caption = (f"Each cached cell at its speed-up (its `img_per_s` over that of the same model, sampler, steps, "
                f"method and bit widths without a cache) against its {label} (column `{metric}`; {direction} is "
                f"better), labelled with the cache scheme; hollow markers at 1× are the uncached baselines. "
-               f"Timings from different machines are not comparable.")
+               f"Timings from different machines are not comparable. Each point is a single run.")
     return _save(fig, Path(out_dir), _slug(f"cache_speedup_vs_quality_{metric}"), title, caption, series)
 
 

@@ -3,8 +3,11 @@
 Everything comes from the run directories: the cells' results (``cells/*/result.json``, each
 validated; ``results.parquet`` only for a directory without cells), ``run.json`` and the files the
 cells saved (samples, traces); nothing is sampled here. The derived tables (``results.csv`` /
-``.parquet`` / ``.md``) are rewritten when they are stale or damaged (a run killed between a cell
-and its table), and a damaged ``run.json`` costs the header its matrix details, never the report.
+``.parquet`` / ``.md``) are rewritten when their content differs from the cells' (a run killed
+between a cell and its table, an edited file), and a damaged ``run.json`` costs the header its
+matrix details, never the report. A run directory is data: the plugins its ``run.json`` lists are
+never imported (``modiff-bench report --import`` names them; without, the report says which it
+needed), and samples are drawn only when they match the SHA-256 their cell recorded.
 Several directories are merged into one report, e.g. a new method's run next to the baselines' run,
 or a CPU run next to a GPU run.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,8 @@ class Run:
     info: dict
     frame: pd.DataFrame
     notes: list[str] = field(default_factory=list)  # what loading found damaged, and repaired
+    recorded: dict[str, dict] = field(default_factory=dict)  # cell id -> its result (the samples it recorded)
+    missing_plugins: str | None = None  # the plugins the run needs that this process has not imported
 
 
 def _read_info(path: Path) -> tuple[dict, str | None]:
@@ -73,8 +79,9 @@ def _ordered_ids(directory: Path, info: dict) -> list[str]:
     return listed + [k for k in present if k not in set(listed)]
 
 
-def _stale_tables(directory: Path, frame: pd.DataFrame) -> str | None:
-    """Why results.parquet / results.csv do not hold the cells' rows, or None when they do."""
+def _stale_tables(directory: Path, frame: pd.DataFrame, markdown: str | None = None) -> str | None:
+    """Why results.parquet / results.csv (and results.md, given its expected text) do not hold the
+    cells' rows, or None when they do: every value is compared, not only the cell ids."""
 
     def one_line(exc: Exception) -> str:
         text = str(exc).strip().splitlines()
@@ -92,12 +99,20 @@ def _stale_tables(directory: Path, frame: pd.DataFrame) -> str | None:
             return f"{name} is unreadable ({one_line(exc)})"
         if sorted(map(str, ids)) != sorted(by_cell["cell_id"]):
             return f"{name} held {len(ids)} row(s) for {len(frame)} cell result(s)"
-        if name.endswith(".parquet"):  # every value (a metric added to a finished cell, ...)
-            try:
-                pd.testing.assert_frame_equal(table.sort_values("cell_id").reset_index(drop=True), by_cell,
-                                              check_dtype=False)
-            except (AssertionError, KeyError, TypeError, ValueError):
-                return f"{name} is out of date"
+        # every value (a metric added to a finished cell, an edited file); the CSV against the text the
+        # cells' rows write, read back alike
+        expected = by_cell if name.endswith(".parquet") else pd.read_csv(io.StringIO(by_cell.to_csv(index=False)))
+        try:
+            pd.testing.assert_frame_equal(table.sort_values("cell_id").reset_index(drop=True), expected,
+                                          check_dtype=False)
+        except (AssertionError, KeyError, TypeError, ValueError):
+            return f"{name} is out of date"
+    if markdown is not None:
+        try:
+            if (directory / "results.md").read_text() != markdown:
+                return "results.md is out of date"
+        except (OSError, ValueError):
+            return "results.md is missing or unreadable"
     return None
 
 
@@ -107,27 +122,43 @@ def _metric_names(info: dict) -> list[str] | None:
     return metrics if isinstance(metrics, list) and all(isinstance(m, str) for m in metrics) else None
 
 
-def _import_plugins(info: dict | None, label: str, notes: list[str]) -> None:
-    """Import the plugins the run's matrix imported (user metrics bring their columns' labels)."""
-    from bench.methods import import_plugins
+def _missing_plugins(info: dict, rows: list[dict]) -> str | None:
+    """The plugins a run needs and this process lacks, in words, or None: the metrics and methods its
+    cells recorded that are not registered, and the imports its run.json lists (which are never
+    imported from a run directory: ``modiff-bench report --import``)."""
+    from bench.methods import methods
+    from bench.metrics import METRICS
 
-    resolved = (info or {}).get("resolved") if isinstance((info or {}).get("resolved"), dict) else {}
+    resolved = info.get("resolved") if isinstance(info.get("resolved"), dict) else {}
     run = resolved.get("run") if isinstance(resolved.get("run"), dict) else {}
-    imports = run.get("imports") if isinstance(run.get("imports"), list) else []
-    source = str((info or {}).get("source") or "")
-    try:
-        import_plugins(imports, Path(source).parent if source.endswith(".toml") else None)
-    except BenchError as exc:
-        notes.append(f"{label}: the matrix's plugins could not be imported ({exc}); their metrics show under "
-                     "their column names")
+    imports = [str(i) for i in run.get("imports")] if isinstance(run.get("imports"), list) else []
+    registered = methods()
+    metrics = {m for r in rows for m in (r.get("metrics") or []) if m not in METRICS}
+    used = {r.get("base") for r in rows} | {r.get("cache") for r in rows if r.get("cache") != "none"}
+    unknown = sorted(str(m) for m in used if m is not None and m not in registered
+                     and not any(str(m).startswith(f"{n}-") for n in registered))
+    if not metrics and not unknown:
+        return None
+    parts = ([f"metric(s) {', '.join(sorted(metrics))}"] if metrics else []) + (
+        [f"method(s) {', '.join(unknown)}"] if unknown else [])
+    source = str(info.get("source") or "")
+    where = f" (relative to {Path(source).parent})" if source.endswith(".toml") and imports else ""
+    return (f"needs plugins this report was not given: {' and '.join(parts)} not registered"
+            + (f"; its matrix imported {', '.join(imports)}{where}, which a report never imports from a run "
+               f"directory: pass --import {' --import '.join(imports)}" if imports else "")
+            + ("; those metrics show under their column names" if metrics else ""))
 
 
 def _current(rows: list[dict]) -> tuple[list[dict], list[str]]:
     """``rows`` made by the current version of each of their methods, and the labels of the others
     (``bench.methods.method_versions``: a fix that changes a method's samples raises its version)."""
+    from bench.methods import methods
+
+    registered = methods()
     keep, old = [], []
     for row in rows:
         recorded = row.get("method_versions") if isinstance(row.get("method_versions"), dict) else {}
+        recorded = {k: v for k, v in recorded.items() if k in registered}  # (a plugin not imported: not known)
         if recorded == method_versions(row):
             keep.append(row)
         else:
@@ -140,7 +171,7 @@ def load_run(directory: str | Path) -> Run:
     """One run directory. Its table is built from the cells' valid results (invalid ones are left out
     with a note), and results.csv / .parquet / .md are rewritten when they do not hold those rows; a
     directory without cells (tables copied alone) is read from results.parquet."""
-    from bench.store import collect_rows, table_frame, write_tables  # (the run directory's own rows and tables)
+    from bench.store import collect_rows, markdown_text, table_frame, write_tables  # (the directory's own)
 
     directory = Path(directory)
     label = directory.name or str(directory)
@@ -153,10 +184,14 @@ def load_run(directory: str | Path) -> Run:
     if problem is not None:
         notes.append(f"{label}: run.json could not be read ({problem}); the header shows what the cells record "
                      "(the next 'modiff-bench run' of this matrix rebuilds it)")
-    _import_plugins(info, label, notes)
+    missing_plugins, recorded = None, {}
     if has_cells:
         problems: dict[str, str] = {}
         rows = collect_rows(directory, _ordered_ids(directory, info), problems)
+        missing_plugins = _missing_plugins(info, rows)
+        if missing_plugins is not None:
+            notes.append(f"{label}: {missing_plugins}")
+        recorded = {r["cell_id"]: r for r in rows if r.get("samples_sha256") is not None}
         for key, reason in sorted(problems.items()):
             notes.append(f"{label}: cell {key} left out, its result.json is invalid ({reason}); the next "
                          "'modiff-bench run' runs it again")
@@ -168,7 +203,7 @@ def load_run(directory: str | Path) -> Run:
         if not rows:
             raise BenchError(f"{directory} holds no valid cell result ({len(problems)} invalid result.json file(s))")
         frame = table_frame(rows)
-        stale = _stale_tables(directory, frame)
+        stale = _stale_tables(directory, frame, markdown_text(rows, frame, _metric_names(info)))
         if stale is not None:
             try:
                 write_tables(directory, rows, _metric_names(info))
@@ -185,7 +220,44 @@ def load_run(directory: str | Path) -> Run:
             raise BenchError(f"cannot read {results} ({type(exc).__name__}: {text[0] if text else ''}) and "
                              f"{directory} has no cell results to rebuild it from") from None
     frame["run_dir"] = str(directory)
-    return Run(directory, label, info, frame, notes)
+    return Run(directory, label, info, frame, notes, recorded, missing_plugins)
+
+
+def _unverified_samples(runs: list[Run], frame: pd.DataFrame) -> dict[int, str]:
+    """The rows of ``frame`` (by index) whose samples file is not the one their cell recorded (size and
+    SHA-256), with the reason: their samples are not drawn, and the cell is marked (in its result.json)
+    for the next run to generate again. Cells of older versions recorded no hash: drawn when they load,
+    as a run treats them."""
+    from bench.provenance import sha256_file
+    from bench.store import mark_result_damaged
+
+    by_dir = {str(r.directory): r for r in runs}
+    checked: dict[Path, tuple[int, str] | str] = {}
+    bad = {}
+    for index, row in frame.iterrows():
+        run = by_dir.get(str(row.get("run_dir")))
+        recorded = run.recorded.get(row.get("cell_id")) if run is not None else None
+        file = row.get("samples_file")
+        if recorded is None or row.get("status") != "ok" or not isinstance(file, str) or not file:
+            continue
+        path = run.directory / file
+        if path not in checked:
+            try:
+                checked[path] = (path.stat().st_size, sha256_file(path))
+            except OSError as exc:
+                checked[path] = f"cannot be read ({type(exc).__name__})"
+        found = checked[path]
+        if isinstance(found, str):
+            bad[index] = f"its samples file {file} {found}"
+        elif found != (recorded.get("samples_bytes", found[0]), recorded["samples_sha256"]):
+            bad[index] = f"its samples file {file} does not match the SHA-256 recorded when it was written"
+        else:
+            continue
+        try:
+            mark_result_damaged(run.directory, row["cell_id"], bad[index], recorded)
+        except OSError:  # a read-only copy of a run: the note is all
+            pass
+    return bad
 
 
 def merge(runs: list[Run]) -> pd.DataFrame:
@@ -290,16 +362,28 @@ def _traces(frame: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def build_report(directories: list[str | Path], out: str | Path | None = None) -> tuple[Path, Path]:
+def build_report(directories: list[str | Path], out: str | Path | None = None, imports: list[str] = (),
+                 warn=None) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` (+ ``figures/``) into ``out``
-    (default: the only run directory). Returns their paths."""
+    (default: the only run directory). Returns their paths. ``imports``: plugins to import first (the
+    user's ``--import``; never those a run.json lists); ``warn``: where the one line per run that
+    lacks its plugins goes (default stderr)."""
+    import sys
+
     from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from bench.methods import import_plugins
 
     from .plots import all_figures
 
     if not directories:
         raise BenchError("name at least one run directory")
+    import_plugins(list(imports))
     runs = [load_run(d) for d in directories]
+    for run in runs:
+        if run.missing_plugins is not None:
+            (warn or (lambda text: print(text, file=sys.stderr)))(
+                f"modiff-bench: warning: {run.directory}: {run.missing_plugins}")
     if out is None:
         if len(runs) > 1:
             raise BenchError("several run directories: say where the merged report goes with --out")
@@ -316,8 +400,15 @@ def build_report(directories: list[str | Path], out: str | Path | None = None) -
     tables: list[Table] = all_tables(frame, everything)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
+    unverified = _unverified_samples(runs, frame)
+    drawn = frame.copy()
+    for index, reason in unverified.items():  # their grid cells show "no samples"
+        cell = frame.loc[index]
+        drawn.loc[index, "samples_file"] = None
+        notes.append(f"cell {cell.cell_id} ({cell.method} W{cell.w_bits}A{cell.a_bits}): {reason}; its samples are "
+                     "left out of the sample grids, and the next 'modiff-bench run' generates it again")
     try:
-        figures = all_figures(frame, {str(r.directory): r.directory for r in runs}, figures_dir, _traces(frame),
+        figures = all_figures(drawn, {str(r.directory): r.directory for r in runs}, figures_dir, _traces(frame),
                               everything)
     except (OSError, ValueError, KeyError) as exc:  # a bad trace or sample file costs the figures, not the tables
         figures = []
@@ -345,6 +436,7 @@ def _markdown(title, created, runs, notes, tables, figures, out: Path) -> str:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     for table in tables:
         lines += [f"## {table.title}", "", table.caption, "", table.to_markdown(), ""]
+        lines += [line for note in table.notes for line in (f"*{note}*", "")]
     if figures:
         lines += ["## Figures", ""]
         for f in figures:

@@ -4,7 +4,8 @@
 
 A setting is a row's method, bit widths and every method parameter that takes more than one value among the
 rows of that method and bit widths (e.g. ``weights=minmax``); the runs differ only in ``run.seed``. A difference
-between two settings is worth reading when it is larger than their ranges.
+between two settings is worth reading when it is larger than their ranges. ``modiff-bench report A B --out C``
+shows the same spread in its HTML and Markdown tables and figures (``reports.tables.measured``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def _frames(directories: list[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _value(value) -> str:
+    """A parameter as the matrix wrote it: an integer column read as float (NaN where unset) shows 64, not 64.0."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def setting_labels(frame: pd.DataFrame) -> pd.Series:
     """``method W8A4 [param=value ...]``: the parameters that tell apart rows of one method and bit widths."""
     params = [c for c in frame.columns if c.startswith("p_")]
@@ -38,7 +44,7 @@ def setting_labels(frame: pd.DataFrame) -> pd.Series:
     for _, row in frame.iterrows():
         same = frame[(frame.method == row.method) & (frame.w_bits == row.w_bits) & (frame.a_bits == row.a_bits)]
         varying = [c for c in params if same[c].astype(str).nunique() > 1]
-        extra = [f"{c.split('_', 2)[2]}={row[c]}" for c in varying if pd.notna(row[c])]
+        extra = [f"{c.split('_', 2)[2]}={_value(row[c])}" for c in varying if pd.notna(row[c])]
         bits = "FP" if (row.w_bits, row.a_bits) == (32, 32) else f"W{row.w_bits}A{row.a_bits}"
         labels.append(" ".join([row.method, bits, *extra]))
     return pd.Series(labels, index=frame.index)

@@ -4,11 +4,17 @@ Each builder returns a :class:`Table` of formatted strings, or None when the run
 for it. Values never measured render as an em dash, never as 0 or NaN. Published numbers
 (``reports/data/*.csv``, copied from the papers) appear in their own columns labelled
 "(paper)", and only where the run's setting matches the paper's.
+
+A report merged from runs of the same matrix with other seeds (``run.seed``) holds each setting once per
+seed set: a value is then the mean over the runs with its range, ``mean [min, max]``. A value computed on
+fewer images than its metric needs (``bench.metrics`` ``min_images``: FD in 64-d features on 8 images)
+carries ``SHORT_MARK`` and its table a note saying so.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -18,9 +24,61 @@ import numpy as np
 import pandas as pd
 
 from bench.methods import LATER_DEFAULTS, later_settings
-from bench.metrics import column_info
+from bench.metrics import column_info, column_min_images
+from bench.store import SETTING_COLUMNS
 
 MISSING = "—"
+SHORT_MARK = "†"  # a value computed on fewer images than its metric needs
+# what makes two rows the same setting measured twice: everything a cell is, but its seeds
+REPLICATE_KEYS = (*(c for c in SETTING_COLUMNS if c != "seed"), "params", "device")
+
+
+def setting_key(frame: pd.DataFrame) -> pd.Series:
+    """One string per row naming its setting without the seeds: rows of one setting from runs with other
+    seed sets share it."""
+    columns = [c for c in REPLICATE_KEYS if c in frame]
+    if not columns:
+        return pd.Series([""] * len(frame), index=frame.index, dtype=object)
+    return pd.Series(["|".join(map(str, row)) for row in frame[columns].itertuples(index=False)], index=frame.index,
+                     dtype=object)
+
+
+def replicated(frame: pd.DataFrame) -> bool:
+    """Whether some setting of ``frame`` was measured under more than one seed set (a merged report)."""
+    if frame.empty or "seed" not in frame:
+        return False
+    return bool((frame.groupby(setting_key(frame)).seed.nunique() > 1).any())
+
+
+class Measured(float):
+    """A table value: the mean over the runs (seed sets) that measured one setting, with their range and
+    count, and whether it rests on fewer images than its metric needs. Behaves as the float it is."""
+
+    lo: float
+    hi: float
+    runs: int
+    short: bool
+
+    def __new__(cls, values, short: bool = False):
+        values = [float(v) for v in values]
+        self = super().__new__(cls, float(np.mean(values)))
+        self.lo, self.hi, self.runs, self.short = min(values), max(values), len(values), short
+        return self
+
+
+def measured(rows: pd.DataFrame, metric: str) -> Measured | None:
+    """``metric`` of one setting: the setting of the first row that has a value, over every seed set that
+    measured it (``Measured``), or None when no row has a value."""
+    rows = rows[rows[metric].notna()] if metric in rows else rows.iloc[:0]
+    if rows.empty:
+        return None
+    keys = setting_key(rows)
+    same = rows[keys == keys.iloc[0]]
+    if "seed" in same:  # one value per seed set (the same cell on two devices is two settings already)
+        same = same.drop_duplicates("seed")
+    need = column_min_images().get(metric, 1)
+    images = pd.to_numeric(same["n_samples"], errors="coerce") if "n_samples" in same else pd.Series(dtype=float)
+    return Measured(same[metric].astype(float), short=bool((images < need).any()))
 
 
 class MetricLabels(Mapping):
@@ -48,7 +106,7 @@ class MetricLabels(Mapping):
 
 
 # the papers' order of the built-in quality columns; other quality columns (user metrics) follow
-QUALITY_ORDER = ("fid", "sfid", "is_mean", "fd_domain", "is_domain", "psnr_to_fp")
+QUALITY_ORDER = ("fid", "sfid", "is_mean", "kid", "fd_domain", "is_domain", "kid_domain", "psnr_to_fp")
 METRIC_LABELS = MetricLabels(QUALITY_ORDER)
 QUALITY_LABELS = MetricLabels(QUALITY_ORDER, quality_only=True)
 MODULATION_LABELS = {"off": "alone", "plain": "+ plain mod.", "ec": "+ MoDiff"}
@@ -92,6 +150,11 @@ def fmt(value, digits: int = 2) -> str:
         return MISSING
     if isinstance(value, str):
         return value
+    if isinstance(value, Measured):
+        text = fmt(float(value), digits)
+        if value.runs > 1:
+            text += f" [{fmt(value.lo, digits)}, {fmt(value.hi, digits)}]"
+        return text + (SHORT_MARK if value.short else "")
     if isinstance(value, float) and math.isinf(value):
         return "∞" if value > 0 else "-∞"
     if isinstance(value, int | bool):
@@ -148,26 +211,41 @@ PAPER_BASES = {"fp": "fp-act", "qdiff": "qdiff", "paper-lcq": "lcq", "paper-ltq"
 # Q-Diffusion + MoDiff: the authors' CIFAR-10 command has --a_sym (their symmetric residual grid, qdiff's
 # authors_grid = true); the LSUN ones do not (authors_grid = false)
 AUTHORS_GRID = {"cifar10": True, "lsun-church": False, "lsun-bedroom": False}
+# Q-Diffusion alone: the activation quantizers of the authors' command per dataset (qdiff's parameters that differ
+# from their defaults; reports/data/README.md): CIFAR-10 --a_sym with 'max' ranges from 64 random calibration
+# samples, LSUN-Churches MSE ranges from the first 64 rows, LSUN-Bedrooms --a_sym --a_min_max --running_stat
+AUTHORS_ACT = {"cifar10": {"act_symmetric": True, "act_init": "max", "act_init_samples": 64},
+               "lsun-church": {"act_init_samples": 64, "act_init_pick": "first"},
+               "lsun-bedroom": {"act_symmetric": True, "act_init": "max", "running_stat": True}}
+ACT_DEFAULTS = {"act_symmetric": False, "act_init": "mse", "act_init_samples": 0, "act_init_pick": "random",
+                "running_stat": False}
 
 
-def paper_setting(model: str, base: str, modulation: str, authors_grid: bool | None = None) -> str | None:
+def paper_setting(model: str, base: str, modulation: str, authors_grid: bool | None = None,
+                  act_setting: dict | None = None) -> str | None:
     """The paper's base name of the column this setting reproduces, or None where no paper number came from it
-    (qdiff + MoDiff with a residual grid other than the authors' command for that dataset)."""
+    (qdiff + MoDiff with a residual grid other than the authors' command for that dataset; Q-Diffusion alone
+    with activation quantizers other than that command's, when ``act_setting``, the cells' values of
+    ``ACT_DEFAULTS``' parameters, is given)."""
     paper_base = PAPER_BASES.get(base)
     if paper_base is None or model not in PAPER_MODELS:
         return None
+    dataset = PAPER_MODELS[model][0]
     if base == "qdiff" and modulation != "off" and authors_grid is not None \
-            and bool(authors_grid) != AUTHORS_GRID.get(PAPER_MODELS[model][0], False):
+            and bool(authors_grid) != AUTHORS_GRID.get(dataset, False):
+        return None
+    if base == "qdiff" and modulation == "off" and act_setting is not None \
+            and act_setting != {**ACT_DEFAULTS, **AUTHORS_ACT.get(dataset, {})}:
         return None
     return paper_base
 
 
 def paper_table1_value(model: str, sampler: str, steps: int, w: int, a: int, base: str, modulation: str,
-                       metric: str, authors_grid: bool | None = None) -> float | None:
+                       metric: str, authors_grid: bool | None = None, act_setting: dict | None = None) -> float | None:
     """MoDiff Table 1/2/3/14 number for exactly this setting (``base`` ours: see ``PAPER_BASES``), or None."""
     if model not in PAPER_MODELS or metric not in ("fid", "sfid", "is_mean"):
         return None
-    paper_base = paper_setting(model, base, modulation, authors_grid)
+    paper_base = paper_setting(model, base, modulation, authors_grid, act_setting)
     if paper_base is None:
         return None
     dataset, paper_model = PAPER_MODELS[model]
@@ -226,12 +304,12 @@ def _setting_groups(frame: pd.DataFrame):
         yield dict(zip(keys, values, strict=True)), group
 
 
-def _value(group: pd.DataFrame, metric: str, **match) -> float | None:
+def _value(group: pd.DataFrame, metric: str, **match) -> Measured | None:
+    """``metric`` of the rows of ``group`` matching ``match``: one setting over its seed sets (``measured``)."""
     sel = group
     for key, value in match.items():
         sel = sel[sel[key] == value]
-    values = sel[metric].dropna() if metric in sel else []
-    return float(values.iloc[0]) if len(values) else None
+    return measured(sel, metric)
 
 
 def later_label(row: pd.Series) -> str:
@@ -264,12 +342,15 @@ def table1(frame: pd.DataFrame) -> list[Table]:
         paper_cols: set[tuple[str, str, str]] = set()
         grids = {(base, mod): _authors_grid(quantized[(quantized.base == base) & (quantized.modulation == mod)])
                  for base, mod, _ in groups}
+        acts = {(base, mod): _act_setting(quantized[(quantized.base == base) & (quantized.modulation == mod)])
+                for base, mod, _ in groups}
         for base, mod, later in groups:
             head = f"{base.upper()} {MODULATION_LABELS[mod]}" + (f" {later}" if later else "")
             for metric in metrics:
                 columns.append((head, METRIC_LABELS[metric][0]))
                 if not later and any(paper_table1_value(setting["model"], setting["sampler"], setting["steps"], w, a,
-                                                        base, mod, metric, grids[base, mod]) is not None
+                                                        base, mod, metric, grids[base, mod], acts[base, mod])
+                                            is not None
                                      for w, a in _ordered_bits(group)):
                     paper_cols.add((base, mod, metric))
                     columns.append((head, f"{METRIC_LABELS[metric][0]} (paper)"))
@@ -287,7 +368,7 @@ def table1(frame: pd.DataFrame) -> list[Table]:
                     if not later and (base, mod, metric) in paper_cols:
                         row.append(fmt(paper_table1_value(setting["model"], setting["sampler"],
                                                           setting["steps"], w, a, base, mod, metric,
-                                                          grids[base, mod])))
+                                                          grids[base, mod], acts[base, mod])))
             rows.append(row)
         arrows = ", ".join(f"{METRIC_LABELS[m][0]} {'↓' if METRIC_LABELS[m][1] == 'lower' else '↑'}" for m in metrics)
         extra = (" Groups named int8 / fp8 run real low-bit kernels, bfloat16 / channels_last / compiled name the "
@@ -308,6 +389,20 @@ def _authors_grid(cells: pd.DataFrame) -> bool | None:
     if cells.empty or cells.base.iloc[0] != "qdiff":
         return None
     return any(param_value(row, "authors_grid") is True for _, row in cells.iterrows())
+
+
+def _act_setting(cells: pd.DataFrame) -> dict | None:
+    """The activation-quantizer parameters (``ACT_DEFAULTS``' keys) of a group's Q-Diffusion cells, their
+    defaults where unset (the first cell's: one group is one setting), None for other bases."""
+    if cells.empty or cells.base.iloc[0] != "qdiff":
+        return None
+    row = cells.iloc[0]
+    out = {}
+    for key, default in ACT_DEFAULTS.items():
+        value = param_value(row, key)
+        out[key] = default if value is None else (int(value) if isinstance(default, int) and not isinstance(
+            default, bool) else value)
+    return out
 
 
 def ablation_ec(frame: pd.DataFrame) -> list[Table]:
@@ -513,4 +608,42 @@ def all_tables(frame: pd.DataFrame, everything: pd.DataFrame | None = None) -> l
     for builder in (ablation_ec, warmup_table, memory_table, cache_table):
         out.extend(builder(frame))
     out.extend(wallclock_table(everything))
+    spread, short = spread_note(everything), short_note(everything)
+    for table in out:
+        cells = [cell for row in table.rows for cell in row]
+        if spread and any(_SPREAD.search(cell) for cell in cells):
+            table.notes.append(spread)
+        if short and any(cell.endswith(SHORT_MARK) for cell in cells):
+            table.notes.append(short)
     return out
+
+
+_SPREAD = re.compile(r"^\S+ \[\S+, \S+\]")
+
+
+def spread_note(frame: pd.DataFrame) -> str | None:
+    """What ``mean [min, max]`` means, when ``frame`` holds settings measured under several seed sets."""
+    if not replicated(frame):
+        return None
+    seeds = ", ".join(str(int(s)) for s in sorted(set(frame.seed.dropna())))
+    return (f"Settings measured by several runs of the same matrix with other seed sets (run.seed {seeds}): "
+            "mean [min, max] over the runs that measured each; a value without a range was measured once.")
+
+
+def short_note(frame: pd.DataFrame) -> str | None:
+    """Which metrics were computed on fewer images than they need (``SHORT_MARK``), and on how many."""
+    if "n_samples" not in frame:
+        return None
+    need, info = column_min_images(), column_info()
+    parts = []
+    for column, minimum in need.items():
+        if minimum <= 1 or column not in frame or not (info.get(column) and info[column].better):
+            continue
+        rows = frame[frame[column].notna() & (pd.to_numeric(frame.n_samples, errors="coerce") < minimum)]
+        if len(rows):
+            counts = ", ".join(str(int(n)) for n in sorted(set(rows.n_samples)))
+            parts.append(f"{info[column].label or column} on {counts} images (needs at least {minimum})")
+    if not parts:
+        return None
+    return (f"{SHORT_MARK}: computed on fewer images than the metric needs, so the value says little: "
+            + "; ".join(parts) + " (docs/metrics.md, 'Built-in metrics').")

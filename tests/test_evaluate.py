@@ -64,8 +64,9 @@ def _no_sampling(monkeypatch) -> None:
 
 
 def test_a_metric_plugin_in_one_file_end_to_end(tmp_path, monkeypatch, capsys):
-    """Registered from one file named in run.imports, computed by `evaluate` on finished cells without
-    sampling again, in the results table, and in the report under its own label."""
+    """Registered from one file named in run.imports, computed by `evaluate --import` on finished cells
+    without sampling again, in the results table, and in the report (`--import`) under its own label. A
+    run directory is data: evaluate and report import only what the command line names."""
     (tmp_path / "my_metric.py").write_text(PLUGIN)
     matrix = tmp_path / "m.toml"
     matrix.write_text(textwrap.dedent('''
@@ -88,10 +89,13 @@ def test_a_metric_plugin_in_one_file_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["run", str(matrix), "--out", str(out), "--no-progress"]) == 0
     before = {m: (r["samples_sha256"], r["samples_bytes"]) for m, r in _rows(out).items()}
     assert all("mean_abs" not in r for r in _rows(out).values())
-    METRICS.pop("mean_abs")  # as in a new process: evaluate imports the plugin from run.json
+    METRICS.pop("mean_abs")  # as in a new process: run.json's imports are not imported
     _no_sampling(monkeypatch)
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--metrics", "mean_abs", "--no-progress"]) == 0
+    assert main(["evaluate", str(out), "--metrics", "mean_abs", "--no-progress"]) == 2
+    assert "my_metric.py" in capsys.readouterr().err and "mean_abs" not in METRICS
+    plugin = ["--import", str(tmp_path / "my_metric.py")]
+    assert main(["evaluate", str(out), "--metrics", "mean_abs", "--no-progress", *plugin]) == 0
     assert "3 cell(s) evaluated" in capsys.readouterr().out
     rows = _rows(out)
     assert {m: (r["samples_sha256"], r["samples_bytes"]) for m, r in rows.items()} == before
@@ -104,13 +108,16 @@ def test_a_metric_plugin_in_one_file_end_to_end(tmp_path, monkeypatch, capsys):
     table = pd.read_csv(out / "results.csv")
     assert table.mean_abs.notna().all() and table.max_abs.notna().all()
     assert list(table.columns).index("mean_abs") < list(table.columns).index("gbops")
-    # idempotent: nothing left to compute
+    # idempotent: nothing left to compute (the plugin is registered in this process now)
     assert main(["evaluate", str(out), "--metrics", "mean_abs", "--no-progress"]) == 0
     assert "0 cell(s) evaluated" in capsys.readouterr().out
     assert {r["finished_utc"] for r in _rows(out).values()} == {r["finished_utc"] for r in rows.values()}
-    # the report, in a process that has not imported the plugin, labels it from the registry
+    # the report, in a process that has not imported the plugin, labels it from the registry once given
     METRICS.pop("mean_abs")
     assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "mean |pixel|" not in report and "--import my_metric.py" in report
+    assert main(["report", str(out), *plugin]) == 0
     report = (out / "report.md").read_text()
     assert "mean |pixel|" in report
 

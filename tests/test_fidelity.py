@@ -81,8 +81,8 @@ def test_method_versions_name_exactly_the_changed_cells():
 
     assert method_versions(asdict(_digits_cell("ltq"))) == {}
     assert method_versions(asdict(_digits_cell("lcq", cache="deepcache-u3"))) == {}
-    assert method_versions(asdict(_digits_cell("qdiff"))) == {"qdiff": 2}
-    assert method_versions(asdict(_digits_cell("ptqd"))) == {"qdiff": 2}  # PTQD runs on the Q-Diffusion model
+    assert method_versions(asdict(_digits_cell("qdiff"))) == {"qdiff": 3}
+    assert method_versions(asdict(_digits_cell("ptqd"))) == {"qdiff": 3}  # PTQD runs on the Q-Diffusion model
     ltq = _digits_cell("ltq")
     dynamic = {**asdict(ltq), "base": "dynamic", "params": {"dynamic": ltq.params["ltq"]}}
     assert method_versions({**dynamic, "a_granularity": "sample-channel"}) == {"dynamic": 2}

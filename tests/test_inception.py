@@ -121,13 +121,13 @@ def weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(weights, tmp_path_factory) -> dict:
-    """All four metrics, explicit weight paths, no network: RGB images against greyscale ones."""
+    """All five metrics, explicit weight paths, no network: RGB images against greyscale ones."""
     reference = _Counted(_strokes(N, 299, seed=2))
     settings = InceptionSettings(weights=str(weights), pytorch_fid_weights=str(weights),
                                  cache_dir=str(tmp_path_factory.mktemp("cache")), batch_size=8)
     with _no_network() as attempts:
         values, missing = inception_metrics(_smooth_rgb(N, 299, seed=1), ReferenceSet("strokes", reference),
-                                            ["fid", "is", "sfid", "prc"], settings)
+                                            ["fid", "is", "sfid", "prc", "kid"], settings)
     return {"values": values, "missing": missing, "attempts": attempts, "reference": reference,
             "settings": settings}
 
@@ -192,6 +192,7 @@ def test_offline_weight_paths_give_every_metric_without_network(run):
     assert list(run["values"]) == list(COLUMNS)
     assert all(isinstance(v, float) and math.isfinite(v) for v in run["values"].values())
     assert 0 <= run["values"]["precision"] <= 1 and 0 <= run["values"]["recall"] <= 1
+    assert run["values"]["kid_subset_size"] == N  # torch-fidelity's 1000, capped at the N images of each side
 
 
 def test_inception_score_and_sfid_are_sane(run):
@@ -238,7 +239,7 @@ def test_missing_weights_give_reasons_not_exceptions(tmp_path, monkeypatch):
     settings = InceptionSettings(cache_dir=str(tmp_path / "cache"))
     with _no_network() as attempts:
         values, missing = inception_metrics(_strokes(N, 16, seed=1), ReferenceSet("strokes", reference),
-                                            ["fid", "is", "sfid", "prc"], settings)
+                                            ["fid", "is", "sfid", "prc", "kid"], settings)
     assert attempts == [] and reference.calls == 0
     assert values == dict.fromkeys(COLUMNS) and set(missing) == set(COLUMNS)
     for column, reason in missing.items():
@@ -280,7 +281,7 @@ def test_requested_metrics_decide_the_columns_and_unknown_names_fail():
     with pytest.raises(ValueError, match="'fidd'"):
         inception_metrics(_strokes(4, 16, seed=0), ReferenceSet("never", _never), ["fid", "fidd"],
                           InceptionSettings())
-    assert set(METRIC_COLUMNS) == {"fid", "is", "sfid", "prc"}
+    assert set(METRIC_COLUMNS) == {"fid", "is", "sfid", "prc", "kid"}
     assert [c for cols in METRIC_COLUMNS.values() for c in cols] == list(COLUMNS)
 
 

@@ -36,6 +36,10 @@ def test_paper_presets_ship_with_the_papers_settings():
     assert all(c.params["paper-lcq"] == {**base_quantizer("paper-lcq").PARAMS} for c in table1.cells
                if c.base == "paper-lcq")  # symmetric, split, Q-Diffusion weights: the CIFAR-10 command
     assert all(c.params["qdiff"]["authors_grid"] for c in table1.cells if c.base == "qdiff")
+    # Q-Diffusion's activations as their CIFAR-10 command: --a_sym, 'max' from 64 samples drawn without repeats
+    assert {tuple(c.params["qdiff"][k] for k in ("act_symmetric", "act_init", "act_init_samples", "act_init_pick",
+                                                 "running_stat", "out_penalty"))
+            for c in table1.cells if c.base == "qdiff"} == {(True, "max", 64, "random", False, 0.0)}
     assert {c.a_bits for c in table1.cells if c.base != "fp"} == {8, 6, 4, 3, 2}
     assert {"fid", "is", "sfid"} <= set(table1.metrics)
     quick = load_matrix("cifar10-quick")
@@ -66,6 +70,11 @@ def test_paper_presets_ship_with_the_papers_settings():
             assert cell.params["qdiff"]["weight_init"] == "mse"
         if cell.base == "qdiff":
             assert cell.params["qdiff"]["authors_grid"] is False
+            # their church command: asymmetric, MSE-searched ranges from the first 64 rows, no running statistics
+            assert {k: cell.params["qdiff"][k] for k in ("act_symmetric", "act_init", "act_init_samples",
+                                                         "act_init_pick", "running_stat")} == {
+                "act_symmetric": False, "act_init": "mse", "act_init_samples": 64, "act_init_pick": "first",
+                "running_stat": False}
 
 
 @pytest.fixture(scope="module")

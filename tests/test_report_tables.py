@@ -12,7 +12,7 @@ from reports.tables import MISSING, ablation_ec, cache_table, fmt, paper_table1_
 
 def _row(base, modulation, w, a, model="digits", **extra):
     row = {"cell_id": f"{model}-{base}-{modulation}-{w}-{a}", "status": "ok", "error": "", "model": model,
-           "checkpoint": None, "sampler": "ddim-quad", "steps": 100, "eta": 0.0, "n_samples": 64, "seed": 0,
+           "checkpoint": None, "sampler": "ddim-quad", "steps": 100, "eta": 0.0, "n_samples": 50000, "seed": 0,
            "batch_size": 64, "base": base, "modulation": modulation, "cache": "none", "w_bits": w, "a_bits": a,
            "a_granularity": "channel", "fd_domain": float(w + a), "fid": float("nan"), "sfid": float("nan"),
            "is_mean": float("nan"), "gbops": 6.05 * w * a, "macs_g": 6.05, "img_per_s": 100.0 / (1 + (a < 32)),
@@ -133,3 +133,27 @@ def test_ablation_and_cache_tables_show_paper_numbers_only_where_they_match():
     header = [c for _, c in table.columns]
     row = table.rows[0]
     assert row[header.index("speed-up")] == "1.60" and row[header.index("FID (paper)")] == "4.70"
+
+
+def test_paper_qdiffusion_numbers_stand_only_beside_the_authors_activation_setting():
+    """Issue #25 item 9: the paper's Q-Diffusion rows came from --a_sym with 'max' ranges from 64 samples on
+    CIFAR-10 (MSE from the first 64 rows on LSUN-Churches); our default activation quantizers get no number."""
+    cifar = {"act_symmetric": True, "act_init": "max", "act_init_samples": 64, "act_init_pick": "random",
+             "running_stat": False}
+    ours = {**cifar, "act_symmetric": False, "act_init": "mse", "act_init_samples": 0}
+    value = paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "qdiff", "off", "fid", False, cifar)
+    assert value is not None
+    assert paper_table1_value("ddpm-cifar10", "ddim-quad", 100, 8, 4, "qdiff", "off", "fid", False, ours) is None
+    church = {**ours, "act_init_samples": 64, "act_init_pick": "first"}
+    assert paper_table1_value("ldm-church", "ddim-ldm", 400, 8, 4, "qdiff", "off", "fid", False, church) is not None
+    assert paper_table1_value("ldm-church", "ddim-ldm", 400, 8, 4, "qdiff", "off", "fid", False, cifar) is None
+    rows = [_row("fp", "off", 32, 32, model="ddpm-cifar10", fid=4.3),
+            _row("qdiff", "off", 8, 4, model="ddpm-cifar10", fid=9.0, cell_id="q")]
+    (table,) = table1(_frame(rows))  # the defaults (no p_qdiff_act_* columns): not the authors' setting
+    assert "QDIFF alone|FID (paper)" not in [f"{g}|{c}" for g, c in table.columns]
+    authors = [rows[0], _row("qdiff", "off", 8, 4, model="ddpm-cifar10", fid=9.0, cell_id="q",
+                             p_qdiff_act_symmetric=True, p_qdiff_act_init="max", p_qdiff_act_init_samples=64.0)]
+    (table,) = table1(_frame(authors))
+    header = [f"{g}|{c}" for g, c in table.columns]
+    assert "QDIFF alone|FID (paper)" in header
+    assert {r[0]: r for r in table.rows}["W8A4"][header.index("QDIFF alone|FID (paper)")] == fmt(value)

@@ -33,3 +33,16 @@ def test_a_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("reports.spread: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_integer_parameters_read_back_as_floats_show_as_integers():
+    """An integer parameter column with NaN in other rows is read as float: labels said act_init_samples=64.0."""
+    import pandas as pd
+
+    from reports.spread import setting_labels
+
+    frame = pd.DataFrame({"method": ["qdiff", "qdiff", "fp"], "w_bits": [8, 8, 32], "a_bits": [4, 4, 32],
+                          "p_qdiff_act_init_samples": [0.0, 64.0, float("nan")],
+                          "p_qdiff_act_init": ["mse", "max", None]})
+    labels = list(setting_labels(frame))
+    assert labels[:2] == ["qdiff W8A4 act_init_samples=0 act_init=mse", "qdiff W8A4 act_init_samples=64 act_init=max"]

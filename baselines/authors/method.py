@@ -16,7 +16,8 @@
   these dynamic rows. ``weights = "qdiff"`` takes them from this suite's own Q-Diffusion calibration (the
   ``[params.qdiff]`` of the matrix, cached like ``qdiff``'s); ``cali_ckpt`` reads the authors' released file for
   the CIFAR-10 DDPM (:mod:`baselines.qdiffusion.authors_checkpoint`); ``weights = "minmax"`` is per-channel
-  min-max rounding, to see what the weight source alone changes.
+  min-max rounding, to see what the weight source alone changes; with ``split``, each half of a split layer's
+  weight has its own grid (their ``weight_quantizer`` and ``weight_quantizer_0``).
 - the warm-up: the first step of a trajectory in full precision (their sampler's ``set_full_prec``), as MoDiff.
 
 Not reproduced: their CIFAR-10 sampler resets the MoDiff state at every step, which turns the method off (the
@@ -33,9 +34,10 @@ import torch
 import modiff
 from baselines.qdiffusion.method import QDiffusion, to_modiff
 from baselines.qdiffusion.reconstruction import recon_layers, shortcut_splits
-from bench.errors import BenchError
+from bench.errors import BenchError, readable_file
 from bench.methods import BuildContext, CellSpec, DynamicQuantizer, Prepared, register_method
 from modiff.config import NOT_QUANTIZED
+from modiff.quant import quantize_weight
 
 CHECKPOINT_MODELS = ("ddpm-cifar10",)  # models whose layout the authors' checkpoint converter knows
 
@@ -58,6 +60,14 @@ class AuthorsDynamic(DynamicQuantizer):
     real_execution: ClassVar[bool] = False  # Q-Diffusion's AdaRound weights are fake-quantized only
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
 
+    @classmethod
+    def version(cls, settings) -> int:
+        # 2: min-max weights of split layers on one grid per half (per output channel within each), not per row
+        own = (settings.get("params") or {}).get(cls.name) or {}
+        minmax_split = (own.get("weights", "qdiff") == "minmax" and own.get("split", True) is True
+                        and own.get("cali_ckpt") is None)
+        return 2 if minmax_split else super().version(settings)
+
     def depends_on(self) -> tuple[str, ...]:
         # the weights come from Q-Diffusion's calibration: its parameters are part of every cell's identity
         return ("qdiff",) if self.settings.weights == "qdiff" and self.settings.cali_ckpt is None else ()
@@ -75,6 +85,8 @@ class AuthorsDynamic(DynamicQuantizer):
         if self.settings.cali_ckpt is not None and cell.model not in CHECKPOINT_MODELS:
             return (f"{self.name} cali_ckpt: the authors' checkpoint converter knows the layout of "
                     f"{', '.join(CHECKPOINT_MODELS)} only, not {cell.model}")
+        if self.settings.cali_ckpt is not None:  # a missing file stops the command now, not the cell after sampling
+            readable_file(self.settings.cali_ckpt, f"params.{self.name}.cali_ckpt")
         return None
 
     def build(self, ctx: BuildContext) -> Prepared:
@@ -89,8 +101,9 @@ class AuthorsDynamic(DynamicQuantizer):
             splits = {layer.name: layer.split for layer in recon_layers(qmodel) if layer.split}
             unet = to_modiff(qmodel, cell, config)  # the calibrated weights, the authors' dynamic activation scales
         else:
-            unet = modiff.quantize(ctx.fp_unet_copy(), config)
             splits = self._splits(ctx) if s.split else {}
+            unet = modiff.quantize(halves_on_their_grids(ctx.fp_unet_copy(), splits, cell.w_bits, config),
+                                   config, weight_quantized=True)
         for layer in modiff.quant_layers(unet):
             layer.set_split(splits.get(layer.name, 0))
         info.update({"quantized_layers": len(modiff.quant_layers(unet)), "split_shortcuts": len(splits)})
@@ -118,6 +131,26 @@ class AuthorsDynamic(DynamicQuantizer):
         unet = modiff.quantize(unet, config, weight_quantized=True)
         splits = self._splits(ctx) if self.settings.split else {}
         return unet, splits
+
+
+def halves_on_their_grids(unet: torch.nn.Module, splits: dict[str, int], w_bits: int,
+                          config: modiff.ModiffConfig) -> torch.nn.Module:
+    """Round every conv / linear weight of ``unet`` to nearest on its per-output-channel grid, as ``QuantLayer``
+    would (``config.weight_method``, asymmetric), but a split layer's two halves (input channels ``[:split]`` and
+    ``[split:]``) each on its own grid, as the authors' split ``QuantModule`` (``weight_quantizer`` and
+    ``weight_quantizer_0``). For ``modiff.quantize(..., weight_quantized=True)``; returns ``unet``."""
+    from fnmatch import fnmatchcase
+
+    from modiff.layers import QUANTIZABLE
+
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if not (name and isinstance(module, QUANTIZABLE)) or any(fnmatchcase(name, p) for p in config.skip):
+                continue
+            w, split = module.weight, splits.get(name, 0)
+            parts = [w[:, :split], w[:, split:]] if split else [w]
+            module.weight.copy_(torch.cat([quantize_weight(part, w_bits, config.weight_method) for part in parts], 1))
+    return unet
 
 
 @register_method("paper-lcq")

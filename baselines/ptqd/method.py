@@ -22,7 +22,7 @@ gives the reason); ``ddim-ldm`` is DDIM on latent-diffusion's grid and is suppor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -125,6 +125,9 @@ class PTQD(BaseQuantizer):
             "calib_seed": CALIB_SEED_OFFSET + cell.seed, "batch_size": self._batch_size(cell),
             "device": ctx.device.type,
         }
+        version = type(base).version(asdict(cell))
+        if version > 1:  # a fix that changed the base model (Q-Diffusion's version 3) changes its statistics
+            payload["base_version"] = version
         return key(payload)
 
     def _batch_size(self, cell: CellSpec) -> int:

@@ -23,11 +23,15 @@ QUANTIZERS_ATTR = "qdiff_attention_quantizers"
 
 
 class AttentionQuantizers(nn.Module):
-    def __init__(self, a_bits: int, sm_bits: int, p: float = 2.4):
+    """q, k, v at ``a_bits`` (symmetric with the authors' ``--a_sym``) and the softmax output at ``sm_bits``
+    on the unsigned grid (their ``AttnBlock`` sets ``symmetric=False`` for it; their transformer block keeps
+    ``--a_sym`` there with ``always_zero``, which only halves its levels: not reproduced)."""
+
+    def __init__(self, a_bits: int, sm_bits: int, p: float = 2.4, symmetric: bool = False):
         super().__init__()
-        self.query = ActQuantizer(a_bits, p)
-        self.key = ActQuantizer(a_bits, p)
-        self.value = ActQuantizer(a_bits, p)
+        self.query = ActQuantizer(a_bits, p, symmetric)
+        self.key = ActQuantizer(a_bits, p, symmetric)
+        self.value = ActQuantizer(a_bits, p, symmetric)
         self.probs = ActQuantizer(sm_bits, p)
 
 
@@ -74,12 +78,12 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
 
 
-def quantize_attention(model: nn.Module, a_bits: int, sm_bits: int, p: float = 2.4) -> int:
+def quantize_attention(model: nn.Module, a_bits: int, sm_bits: int, p: float = 2.4, symmetric: bool = False) -> int:
     """Give every diffusers ``Attention`` of ``model`` the quantizers and the processor; returns
     how many there were."""
     modules = attention_modules(model)
     for _, attn in modules:
-        attn.add_module(QUANTIZERS_ATTR, AttentionQuantizers(a_bits, sm_bits, p))
+        attn.add_module(QUANTIZERS_ATTR, AttentionQuantizers(a_bits, sm_bits, p, symmetric))
         attn.set_processor(QuantAttnProcessor())
     return len(modules)
 

@@ -50,6 +50,10 @@ CALIBRATION_SEED_OFFSET = 20_000_000  # calibration trajectories never share a s
 # bump when what is cached changes meaning (2: calibration steps index network evaluations; 3: the reconstruction
 # loss is BRECQ's reduction, weights and step sizes fitted with the old one are not reused)
 FORMAT = 3
+# what the reconstruction computes, in the keys of the weights, step sizes and residual scales it makes (the
+# calibration data does not depend on it): 2 is the authors' AdaRound temperature (counted from 1), regulariser
+# (the first grid of a split layer) and randperm minibatches (Q-Diffusion version 3)
+RECON = 2
 
 
 def _key(payload: dict) -> str:
@@ -66,10 +70,19 @@ class QDiffusion(BaseQuantizer):
     @classmethod
     def version(cls, settings) -> int:
         # 2: the reconstruction loss sums over dim 1 only and averages the rest (BRECQ's / Q-Diffusion's lp_loss),
-        # which changes every reconstructed model (weights by AdaRound, or learned step sizes)
+        # which changes every reconstructed model (weights by AdaRound, or learned step sizes);
+        # 3: the authors' AdaRound temperature (from iteration 1) and regulariser (a split layer's first grid only),
+        # and minibatches drawn by randperm (weights, step sizes and learned residual scales)
         own = (settings.get("params") or {}).get("qdiff") or {}
         iters = [own.get(k, cls.PARAMS[k]) for k in ("weight_iters", "act_iters")]
-        return 2 if any(isinstance(i, int) and i > 0 for i in iters) else 1
+        return 3 if any(isinstance(i, int) and i > 0 for i in iters) else 1
+
+    @classmethod
+    def id_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # out_penalty weighs a term of the learned residual scales' loss only: elsewhere it changes nothing
+        if params.get("residual_scale", cls.PARAMS["residual_scale"]) != "learned":
+            return {k: v for k, v in params.items() if k != "out_penalty"}
+        return params
 
     @dataclass(frozen=True)
     class Params:
@@ -80,7 +93,9 @@ class QDiffusion(BaseQuantizer):
         weight_iters: int = 20000  # AdaRound iterations per block (0: min-max / MSE weights, rounded to nearest)
         weight_lr: float = 1e-3
         round_weight: float = 0.01  # AdaRound's rounding regulariser
-        act_init: Literal["minmax", "mse"] = "mse"  # initial activation step sizes
+        # initial activation step sizes: min-max, the Lp search, or the authors' 'max' formula (--a_min_max on LSUN,
+        # always on CIFAR-10; quantizers.authors_max_range)
+        act_init: Literal["minmax", "mse", "max"] = "mse"
         act_iters: int = 5000  # step-size learning iterations per block (0: the initial ones)
         act_lr: float = 4e-4
         p: float = 2.4  # the Lp reconstruction loss
@@ -93,12 +108,22 @@ class QDiffusion(BaseQuantizer):
         residual_scale: Literal["minmax", "mse", "learned"] = "minmax"
         # the MoDiff authors' symmetric residual grid and min-max start (their --a_sym; baselines.qdiffusion.residual)
         authors_grid: bool = False
-        out_penalty: float = 1.0  # learned residual scales: the authors' overflow term's weight (their --out_penalty)
+        # learned residual scales: the authors' overflow term's weight (their --out_penalty, default 0.0)
+        out_penalty: float = 0.0
+        act_symmetric: bool = False  # symmetric activation grids, zero point 0 (Q-Diffusion's --a_sym)
+        # rows the initial activation ranges are fitted on (0: all; the authors' scripts: one forward pass of 64),
+        # drawn without repeats or the first ones (their LDM script's cali_xs[:64])
+        act_init_samples: int = 0
+        act_init_pick: Literal["random", "first"] = "random"
+        running_stat: bool = False  # momentum (0.95) activation ranges after the initialisation (--running_stat)
+        # AdaRound's rounding regulariser on both weight grids of a split layer (the AdaRound paper) instead of the
+        # first only (the authors' LossFunction)
+        regularize_both_halves: bool = False
 
         def __post_init__(self) -> None:
             for name, least, words in (("cali_st", 1, "a positive"), ("cali_n", 1, "a positive"),
                                        ("batch_size", 1, "a positive"), ("weight_iters", 0, "a non-negative"),
-                                       ("act_iters", 0, "a non-negative")):
+                                       ("act_iters", 0, "a non-negative"), ("act_init_samples", 0, "a non-negative")):
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < least:
                     raise ValueError(f"{name} must be {words} integer; got {value!r}")
@@ -132,7 +157,9 @@ class QDiffusion(BaseQuantizer):
             split_shortcut=bool(s.split_shortcut), weight_init=s.weight_init, weight_iters=s.weight_iters,
             weight_lr=s.weight_lr, round_weight=s.round_weight, act_init=s.act_init,
             act_iters=s.act_iters, act_lr=s.act_lr, p=s.p, batch_size=s.batch_size,
-            seed=cell.seed + s.cali_seed)
+            seed=cell.seed + s.cali_seed, act_symmetric=s.act_symmetric, act_init_samples=s.act_init_samples,
+            act_init_pick=s.act_init_pick, running_stat=s.running_stat,
+            regularize_both_halves=s.regularize_both_halves)
 
     # -- cached products -------------------------------------------------------------------------
     def _data_key(self, ctx: BuildContext) -> dict:
@@ -188,9 +215,9 @@ class QDiffusion(BaseQuantizer):
         fp = ctx.model.unet
         qmodel = prepare(fp, config, example)
         data_key = self._data_key(ctx)
-        weight_payload = {"data": data_key, "w_bits": cell.w_bits, "split": config.split_shortcut,
+        weight_payload = {"data": data_key, "w_bits": cell.w_bits, "split": config.split_shortcut, "recon": RECON,
                           **{k: getattr(s, k) for k in ("weight_init", "weight_iters", "weight_lr", "round_weight",
-                                                        "p", "batch_size")}}
+                                                        "p", "batch_size", "regularize_both_halves")}}
 
         def make_weights():
             report = reconstruct_weights(qmodel, fp, xs, ts, config, ctx.device, ctx.progress, cond=cond)
@@ -218,7 +245,8 @@ class QDiffusion(BaseQuantizer):
             cond = data.conditioning()
             act_payload = {"weights": weight_payload, "a_bits": cell.a_bits, "sm_abit": config.sm_abit,
                            "quant_attention": config.quant_attention,
-                           **{k: getattr(s, k) for k in ("act_init", "act_iters", "act_lr")}}
+                           **{k: getattr(s, k) for k in ("act_init", "act_iters", "act_lr", "act_symmetric",
+                                                         "act_init_samples", "act_init_pick", "running_stat")}}
 
             def make_acts():
                 report = reconstruct_activations(qmodel, fp, xs, ts, config, ctx.device, ctx.progress, cond=cond)

@@ -12,11 +12,20 @@ the target:
 
 1. weight phase (activations in float): AdaRound's rounding variables, Adam, loss
    ``||out - target||^2 + round_weight * sum(1 - |2h - 1|^beta)``, beta annealed 20 -> 2 after a
-   20% warm-up without the rounding term; then rounding is made hard and written into the weight;
+   20% warm-up without the rounding term (counted from 1, as the authors' ``LossFunction``:
+   ``quantizers.beta_schedule``); then rounding is made hard and written into the weight. As in the
+   authors' loss, the regulariser covers each layer's first weight grid only: of a split layer the
+   second half (their ``weight_quantizer_0``) is optimised but not pushed to 0/1, unless
+   ``regularize_both_halves`` (AdaRound's paper regularises every rounding variable);
 2. activation phase (weights fixed): every activation quantizer of the unit is initialised by
-   min-max or the MSE search on the unit's inputs, then its step size alone is learned, Adam with
-   a cosine learning-rate schedule, loss ``||out - target||_p^p`` with p = 2.4 (a softmax quantizer at
-   16 bits, Stable Diffusion's ``sm_abit``, keeps its initial step size, as in the authors' code).
+   min-max, the MSE search or the authors' ``'max'`` formula on the unit's inputs (all rows, or
+   ``act_init_samples`` of them, as their one forward pass of 64), optionally followed by their
+   running statistics (``running_stat``), then its step size alone is learned, Adam with a cosine
+   learning-rate schedule, loss ``||out - target||_p^p`` with p = 2.4 (a softmax quantizer at 16 bits,
+   Stable Diffusion's ``sm_abit``, keeps its initial step size, as in the authors' code).
+
+Every iteration of both phases draws its rows as the authors do, ``randperm(n)[:batch_size]``
+(``quantizers.minibatch``).
 
 Shortcut splitting: the 1x1 shortcut conv of a decoder residual block reads
 ``concat([h_deep, h_skip])``; its input gets one activation quantizer per part and its weight one
@@ -46,7 +55,7 @@ from modiff.config import NOT_QUANTIZED
 from modiff.layers import QUANTIZABLE
 
 from .attention import fixed_step_sizes, quantize_attention
-from .quantizers import ActQuantizer, AdaRoundWeight, SplitActQuantizer, beta_schedule, lp_loss
+from .quantizers import ActQuantizer, AdaRoundWeight, SplitActQuantizer, beta_schedule, lp_loss, minibatch
 
 BLOCK_TYPES = ("ResnetBlock2D", "ResnetBlockCondNorm2D", "Attention", "BasicTransformerBlock")
 EVAL_SAMPLES = 256  # calibration samples the before/after reconstruction losses are measured on
@@ -69,18 +78,24 @@ class ReconConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     beta_warmup: float = 0.2
-    act_init: str = "mse"  # minmax | mse
+    act_init: str = "mse"  # minmax | mse | max (the authors' 'max' formula)
     act_iters: int = 5000
     act_lr: float = 4e-4
     p: float = 2.4
     batch_size: int = 32
     seed: int = 0
+    act_symmetric: bool = False  # the authors' --a_sym: signed activation grids, zero point 0
+    act_init_samples: int = 0  # rows the initial activation ranges are fitted on (0: all; the authors' 64)
+    act_init_pick: str = "random"  # random (drawn without repeats, their np.random.choice) | first (their cali_xs[:64])
+    running_stat: bool = False  # the authors' --running_stat after the initialisation
+    regularize_both_halves: bool = False  # AdaRound's regulariser on both weight grids of a split layer
 
 
 class ReconLayer(nn.Module):
     """A conv / linear under reconstruction: AdaRound weight grid(s) and static input quantizer(s)."""
 
-    def __init__(self, layer: nn.Module, name: str, w_bits: int, a_bits: int, split: int = 0, p: float = 2.4):
+    def __init__(self, layer: nn.Module, name: str, w_bits: int, a_bits: int, split: int = 0, p: float = 2.4,
+                 act_symmetric: bool = False):
         super().__init__()
         self.layer = layer
         self.name = name
@@ -90,7 +105,8 @@ class ReconLayer(nn.Module):
         if a_bits >= NOT_QUANTIZED:
             self.act = None
         else:
-            self.act = SplitActQuantizer(split, a_bits, p) if split else ActQuantizer(a_bits, p)
+            self.act = (SplitActQuantizer(split, a_bits, p, act_symmetric) if split
+                        else ActQuantizer(a_bits, p, act_symmetric))
 
     def start_adaround(self, init: str, p: float) -> None:
         """Put the weight on its grid with learnable rounding (initially round-to-nearest)."""
@@ -188,9 +204,10 @@ def prepare(fp_unet: nn.Module, config: ReconConfig, example: tuple) -> nn.Modul
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, ReconLayer(module, name, config.w_bits, config.a_bits, splits.get(name, 0), config.p))
+        setattr(parent, child, ReconLayer(module, name, config.w_bits, config.a_bits, splits.get(name, 0), config.p,
+                                          config.act_symmetric))
     if config.quant_attention and config.a_bits < NOT_QUANTIZED:
-        quantize_attention(unet, config.a_bits, config.sm_abit, config.p)
+        quantize_attention(unet, config.a_bits, config.sm_abit, config.p, config.act_symmetric)
     return unet
 
 
@@ -350,7 +367,7 @@ def _optimize(unit, data, target, params, loss_fn, iterations, lr, cosine, confi
         else None
     with torch.enable_grad():
         for it in range(iterations):
-            index = torch.randint(data.n, (min(config.batch_size, data.n),), generator=generator)
+            index = minibatch(data.n, config.batch_size, generator)
             args, kwargs = data.take(index, device)
             out = _first_tensor(unit(*args, **kwargs))
             loss = loss_fn(out, target[index].to(device), it)
@@ -359,6 +376,13 @@ def _optimize(unit, data, target, params, loss_fn, iterations, lr, cosine, confi
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+
+
+def rounding_regularized(layers: list[ReconLayer], both_halves: bool = False) -> list[AdaRoundWeight]:
+    """The AdaRound grids whose rounding regulariser enters the loss: each layer's first (the authors'
+    ``LossFunction`` reads ``module.weight_quantizer`` only, so a split layer's second half,
+    ``weight_quantizer_0``, is learned without being pushed to 0/1), or every grid (``both_halves``)."""
+    return [q for layer in layers for q in (layer.weight_quantizers if both_halves else layer.weight_quantizers[:1])]
 
 
 def reconstruct_weights(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor, ts: torch.Tensor,
@@ -390,12 +414,13 @@ def reconstruct_weights(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor
         for layer in layers:
             layer.set_soft(True)
         quantizers = [q for layer in layers for q in layer.weight_quantizers]
+        regularized = rounding_regularized(layers, config.regularize_both_halves)
 
-        def loss_fn(out, tgt, it, quantizers=quantizers):
+        def loss_fn(out, tgt, it, regularized=regularized):
             loss = lp_loss(out, tgt, 2.0)
             beta = beta_schedule(it, config.weight_iters, config.beta_warmup, config.beta_start, config.beta_end)
             if beta is not None:
-                loss = loss + config.round_weight * sum(q.regularizer(beta) for q in quantizers)
+                loss = loss + config.round_weight * sum(q.regularizer(beta) for q in regularized)
             return loss
 
         _optimize(unit, data, target, params, loss_fn, config.weight_iters, config.weight_lr, False, config, device,
@@ -411,6 +436,44 @@ def reconstruct_weights(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor
     return report
 
 
+def init_rows(n: int, config: ReconConfig, generator: torch.Generator) -> torch.Tensor:
+    """The calibration rows the initial activation ranges are fitted on: all ``n``, or ``act_init_samples``
+    of them, drawn without repeats (``random``: the authors' DDIM and Stable Diffusion scripts,
+    ``np.random.choice(n, 64, replace=False)``) or the first ones (``first``: their LDM script's
+    ``cali_xs[:64]``, rows ordered step after step as here, so all from the first calibration step)."""
+    k = config.act_init_samples
+    if not k or k >= n:
+        return torch.arange(n)
+    if config.act_init_pick == "first":
+        return torch.arange(k)
+    return torch.randperm(n, generator=generator)[:k]
+
+
+def running_order(n: int, config: ReconConfig, generator: torch.Generator) -> torch.Tensor:
+    """The order the running statistics visit the calibration rows in: as stored (``first``: their LDM script)
+    or shuffled once (``random``: their Stable Diffusion script)."""
+    return torch.arange(n) if config.act_init_pick == "first" else torch.randperm(n, generator=generator)
+
+
+def _running_stat(unit: nn.Module, quantizers: list[ActQuantizer], data: UnitData, order: torch.Tensor,
+                  config: ReconConfig, device: torch.device) -> None:
+    """The authors' ``--running_stat`` after the initialisation: the unit (its quantizers on) runs over the
+    calibration rows in ``order``, in batches of ``act_init_samples`` (their 64; ``batch_size`` when every row
+    initialised), whole batches only (``int(n / 64)`` of them), every quantizer updating its range with
+    momentum 0.95 before quantizing (``quantizers.running_range``)."""
+    size = config.act_init_samples or config.batch_size
+    for q in quantizers:
+        q.running = True
+    try:
+        with torch.no_grad():
+            for i in range(data.n // size):
+                args, kwargs = data.take(order[i * size: (i + 1) * size], device)
+                unit(*args, **kwargs)
+    finally:
+        for q in quantizers:
+            q.running = False
+
+
 def reconstruct_activations(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Tensor, ts: torch.Tensor,
                             config: ReconConfig, device: torch.device, progress: bool = False,
                             cond: Cond | None = None) -> list[dict]:
@@ -424,6 +487,9 @@ def reconstruct_activations(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Te
     fp_modules = dict(fp_model.named_modules())
     report = []
     example = _example(xs, ts, cond, device)
+    # the same rows for every unit, as the authors' one forward pass of the whole model (and one running pass)
+    rows = init_rows(len(xs), config, generator)
+    order = running_order(len(xs), config, generator) if config.running_stat else None
     for name, unit in tqdm(units(qmodel, example), desc=f"step sizes A{config.a_bits}", leave=False,
                            disable=not progress):
         quantizers = act_quantizers(unit)
@@ -434,11 +500,13 @@ def reconstruct_activations(qmodel: nn.Module, fp_model: nn.Module, xs: torch.Te
         for q in quantizers:
             q.observe()
         with torch.no_grad():
-            for i in range(0, data.n, config.batch_size):
-                args, kwargs = data.take(slice(i, i + config.batch_size), device)
+            for i in range(0, len(rows), config.batch_size):
+                args, kwargs = data.take(rows[i: i + config.batch_size], device)
                 unit(*args, **kwargs)
         for q in quantizers:
             q.initialize(config.act_init)
+        if order is not None:
+            _running_stat(unit, quantizers, data, order, config, device)
         before = _unit_loss(unit, data, target, config.p, device, config.batch_size)
         fixed = {id(q) for q in fixed_step_sizes(unit)}  # the 16-bit softmax keeps its initial range
         learned = [q.scale for q in quantizers if id(q) not in fixed]

@@ -5,16 +5,19 @@ every layer's residual step size from one min-max value over the whole calibrati
 ``delta = (max(r) - min(r)) / (n_levels - 1)``, the same for both halves of a shortcut-split input
 (``act_quantizer`` and ``act_quantizer_0``); with ``--cali_min_max`` that is all. Otherwise it learns the
 step sizes, each half its own (the two quantizers are separate parameters), with Adam (``--cali_lr``), a
-cosine learning rate over ``--cali_iters_a`` iterations, batches of ``--cali_batch_size`` rows, and the loss
-``lp_loss(out, target, p) + out_penalty * sum(|target - out|`` where the target leaves the output's range
-``)`` (``LossFunction``, ``out_penalty = 1`` unless ``--out_penalty``; a sum over every element, so it
-can outweigh the averaged Lp term: measured on a toy layer at a learning rate 10x theirs, it drove a
-half's step size to zero): one layer at a time, the rest of the model in full precision,
-the layer's previous-step input run first, then the current one.
+cosine learning rate over ``--cali_iters_a`` iterations, batches of ``--cali_batch_size`` rows drawn by
+``randperm`` (no row twice in a batch), and the loss ``lp_loss(out, target, p) + out_penalty *
+sum(|target - out|`` where the target leaves the output's range ``)`` (``LossFunction``): one layer at a
+time, the rest of the model in full precision, the layer's previous-step input run first, then the current
+one. ``out_penalty``: the library function defaults to 1.0, but their scripts pass ``--out_penalty``, whose
+default is 0.0, and none of their commands sets it, so what they ran is 0.0, our default. (The term is a sum
+over every element, so it can outweigh the averaged Lp term: measured on a toy layer at a learning rate 10x
+theirs, at 1.0 it drove a half's step size to zero.)
 
-Here the layer runs as our ``QuantLayer`` does on a trajectory: its previous-step input is the full-precision
-warm-up (``A(a_prev) + bias``, so the bias is added once; their ``QuantModule`` adds it at both calls), then
-``A(Q(a - a_prev))`` on the current input; the target is the full-precision layer on the current input.
+Here the layer runs as our ``QuantLayer`` does on a trajectory, and as their ``QuantModule`` with
+``modulate``: its previous-step input is the full-precision warm-up (``A(a_prev) + bias``: the bias enters
+once, on the first call after ``reset_cache``, when ``o_hat`` is empty), then ``o_hat + A(Q(a - a_prev))``
+without the bias on the current input; the target is the full-precision layer on the current input.
 
 Their symmetric quantizer (``--a_sym``, ``qdiff/quant_layer.py``) has ``n_levels = 2^(b-1) - 1`` and clamps to
 ``[-n_levels - 1, n_levels]``; the min-max start above, written for the asymmetric ``n_levels = 2^b``, then
@@ -34,10 +37,10 @@ from modiff.layers import QuantLayer
 from modiff.quant import MIN_SCALE, grid
 
 from .calibration import CalibrationData
-from .quantizers import lp_loss, round_ste
+from .quantizers import lp_loss, minibatch, round_ste
 from .reconstruction import capture_inputs
 
-OUT_PENALTY = 1.0  # the authors' default (layer_reconstruction_modiff's out_penalty; their --out_penalty)
+OUT_PENALTY = 0.0  # what the authors ran: their scripts' --out_penalty default (the library function's is 1.0)
 MAX_ROWS = 512  # calibration pairs (rows) whose layer inputs are kept per layer
 
 
@@ -134,7 +137,7 @@ def _learn_one(layer: QuantLayer, fp_layer: nn.Module, prev: torch.Tensor, cur: 
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, iterations), eta_min=0.0)
     with torch.enable_grad():
         for _ in range(iterations):
-            index = torch.randint(len(residual), (min(batch_size, len(residual)),), generator=generator)
+            index = minibatch(len(residual), batch_size, generator)
             loss = loss_of(index, halves)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

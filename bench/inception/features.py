@@ -46,7 +46,8 @@ SFID_CHANNELS = 7
 POOL_DIMS = 2048
 SPATIAL_DIMS = SFID_CHANNELS * 17 * 17  # 2023
 
-# (N, C, H, W), float in [-1, 1] (any float dtype) or uint8, C in {1, 3}; or an iterable of such batches
+# (N, C, H, W), float (any float dtype; clamped to [-1, 1], since stored samples are unclipped) or uint8,
+# C in {1, 3}; or an iterable of such batches
 Images = torch.Tensor | Iterable[torch.Tensor]
 
 
@@ -73,6 +74,8 @@ def _count_non_finite(images: torch.Tensor, batch_size: int) -> int:
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB images: floats clamped to [-1, 1] (stored samples are the sampler's unclipped output) and
+    rounded to the nearest of 256 levels; uint8 taken as it is; greyscale repeated to three channels."""
     if images.dtype == torch.uint8:
         x = images.detach()
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x

@@ -26,6 +26,11 @@
     and sFID, computes precision / recall on the Inception pool features, and so no second weights
     file is needed (VGG16 has no offline path in ``InceptionSettings``). Not comparable with
     VGG16-based precision / recall.
+``kid``, ``kid_std``, ``kid_subset_size``
+    torch-fidelity's ``kid_features_to_metric`` (unbiased MMD^2, cubic polynomial kernel, 100 subsets) on
+    the same pool features. The library's subset size is 1000 and it asserts both sides hold a whole
+    subset; here it is ``min(1000, N generated, N reference)``, recorded in ``kid_subset_size`` (KID is
+    unbiased at any subset size, only noisier when it is small).
 
 How many images each formula needs, and the reasons given when there are too few, are
 ``bench.inception.metrics``'s business; these functions only compute.
@@ -42,6 +47,7 @@ import torch
 
 IS_SPLITS = 10
 PRC_NEIGHBOURS = 3
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults
 STATS_KEYS = ("pool_mu", "pool_sigma", "spatial_mu", "spatial_sigma")  # torch-fidelity's statistics of a set
 
 
@@ -82,6 +88,14 @@ def fidelity_precision_recall(generated: torch.Tensor, reference: torch.Tensor) 
     out = prc_features_to_metric(generated, reference, prc_neighborhood=PRC_NEIGHBOURS, save_cpu_ram=True,
                                  verbose=False)
     return out["precision"], out["recall"]
+
+
+def fidelity_kernel_distance(generated: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, int]:
+    """torch-fidelity's KID (mean, std over ``KID_SUBSETS`` subsets) of two feature sets, and the subset size:
+    ``KID_SUBSET_SIZE`` capped at the smaller set (``bench.domain.kernel_distance``)."""
+    from ..domain import kernel_distance
+
+    return kernel_distance(generated, reference, KID_SUBSETS, KID_SUBSET_SIZE)
 
 
 def pytorch_fid_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

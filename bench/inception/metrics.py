@@ -1,6 +1,7 @@
 """The Inception columns of a cell: which columns each metric gives, one streamed pass over the
 generated images, and a value or a one-line reason for every column (missing weights, missing
-reference data, too few images, a non-finite result), never a made-up number."""
+reference data, too few images, a non-finite result), never a made-up number. Images are clamped to
+[-1, 1] before the networks (``bench.inception.features``): stored samples are unclipped."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from .reference import ReferenceSet, _check_name, _reference_side
 from .settings import InceptionSettings
 from .weights import _one_line
 
-COLUMNS = ("fid", "fid_pytorch_fid", "is_mean", "is_std", "sfid", "precision", "recall")
+COLUMNS = ("fid", "fid_pytorch_fid", "is_mean", "is_std", "sfid", "precision", "recall", "kid", "kid_std",
+           "kid_subset_size")
 METRIC_COLUMNS = {
     "fid": ("fid", "fid_pytorch_fid"),
     "is": ("is_mean", "is_std"),
     "sfid": ("sfid",),
     "prc": ("precision", "recall"),
+    "kid": ("kid", "kid_std", "kid_subset_size"),
 }
 
 
@@ -77,7 +80,7 @@ def inception_metrics(
     pending = [c for c in columns if c not in missing]
     fidelity = None
     if any(c != "fid_pytorch_fid" for c in pending):
-        names = [f for f, used in (("2048", bool({"fid", "precision", "recall"} & set(pending))),
+        names = [f for f, used in (("2048", bool({"fid", "precision", "recall", "kid"} & set(pending))),
                                    ("logits_unbiased", "is_mean" in pending)) if used]
         fidelity = features._FidelityPass(
             weights._load_torch_fidelity(fidelity_path, names or ["768"], settings.device), spatial="sfid" in pending)
@@ -142,6 +145,15 @@ def _torch_fidelity_values(gen: dict[str, torch.Tensor], n: int, ref: dict, pend
         else:
             values["precision"], values["recall"] = formulas.fidelity_precision_recall(
                 gen["2048"].to(settings.device), torch.from_numpy(ref["pool"]["pool"]).to(settings.device))
+    if "kid" in pending:
+        n_ref = len(ref["pool"]["pool"])
+        if min(n, n_ref) < 2:
+            missing["kid"] = missing["kid_std"] = missing["kid_subset_size"] = (
+                f"KID needs at least 2 images on each side, got {n} generated and {n_ref} reference")
+        else:
+            values["kid"], values["kid_std"], size = formulas.fidelity_kernel_distance(
+                gen["2048"], torch.from_numpy(ref["pool"]["pool"]))
+            values["kid_subset_size"] = float(size)
     return values, missing
 
 

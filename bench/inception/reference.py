@@ -103,7 +103,9 @@ def _reference_side(reference: ReferenceSet | None, wanted: list[str], fidelity_
         return ref
     fidelity_ok = fidelity_path is not None
     fid_sfid = [c for c in ("fid", "sfid") if fidelity_ok and c in wanted and c not in missing]
-    prc = fidelity_ok and "prc" in wanted and "precision" not in missing
+    # precision / recall and KID need the reference's pool features, not only their statistics
+    prc = fidelity_ok and (("prc" in wanted and "precision" not in missing)
+                           or ("kid" in wanted and "kid" not in missing))
     pytorch_fid = pytorch_fid_path is not None and "fid" in wanted and "fid_pytorch_fid" not in missing
     sha16 = cache._sha16(fidelity_path) if fidelity_path is not None else None
     if fid_sfid and reference.statistics is not None:
@@ -115,8 +117,11 @@ def _reference_side(reference: ReferenceSet | None, wanted: list[str], fidelity_
         ref["stats"] = cache._read_cache(cache._cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "stats"),
                                          formulas.STATS_KEYS)
     if prc and reference.load is None:
-        missing["precision"] = missing["recall"] = (
-            f"reference {reference.name!r} is precomputed statistics only: precision / recall need its images")
+        for metric, columns, what in (("prc", ("precision", "recall"), "precision / recall need"),
+                                      ("kid", ("kid", "kid_std", "kid_subset_size"), "KID needs")):
+            if metric in wanted:
+                missing.update(dict.fromkeys(columns, f"reference {reference.name!r} is precomputed statistics "
+                                                      f"only: {what} its images"))
         prc = False
     elif prc:
         ref["pool"] = cache._read_cache(
@@ -140,7 +145,9 @@ def _reference_side(reference: ReferenceSet | None, wanted: list[str], fidelity_
         images = reference.load()
     except ReferenceUnavailable as exc:
         reason = " ".join(str(exc).split())
-        unserved = ((fid_sfid if need_stats else []) + (["precision", "recall"] if need_pool else [])
+        pool_columns = [c for m, cs in (("prc", ("precision", "recall")),
+                                        ("kid", ("kid", "kid_std", "kid_subset_size"))) if m in wanted for c in cs]
+        unserved = ((fid_sfid if need_stats else []) + (pool_columns if need_pool else [])
                     + (["fid_pytorch_fid"] if need_pytorch_fid else []))
         for column in unserved:
             missing.setdefault(column, reason)

@@ -11,7 +11,7 @@ A :class:`ZooModel` is what the samplers, methods and runner need from a model:
 - ``schedule`` and ``image_shape``, the shape the sampler works in (latents for latent models);
 - ``denoiser(unet)``: that network as the samplers' ``(x_t, t) -> eps`` callable (classifier-free
   guidance for text-conditioned models is applied there);
-- ``decode(x)``: sampler output -> images in [-1, 1] (identity for pixel-space models);
+- ``decode(x)``: sampler output -> images nominally in [-1, 1], unclipped (identity for pixel-space models);
 - ``start_batch(seeds)``: per-batch conditioning chosen from the seeds (prompts), run before a batch's
   first step; None for unconditional models.
 """
@@ -76,7 +76,8 @@ class ZooModel:
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Sampler output -> images in [-1, 1] on the same device (identity in pixel space)."""
+        """Sampler output -> images nominally in [-1, 1], not clipped, on the same device (identity in pixel
+        space); a metric that needs [-1, 1] clamps them itself."""
         return x if self.decoder is None else self.decoder(x)
 
     @property
