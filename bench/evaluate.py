@@ -48,8 +48,9 @@ class Evaluator:
         self.errors: dict[str, str] = {}  # cell id -> the metric that raised, and its one-line error
 
     def wanted(self, row: dict) -> list[str]:
-        """The metrics of this evaluator the row does not have yet, and those to recompute."""
-        have = set(row.get("metrics") or []) - set(self.recompute)
+        """The metrics of this evaluator the row does not have yet, those to recompute, and those an older
+        version of the metric computed (``MetricSpec.version``)."""
+        have = set(row.get("metrics") or []) - set(self.recompute) - set(stale_metrics(row))
         return [n for n in self.metrics if n not in have]
 
     def todo(self) -> list[Cell]:
@@ -92,7 +93,7 @@ class Evaluator:
                 if store.out / row["samples_file"] == reference:
                     store.discard_reference(reference)  # the fp cell's samples: made again
                 return None
-        for name in (n for n in names if n in self.recompute and n in METRICS):  # as if never computed
+        for name in (n for n in names if n in (row.get("metrics") or []) and n in METRICS):  # as if never computed
             for column in METRICS[name].columns:
                 row[column] = None
                 (row.get("missing_metrics") or {}).pop(column, None)
@@ -140,6 +141,12 @@ class Evaluator:
         row["metrics"] = list(dict.fromkeys([*(row.get("metrics") or []), *done]))
         row["metric_columns"] = {**(row.get("metric_columns") or {}),
                                  **{n: list(METRICS[n].columns) for n in done}}
+        versions = {**(row.get("metric_versions") or {}), **{n: METRICS[n].version for n in done}}
+        versions = {n: v for n, v in versions.items() if v > 1}  # version 1 is what no record means
+        if versions:
+            row["metric_versions"] = versions
+        else:
+            row.pop("metric_versions", None)
         row["finished_utc"] = now()
         cell.write_result(row)
         return row
@@ -163,6 +170,13 @@ class Evaluator:
         if problem is not None:
             return None, f"its full-precision reference {path.relative_to(store.out)} {problem}"
         return store.load_reference(path)["images"], None
+
+
+def stale_metrics(row: dict) -> list[str]:
+    """The metrics a row holds that an older version of the metric computed (``metric_versions``; a
+    metric it does not list was computed by version 1)."""
+    recorded = row.get("metric_versions") if isinstance(row.get("metric_versions"), dict) else {}
+    return [n for n in row.get("metrics") or [] if n in METRICS and recorded.get(n, 1) < METRICS[n].version]
 
 
 def evaluate_run(out: str | Path, metrics: list[str] | None = None, device: str = "auto", progress: bool = True,

@@ -77,6 +77,10 @@ class MetricSpec:
     # the fewest images for which its value means what it says (FD in d-dim features: d + 1, else the
     # covariance is singular); the report marks values computed on fewer
     min_images: int = 1
+    # raised when a fix changes what the metric computes: values recorded by an older version are stale and
+    # computed again by the next 'run' or 'evaluate' (metrics are not part of cell ids; result.json's
+    # metric_versions, absent = 1)
+    version: int = 1
 
     @property
     def needs_fp_reference(self) -> bool:
@@ -88,14 +92,15 @@ METRICS: dict[str, MetricSpec] = {}
 
 def register_metric(name: str, columns: Sequence[str | Column] | None = None, summary: str = "",
                     needs: Iterable[str] = (), models: Iterable[str] | None = None, group: str | None = None,
-                    min_images: int = 1, _builtin: bool = False):
+                    min_images: int = 1, version: int = 1, _builtin: bool = False):
     """Decorator: register ``fn(inputs: MetricInputs) -> {column: value}`` as metric ``name``.
 
     ``columns``: its result columns, names or :class:`Column` (label, better); default one column
     named like the metric. ``needs``: ``"fp_reference"`` to get the full-precision samples of the
     same seeds as ``inputs.reference``. ``models``: the zoo models it is defined for (default any).
     ``min_images``: the fewest images its value needs to mean what it says; the report marks values
-    computed on fewer (a cell's ``n_samples``).
+    computed on fewer (a cell's ``n_samples``). ``version``: raise it when a fix changes the values: cells
+    that recorded an older one compute it again on the next ``run`` or ``evaluate``.
     The function may also return a single number (for a one-column metric) or a tuple (one value per
     column); a column it leaves out is recorded as missing."""
     info = tuple(c if isinstance(c, Column) else Column(c) for c in (columns or [name]))
@@ -117,7 +122,7 @@ def register_metric(name: str, columns: Sequence[str | Column] | None = None, su
         text = summary or ((fn.__doc__ or "").strip().split("\n")[0] if fn is not None else "")
         METRICS[name] = MetricSpec(name, tuple(c.name for c in info), text, needs,
                                    None if models is None else tuple(models), fn, group, info, _builtin,
-                                   int(min_images))
+                                   int(min_images), int(version))
         return fn
 
     return decorate
@@ -229,11 +234,11 @@ register_metric("mse_to_fp", [Column("mse_to_fp", "MSE to FP", "lower", quality=
                 _builtin=True)(lambda inputs: {"mse_to_fp": mse_to_fp(inputs.samples, inputs.reference)})
 register_metric("fd_domain", [Column("fd_domain", "FD (domain)", "lower")],
                 "Frechet distance to the held-out digits in the domain classifier's 64-d features",
-                models=["digits"], min_images=65, _builtin=True)(
+                models=["digits"], min_images=65, version=2, _builtin=True)(  # 2: samples clamped to [-1, 1]
     lambda inputs: {"fd_domain": fd_domain(inputs.samples, inputs.checkpoint)})
 register_metric("is_domain", [Column("is_domain", "IS (domain)", "higher"), Column("is_domain_std", quality=False)],
                 "Inception-score analogue on the domain classifier's logits (10 splits of at least 2 images)",
-                models=["digits"], min_images=20, _builtin=True)(
+                models=["digits"], min_images=20, version=2, _builtin=True)(  # 2: clamped, splits of >= 2
     lambda inputs: dict(zip(("is_domain", "is_domain_std"), is_domain(inputs.samples, inputs.checkpoint),
                             strict=True)))
 # kid_domain stays out of the report's quality tables (quality=False): its scale is the classifier's features'

@@ -83,7 +83,7 @@ PROVENANCE_COLUMNS = ("device", "world_size", "torch_version", "git_rev", "modif
 RESULT_COLUMNS = ("cell_id", "status", "error", *SETTING_COLUMNS, *METRIC_COLUMNS, *COST_COLUMNS,
                   *PROVENANCE_COLUMNS)
 NON_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in METRIC_COLUMNS) + (
-    "metrics", "metric_columns", "samples_bytes", "samples_sha256", "generated_utc")
+    "metrics", "metric_columns", "metric_versions", "samples_bytes", "samples_sha256", "generated_utc")
 JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights", "timing_env",
                 "method_versions")
 REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes", "decode_seconds",
@@ -163,7 +163,7 @@ def check_result(row, key: str) -> str | None:
             return f"{column} is {value!r}, not a number"
     if row.get("error") is not None and not isinstance(row["error"], str):
         return f"error is {row['error']!r}, not a string"
-    for column in ("params", "missing_metrics", "versions", "timing_env", "method_versions"):
+    for column in ("params", "missing_metrics", "versions", "timing_env", "method_versions", "metric_versions"):
         if row.get(column) is not None and not isinstance(row[column], dict):
             return f"{column} is {row[column]!r}, not a JSON object"
     metrics = row.get("metrics")

@@ -306,6 +306,32 @@ def test_evaluate_recompute_computes_a_metric_again(copy, baseline, monkeypatch,
     assert "unknown metric 'nope'" in capsys.readouterr().err
 
 
+def test_a_metric_whose_version_rose_is_computed_again_by_the_next_run_and_evaluate(copy, baseline, monkeypatch,
+                                                                                     capsys):
+    """A fixed metric (issue #25: the domain classifier's clamp) raises its version: values an older version
+    recorded are stale, and 'run' / 'evaluate' compute them again instead of mixing old and new values."""
+    import dataclasses
+
+    from bench.evaluate import stale_metrics
+
+    for row in _rows(copy).values():  # as if an older, wrong psnr_to_fp had computed them
+        row["psnr_to_fp"] = 1.0
+        _write_row(copy, row)
+    monkeypatch.setitem(METRICS, "psnr_to_fp", dataclasses.replace(METRICS["psnr_to_fp"], version=2))
+    rows = _rows(copy)
+    assert all(stale_metrics(row) == ["psnr_to_fp"] for row in rows.values() if "psnr_to_fp" in row["metrics"])
+    _no_sampling(monkeypatch)
+    summary, _ = _run(copy)  # the next run: nothing sampled, the stale metric computed again
+    assert summary.ran == 0 and not summary.failed
+    for method, row in _rows(baseline).items():
+        got = _rows(copy)[method]
+        assert got["psnr_to_fp"] == row["psnr_to_fp"], method
+        if "psnr_to_fp" in got["metrics"]:
+            assert got["metric_versions"] == {"psnr_to_fp": 2} and not stale_metrics(got), method
+    assert main(["evaluate", str(copy), "--no-progress"]) == 0
+    assert "0 cell(s) evaluated" in capsys.readouterr().out  # up to date now
+
+
 def test_evaluate_and_report_help_say_what_they_do(capsys):
     for command, expected in (("evaluate", ["--recompute", "--import", "marked (in its result.json)"]),
                               ("report", ["--import"])):
