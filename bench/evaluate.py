@@ -109,23 +109,23 @@ class Evaluator:
         # the stored float16 samples as they are: metrics convert chunk by chunk (LSUN at 50k would need
         # 39 GB as one float32 tensor)
         done, values, missing = [], {}, {}
+
+        def failed(name: str, reason: str) -> None:  # its columns empty with the reason; tried again next time
+            error = f"metric {name!r} failed: {reason}"
+            self.errors[cell.key] = error
+            store.log(f"cell {cell.key} ({spec.method}): {error}")
+            for column in METRICS[name].columns:
+                values[column], missing[column] = None, error
+
         for name in names:  # one by one: a metric that raises costs only its own columns
-            if unusable is not None and METRICS[name].needs_fp_reference:  # tried again by the next evaluation
-                error = f"metric {name!r} failed: {unusable}"
-                self.errors[cell.key] = error
-                store.log(f"cell {cell.key} ({spec.method}): {error}")
-                for column in METRICS[name].columns:
-                    values[column], missing[column] = None, error
+            if unusable is not None and METRICS[name].needs_fp_reference:
+                failed(name, unusable)
                 continue
             try:
                 got, why = compute_metrics([name], MetricInputs(samples, spec.model, spec.checkpoint, reference,
                                                                 inception))
             except Exception as exc:  # recorded; tried again by the next evaluation
-                error = f"metric {name!r} failed: {one_line(exc)}"
-                self.errors[cell.key] = error
-                store.log(f"cell {cell.key} ({spec.method}): {error}")
-                for column in METRICS[name].columns:
-                    values[column], missing[column] = None, error
+                failed(name, one_line(exc))
                 continue
             values.update(got)
             missing.update(why)

@@ -168,8 +168,9 @@ def _runs_text(runs: int) -> str:
 
 
 def _newest_first(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` the most recently finished first (unfinished last; of equal times, the later row first)."""
     if "finished_utc" in rows.columns and len(rows) > 1:
-        return rows.sort_values("finished_utc", na_position="last", ascending=False, kind="stable")
+        rows = rows.sort_values("finished_utc", na_position="first", kind="stable")
     return rows.iloc[::-1]
 
 
@@ -182,8 +183,9 @@ def _collapse(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     keys = setting_key(rows)
     out = []
     for key in dict.fromkeys(keys):
-        value = measured(_newest_first(rows[keys == key]), metric)
-        row = _newest_first(rows[keys == key]).iloc[0].copy()
+        newest_first = _newest_first(rows[keys == key])
+        value = measured(newest_first, metric)
+        row = newest_first.iloc[0].copy()
         row[metric], row["range_lo"], row["range_hi"], row["range_runs"] = float(value), value.lo, value.hi, value.runs
         out.append(row)
     return pd.DataFrame(out).reset_index(drop=True)
@@ -234,9 +236,7 @@ def _matching(frame: pd.DataFrame, keys: list[str], values: tuple) -> pd.DataFra
 
 def _latest(rows: pd.DataFrame) -> pd.Series:
     """One row where several runs measured the same cell: the most recently finished one."""
-    if "finished_utc" in rows.columns and len(rows) > 1:
-        rows = rows.sort_values("finished_utc", na_position="first", kind="stable")
-    return rows.iloc[-1]
+    return _newest_first(rows).iloc[0]
 
 
 def _sort_key(key: tuple) -> tuple:

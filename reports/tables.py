@@ -400,8 +400,11 @@ def _act_setting(cells: pd.DataFrame) -> dict | None:
     out = {}
     for key, default in ACT_DEFAULTS.items():
         value = param_value(row, key)
-        out[key] = default if value is None else (int(value) if isinstance(default, int) and not isinstance(
-            default, bool) else value)
+        if value is None:
+            value = default
+        elif type(default) is int:  # read back from results.csv as a float where other rows lack it: 64.0
+            value = int(value)
+        out[key] = value
     return out
 
 
