@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import BenchError
+from .errors import BenchError, user_input
 
 
 def _positive_int(text: str) -> int:
@@ -252,13 +252,16 @@ def check_run_dir(out: Path, force: bool) -> None:
 def _sample_fp(args):
     import torch
 
-    from .samplers import SamplerConfig, check_seeds, sample
+    from modiff.samplers import SamplerConfig, check_seeds, sample
+
     from .zoo import load_model
 
-    config = SamplerConfig.from_name(args.sampler, args.steps, args.eta)  # cheap checks first
-    check_seeds(args.seed, args.n, "--seed")
+    with user_input():  # cheap checks first
+        config = SamplerConfig.from_name(args.sampler, args.steps, args.eta)
+        check_seeds(args.seed, args.n, "--seed")
     model = load_model(args.model, args.checkpoint, args.device)
-    config.timesteps(model.schedule)
+    with user_input():
+        config.timesteps(model.schedule)
     seeds = list(range(args.seed, args.seed + args.n))
     start = time.perf_counter()
     images = sample(model.denoiser(), model.schedule, config, seeds, model.image_shape, args.batch_size,
@@ -350,7 +353,8 @@ def _print_quality(q: dict) -> None:
 
 
 def cmd_train_tiny(args) -> int:
-    from .samplers import MAX_SEED
+    from modiff.samplers import MAX_SEED
+
     from .train import ClassifierTrainConfig, EvalConfig, UNetTrainConfig, train_tiny
     from .zoo import digits
 
@@ -389,9 +393,10 @@ def cmd_train_tiny(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .devices import pick_device
     from .distributed import init_from_env, shutdown
     from .matrix import load_matrix
-    from .runner import Runner, pick_device
+    from .runner import Runner
 
     matrix = load_matrix(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -403,8 +408,9 @@ def cmd_run(args) -> int:
     if args.dry_run:
         import json
 
+        from .cell import later_settings
         from .matrix import cell_id
-        from .methods import later_settings, toml_value
+        from .params import toml_value
 
         def flat(cell) -> dict[str, object]:
             return {f"{m}.{k}": v for m, values in sorted(cell.params.items()) for k, v in sorted(values.items())}
@@ -494,7 +500,9 @@ def cmd_presets(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import import_plugins, methods, toml_value
+    from .params import toml_value
+    from .plugins import import_plugins
+    from .registry import methods
 
     import_plugins(args.imports)
     for kind, title in (("base", "base quantizers (matrix.base)"), ("cache", "cache schemes (matrix.cache)")):
@@ -504,7 +512,8 @@ def cmd_methods(args) -> int:
             print(f"  {'none':12s} no caching")
         for name, cls in entries.items():
             params = ", ".join(f"{k}={'unset' if v is None else toml_value(v)}" for k, v in cls.PARAMS.items())
-            print(f"  {name:12s} {cls.summary()}" + (f"  [params: {params}]" if params else ""))
+            also = f" (also: {', '.join(cls.aliases)})" if cls.aliases else ""
+            print(f"  {name:12s} {cls.summary()}{also}" + (f"  [params: {params}]" if params else ""))
     return 0
 
 

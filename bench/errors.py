@@ -1,12 +1,16 @@
 """User-facing errors.
 
 Anything a user can cause (a bad name, a bad number, a missing or corrupt file) raises
-:class:`BenchError`; the CLI turns it into one line on stderr and exit status 2. Any other
+:class:`BenchError`; the CLI turns it into one line on stderr and exit status 2. Library code
+(``modiff``, the baselines, the samplers) raises ValueError / TypeError naming the setting; where the
+harness hands it the user's settings, :func:`user_input` turns those into BenchError. Any other
 exception is a bug and keeps its traceback.
 """
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # ANSI/VT100 escape sequences (CSI ``ESC [ ... final``, OSC ``ESC ] ... BEL|ESC \``, two-byte ``ESC X``) and the
@@ -28,6 +32,17 @@ class BenchError(Exception):
 
     def __init__(self, *args):
         super().__init__(*(plain(a) if isinstance(a, str) else a for a in args))
+
+
+@contextmanager
+def user_input(where: str = "") -> Iterator[None]:
+    """The boundary between library code and the user: a ValueError or TypeError raised inside (a library's
+    check of a setting the user gave, whose message names it) becomes a one-line BenchError, prefixed by
+    ``where`` when given. Wrap only what checks the user's settings: elsewhere such an error is a bug."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise BenchError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def readable_file(path: str | os.PathLike, what: str) -> Path:

@@ -18,8 +18,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .methods import BuildContext, CellSpec, Prepared, build, later_settings
-from .samplers import SamplerConfig
+from modiff.samplers import SamplerConfig
+
+from .build import build, resolve_cell
+from .cell import CellSpec, later_settings
+from .context import Prepared
 from .zoo import ZooModel
 
 KINDS = ("fp", "quantized", "modulated")
@@ -96,15 +99,13 @@ def estimate(cells: list[CellSpec], models: dict[str, ZooModel], device: torch.d
         t = model.schedule.num_train_timesteps // 2
         timed[(name, batch)] = {}
         for kind, cell in sorted(kinds.items(), key=lambda item: (KINDS.index(item[0].split()[0]), item[0])):
-            rep = _representative(cell)
-            sampler = SamplerConfig.from_name(rep.sampler, rep.steps, rep.eta)
-            prepared = build(BuildContext(model, rep, sampler, device))
+            prepared = build(resolve_cell(_representative(cell)), model, device)
             timed[(name, batch)][kind] = _time_call(model, prepared, batch, device, t)
             del prepared
     seconds = 0.0
     for cell in cells:
         model = models[cell.model]
-        sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)
+        sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)  # the cell's own: valid
         calls = len(sampler.evaluation_timesteps(model.schedule))
         batch = min(cell.batch_size, cell.n_samples)
         seconds += math.ceil(cell.n_samples / cell.batch_size) * calls * timed[(cell.model, batch)][_kind(cell)]

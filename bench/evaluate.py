@@ -25,10 +25,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from .methods import CellSpec, metric_reference
-from .metrics import METRICS, MetricInputs, compute_metrics
-from .store import Cell, RunStore, now, one_line
+from .cell import CELL_FIELDS, CellSpec, metric_reference
+from .devices import pick_device
+from .distributed import World
+from .errors import BenchError
+from .generate import Generator
+from .matrix import Matrix, cell_id
+from .metrics import METRICS, MetricInputs, check_metrics, compute_metrics
+from .plugins import import_plugins
+from .store import Cell, RunStore, now, one_line, read_run_json
+from .zoo import load_model
 
 
 class Evaluator:
@@ -188,12 +196,6 @@ def evaluate_run(out: str | Path, metrics: list[str] | None = None, device: str 
     need generating again or whose metric failed). The matrix comes from ``run.json``; plugins from
     ``imports`` only (never from the directory); full-precision references that are missing or do not
     match their record are made again (this loads the model)."""
-    from tqdm.auto import tqdm
-
-    from .errors import BenchError
-    from .metrics import METRICS, check_metrics
-    from .runner import pick_device
-
     out = Path(out)
     matrix = matrix_from_run_json(out, imports)
     names = list(dict.fromkeys([*matrix.metrics, *(metrics or []), *recompute]))
@@ -213,10 +215,6 @@ def evaluate_run(out: str | Path, metrics: list[str] | None = None, device: str 
     def ensure_reference(spec: CellSpec) -> None:
         nonlocal generator
         if generator is None:
-            from .distributed import World
-            from .generate import Generator
-            from .zoo import load_model
-
             models = {m: load_model(m, c.checkpoint, str(dev)) for m, c in
                       {c.model: c for c in matrix.cells}.items()}
             generator = Generator(store, models, dev, World())
@@ -257,13 +255,6 @@ def matrix_from_run_json(out: Path, imports: list[str] = ()):
     against this version's), the run settings and ``[inception]``. The plugins it names
     (``run.imports``) are not imported: a run directory is data, and a shared one could carry any
     code; ``imports`` (the user's ``--import``, relative to the working directory) are."""
-    from dataclasses import fields
-
-    from .errors import BenchError
-    from .matrix import Matrix, cell_id
-    from .methods import import_plugins
-    from .store import read_run_json
-
     data, problem = read_run_json(out / "run.json")
     if data is None:
         if not out.is_dir():
@@ -274,7 +265,7 @@ def matrix_from_run_json(out: Path, imports: list[str] = ()):
     run = resolved.get("run") if isinstance(resolved.get("run"), dict) else {}
     source = str(data.get("source") or resolved.get("source") or out)
     import_plugins(list(imports))
-    names = {f.name for f in fields(CellSpec)}
+    names = set(CELL_FIELDS)
     cells = []
     for entry in data.get("cells") if isinstance(data.get("cells"), list) else []:
         try:

@@ -28,22 +28,17 @@ from tqdm.auto import tqdm
 
 import modiff
 from modiff.layers import QuantLayer
+from modiff.samplers import SamplerConfig, sample
 
+from .build import build, resolve_cell
+from .cell import CellSpec, is_compiled, metric_reference
+from .context import Prepared
 from .distributed import World
 from .errors import BenchError
+from .matrix import Matrix
 from .measure import measured
-from .methods import (
-    BuildContext,
-    CellSpec,
-    Prepared,
-    base_quantizer,
-    build,
-    is_compiled,
-    method_versions,
-    metric_reference,
-)
 from .provenance import git_revision, is_disk_full, package_versions, save_torch_atomic, timing_environment
-from .samplers import SamplerConfig, sample
+from .registry import method_versions
 from .store import RESULT_COLUMNS, Cell, RunStore, now, one_line, read_chunk
 from .zoo import ZooModel
 
@@ -136,6 +131,7 @@ class Generator:
                  progress: bool = False, trace_layer: str = "", trace_samples: int = 1,
                  needs_reference: bool = False, timing_repeats: int = 1):
         self.store = store
+        self.matrix: Matrix = store.matrix  # its cells resolved (bench.matrix.Matrix.resolution)
         self.models = models
         self.device = device
         self.world = world
@@ -164,16 +160,20 @@ class Generator:
         try:
             # collective steps first (every rank takes part), then rank 0's own work: a failure in the
             # latter never leaves the other ranks waiting in a collective
-            sampler = SamplerConfig.from_name(spec.sampler, spec.steps, spec.eta)
+            resolved = self.matrix.resolution(spec)
+            sampler = resolved.sampler
             reference = is_reference_cell(spec)
             if reference:
                 record, row["prepare_s"] = self.reference(spec), 0.0
             else:
                 t0 = time.perf_counter()
-                ctx = BuildContext(model, spec, sampler, self.device, self.progress, self.store.out / "cache")
+
+                def make() -> Prepared:
+                    return build(resolved, model, self.device, self.progress, self.store.out / "cache")
+
                 # rank 0 first: what it calibrates and caches, the other ranks then load
-                prepared = together(self.world, lambda: build(ctx) if self.world.main else None)
-                prepared = together(self.world, lambda: prepared if self.world.main else build(ctx))
+                prepared = together(self.world, lambda: make() if self.world.main else None)
+                prepared = together(self.world, lambda: prepared if self.world.main else make())
                 row["prepare_s"] = time.perf_counter() - t0
                 record = self._sample_chunks(prepared, model, spec, sampler, cell.key, cell.chunk_dir)
             if self.needs_reference:
@@ -260,9 +260,10 @@ class Generator:
                 return SampleRecord(**{k: v for k, v in data.items() if k in SampleRecord.__dataclass_fields__})
             fp_cell = CellSpec(**{**asdict(cell), "base": "fp", "cache": "none", "modulation": "off", "w_bits": 32,
                                   "a_bits": 32, "a_granularity": "none", "params": {}, "execution": "fake"})
-            sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)
-            prepared = build(BuildContext(model, fp_cell, sampler, self.device))
-            record = self._sample_chunks(prepared, model, fp_cell, sampler, path.stem, path.with_suffix(".chunks"))
+            resolved = resolve_cell(fp_cell)
+            prepared = build(resolved, model, self.device)
+            record = self._sample_chunks(prepared, model, fp_cell, resolved.sampler, path.stem,
+                                         path.with_suffix(".chunks"))
             # (collective, so that a failed write stops every rank alike)
             together(self.world, lambda: store.save_reference(path, asdict(record)) if self.world.main else None)
             return record
@@ -410,9 +411,9 @@ class Generator:
             out["gbops"] = mac_fraction * gbops_paper(report, cell.w_bits, cell.a_bits)
         except ValueError:
             out["gbops"] = None
-        sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)
-        calls = len(sampler.evaluation_timesteps(model.schedule))
-        quantized_attention = base_quantizer(cell.base, cell.params.get(cell.base)).quantizes_attention(cell)
+        resolved = self.matrix.resolution(cell)
+        calls = len(resolved.sampler.evaluation_timesteps(model.schedule))
+        quantized_attention = resolved.base.quantizes_attention(cell)
         out["gbops_honest"] = mac_fraction * gbops_honest(
             report, cell.w_bits, cell.a_bits, calls, cell.modulation, execution=cell.execution,
             float_bits=16 if cell.dtype == "bfloat16" else 32, warmup=warmup, attention_quantized=quantized_attention,

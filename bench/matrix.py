@@ -49,35 +49,27 @@ import hashlib
 import itertools
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from modiff.config import GRANULARITIES, MODULATIONS, check_bits
+from modiff.config import COMPUTE_DTYPES, EXECUTIONS, GRANULARITIES, MODULATIONS, check_bits
+from modiff.samplers import SAMPLER_NAMES, check_seeds
 
-from .errors import BenchError
-from .methods import (
-    AUTO,
-    DTYPES,
-    EXECUTIONS,
-    MEMORY_FORMATS,
-    CellSpec,
-    base_quantizer,
-    cache_method,
-    id_settings,
-    import_plugins,
-    methods,
-)
+from .build import ResolvedCell, resolve_cell
+from .cell import AUTO, MEMORY_FORMATS, CellSpec, IdRules
+from .errors import BenchError, user_input
 from .metrics import check_metrics
-from .samplers import SAMPLER_NAMES, SamplerConfig, check_seeds
+from .plugins import import_plugins
+from .registry import ID_RULES, base_quantizer, cache_method, cell_id, methods, registered_name
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-CELL_FIELDS = tuple(f.name for f in fields(CellSpec))  # what a cell's id hashes (``settings_id``)
+DTYPES = COMPUTE_DTYPES
 RUN_DEFAULTS: dict[str, Any] = {
     "description": "", "model": "digits", "checkpoint": "", "sampler": "ddim-quad", "steps": 100, "eta": 0.0,
     "n_samples": 64, "seed": 0, "batch_size": 64, "metrics": ["psnr_to_fp"], "imports": [], "trace_layer": "",
@@ -210,6 +202,11 @@ class Matrix:
     cells: list[CellSpec]
     skipped: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # one line each, printed by 'run' (--dry-run too)
+    # what the methods add to a cell's id (their versions): the store reads ids through them (bench.cell.settings_id)
+    id_rules: IdRules = field(default=ID_RULES, repr=False, compare=False)
+    # cell id -> the cell resolved against the registry (build_matrix resolves each once; a matrix read back from
+    # run.json resolves a cell when a step first needs it)
+    resolutions: dict[str, ResolvedCell] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def metrics(self) -> list[str]:
@@ -219,26 +216,20 @@ class Matrix:
     def matrix_hash(self) -> str:
         return hashlib.sha256("\n".join(sorted(cell_id(c) for c in self.cells)).encode()).hexdigest()[:16]
 
+    def resolution(self, cell: CellSpec) -> ResolvedCell:
+        """``cell`` (one of ``cells``) resolved: what building and sampling it reads."""
+        key = cell_id(cell)
+        if key not in self.resolutions:
+            resolved = resolve_cell(cell)
+            if resolved.skip is not None:
+                raise BenchError(f"cell {key} ({cell.label}) cannot run under this version: {resolved.skip}")
+            self.resolutions[key] = resolved
+        return self.resolutions[key]
+
     def resolved(self) -> dict[str, Any]:
         return {"source": self.source, "run": self.run,
                 "matrix": self.axes[0] if len(self.axes) == 1 else self.axes, "params": self.params,
                 "inception": self.inception}
-
-
-def cell_id(cell: CellSpec) -> str:
-    """Stable id: a hash of every resolved setting the samples depend on. Settings added later
-    (``methods.LATER_DEFAULTS``, ``methods.LATER_PARAM_DEFAULTS``) count only away from their default
-    (``methods.id_settings``), so the ids of cells made before they existed do not change."""
-    return settings_id(asdict(cell))
-
-
-def settings_id(settings: dict[str, Any]) -> str:
-    """The id, under the current code, of the cell whose settings ``settings`` records (a cell's fields,
-    a result row, a ``run.json`` entry; other keys are ignored): the same as ``cell_id`` for a current
-    cell, and for a cell made by an older version of its method the id of the cell that supersedes it."""
-    fields = {k: settings[k] for k in CELL_FIELDS if k in settings}
-    payload = json.dumps(id_settings(fields), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def _type_name(expected) -> str:
@@ -300,7 +291,8 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     for key in ("n_samples", "batch_size", "trace_samples", "timing_repeats"):
         if run[key] < 1:
             raise BenchError(f"run.{key} must be >= 1, got {run[key]}")
-    check_seeds(run["seed"], run["n_samples"], "run.seed")
+    with user_input():
+        check_seeds(run["seed"], run["n_samples"], "run.seed")
     _check_sample_bytes(run["n_samples"], {m for axes in blocks for m in axes["model"]})
     if not run["metrics"]:
         raise BenchError("run.metrics is empty; name at least one metric")
@@ -313,15 +305,17 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     for where, table in [("[params]", params)] + [("matrix.params", b.get("params", {})) for b in raw_blocks]:
         _check_type(where, table, dict)
         for name, values in table.items():
-            if name not in registered:
+            if registered_name(name) not in registered:
                 close = difflib.get_close_matches(name, registered, n=1)
                 raise BenchError(f"{where}.{name}: unknown method" + (f" (did you mean {close[0]!r}?)" if close else "")
                                  + f"; available: {', '.join(registered)}")
             _check_type(f"{where}.{name}", values, dict)
+    params = _registered_tables(params, "[params]")  # an alias's table is its method's
+    block_tables = [_registered_tables(b.get("params", {}), "matrix.params") for b in raw_blocks]
     block_params = []  # per [[matrix]] block: every variant of the global [params] with the block's own on top
-    for raw_axes in raw_blocks:
+    for tables in block_tables:
         merged = {name: dict(values) for name, values in params.items()}
-        for name, values in raw_axes.get("params", {}).items():
+        for name, values in tables.items():
             merged[name] = {**merged.get(name, {}), **values}
         variants = _param_sweep(merged, registered)
         for variant in variants:
@@ -338,46 +332,48 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
 
     check_settings(inception, [m for axes in blocks for m in axes["model"]])
 
-    cells, skipped, seen = [], [], set()
+    skipped: list[dict[str, Any]] = []
+    seen: dict[str, ResolvedCell] = {}  # cell id -> the cell resolved, once
     named: list[set[str]] = [set() for _ in blocks]  # per block: the methods its combinations run or carry
     combos = [(index, combo, variant) for index, axes in enumerate(blocks)
               for combo in itertools.product(*(axes[k] for k in AXES)) for variant in block_params[index]]
-    for index, combo, params in combos:
+    for index, combo, variant in combos:
         values = dict(zip(AXES, combo, strict=True))
-        named[index] |= _methods_named(values["base"], values["cache"], params)
-        try:  # eta > 0 with a deterministic solver (plms, dpm-solver++) is only wrong in combination
-            SamplerConfig.from_name(values["sampler"], values["steps"], float(values["eta"]))
-        except BenchError as exc:
-            skipped.append({**values, "reason": str(exc)})
-            continue
+        named[index] |= _methods_named(values["base"], values["cache"], variant)
         cell = CellSpec(checkpoint=run["checkpoint"] or None, n_samples=run["n_samples"], seed=run["seed"],
-                        batch_size=run["batch_size"], eta=float(values.pop("eta")), **values)
-        base = base_quantizer(cell.base, params.get(cell.base))
-        cache = cache_method(cell.cache, params)
-        used = [(cell.base, base)] + ([(cache.name, cache)] if cache else [])
-        used += [(name, base_quantizer(name, params.get(name))) for name in base.depends_on()]
-        cell.params = {name: dict(method.params) for name, method in used if method.params}
-        reason = base.resolve(cell) or (cache.resolve(cell) if cache else None)
-        if reason:
-            skipped.append({**dict(zip(AXES, combo, strict=True)), "reason": reason})
+                        batch_size=run["batch_size"], **{**values, "eta": float(values["eta"])})
+        resolved = resolve_cell(cell, variant)
+        if resolved.skip is not None:
+            skipped.append({**values, "reason": resolved.skip})
             continue
-        key = cell_id(cell)
+        key = cell_id(resolved.spec)
         if key not in seen:
-            seen.add(key)
-            cells.append(cell)
+            seen[key] = resolved
     skipped = list({json.dumps(s, sort_keys=True): s for s in skipped}.values())  # once per parameter variant
-    if not cells:
+    if not seen:
         reasons = sorted({s["reason"] for s in skipped})
         raise BenchError(f"{source}: the matrix is empty: every combination is invalid ({'; '.join(reasons)})")
-    params = data.get("params", {})  # the global table; blocks' own params are in resolved()["matrix"]
     warnings = [f"{source}: [params.{name}] is not used: no cell runs {name} or a method built on it "
                 f"(matrix.base: {', '.join(sorted({b for axes in blocks for b in axes['base']}))})"
                 for name in params if not any(name in used for used in named)]
     warnings += [f"{source}: " + ("matrix.params" if len(raw_blocks) == 1 else f"[[matrix]] block {index + 1}: params")
                  + f".{name} is not used: none of its cells runs {name} or a method built on it"
-                 for index, raw_axes in enumerate(raw_blocks) for name in raw_axes.get("params", {})
+                 for index, tables in enumerate(block_tables) for name in tables
                  if name not in named[index]]
-    return Matrix(source, run, blocks, params, inception, cells, skipped, warnings)
+    return Matrix(source, run, blocks, params, inception, [r.spec for r in seen.values()], skipped, warnings,
+                  resolutions=seen)
+
+
+def _registered_tables(tables: dict[str, Any], where: str) -> dict[str, Any]:
+    """``tables`` (method -> its parameters) under the methods' registered names (an alias's table is its
+    method's); a method given under two names is an error."""
+    out: dict[str, Any] = {}
+    for name, values in tables.items():
+        key = registered_name(name)
+        if key in out:
+            raise BenchError(f"{where}: {name!r} and {key!r} name the same method; give its parameters once")
+        out[key] = values
+    return out
 
 
 def _methods_named(base: str, cache: str, params: dict[str, dict[str, Any]]) -> set[str]:
@@ -438,7 +434,8 @@ def _param_sweep(table: dict[str, dict[str, Any]], registered: dict) -> list[dic
 def _block_axes(raw_axes: dict, run: dict, source: str) -> dict[str, list]:
     axes: dict[str, list] = {}
     if raw_axes.get("params"):
-        axes["params"] = raw_axes["params"]
+        tables = raw_axes["params"]
+        axes["params"] = _registered_tables(tables, "matrix.params") if isinstance(tables, dict) else tables
     for key in AXES:
         if key in raw_axes:
             values = raw_axes[key] if isinstance(raw_axes[key], list) else [raw_axes[key]]
@@ -450,6 +447,8 @@ def _block_axes(raw_axes: dict, run: dict, source: str) -> dict[str, list]:
             raise BenchError(f"{source}: the matrix is empty (matrix.{key} = [])")
         for value in values:
             _check_type(f"matrix.{key} value", value, AXIS_TYPES[key])
+        if key == "base":  # an alias runs (and records) its method's registered name
+            values = [registered_name(value) for value in values]
         axes[key] = list(dict.fromkeys(values))
     return axes
 
@@ -475,10 +474,8 @@ def _validate_axes(axes: dict[str, list]) -> None:
             raise BenchError(f"eta must be in [0, 1], got {eta}")
     for name, allow_zero in (("w_bits", False), ("a_bits", True)):
         for bits in axes[name]:
-            try:
+            with user_input():
                 check_bits(name, bits, allow_zero=allow_zero)
-            except ValueError as exc:
-                raise BenchError(str(exc)) from None
     for value in axes["a_granularity"]:
         if value != AUTO and value not in GRANULARITIES:
             raise BenchError(f"unknown a_granularity {value!r}; available: auto, {', '.join(GRANULARITIES)}")

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cell import NON_METRIC_COLUMNS
 from .errors import BenchError
 
 NEEDS = ("fp_reference",)  # what a metric may declare it needs beyond the samples
@@ -110,8 +111,6 @@ def register_metric(name: str, columns: Sequence[str | Column] | None = None, su
         raise ValueError(f"metric {name!r}: unknown needs {unknown}; available: {', '.join(NEEDS)}")
     taken = {c for m in METRICS.values() if m.name != name for c in m.columns}
     if not _builtin:
-        from .store import NON_METRIC_COLUMNS
-
         taken |= set(NON_METRIC_COLUMNS)
     clash = [c.name for c in info if c.name in taken]
     if clash:

@@ -82,7 +82,7 @@ from .inception import (
     ReferenceSet,
     ReferenceUnavailable,
     _one_line,
-    _sha16,
+    sha16,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -459,7 +459,7 @@ def npz_reference(path: str | os.PathLike, batch_size: int = 64) -> ReferenceSet
         return _npz_image_batches(file, batch_size)
 
     return ReferenceSet(_stem(file.stem), load if "arr_0" in members else None,
-                        identity=lambda: f"npz sha256 {_sha16(file)}",
+                        identity=lambda: f"npz sha256 {sha16(file)}",
                         statistics=statistics if "mu" in members else None)
 
 

@@ -30,19 +30,19 @@ from tqdm.auto import tqdm
 
 from modiff.layers import QUANTIZABLE
 
+from .cell import CellSpec, later_settings, metric_reference
+from .devices import pick_device
 from .distributed import World
-from .errors import BenchError, plain
+from .errors import BenchError, plain, user_input
 from .evaluate import Evaluator
 from .generate import Generator, together
 from .matrix import AXES, Matrix
-from .methods import CellSpec, later_settings, metric_reference
 from .metrics import METRICS
 from .provenance import git_revision, provenance
-from .samplers import SamplerConfig
 from .store import RESULT_COLUMNS, RunStore, collect_rows, describe, now, read_results, table_frame, write_tables
-from .zoo import ZooModel, load_model, resolve_device
+from .zoo import ZooModel, load_model
 
-__all__ = ["RESULT_COLUMNS", "RunSummary", "Runner", "collect_rows", "pick_device", "read_results", "run_matrix",
+__all__ = ["RESULT_COLUMNS", "RunSummary", "Runner", "collect_rows", "read_results", "run_matrix",
            "table_frame", "write_tables"]
 
 
@@ -124,7 +124,8 @@ class Runner:
                 names = dict(self.models[cell.model].unet.named_modules())
                 if layer and not isinstance(names.get(layer), QUANTIZABLE):
                     raise BenchError(f"run.trace_layer {layer!r} is not a conv/linear layer of model {cell.model!r}")
-            SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta).timesteps(self.models[cell.model].schedule)
+            with user_input():  # steps the model's timestep grid cannot have
+                self.matrix.resolution(cell).sampler.timesteps(self.models[cell.model].schedule)
 
     def pending(self) -> list[tuple[str, CellSpec]]:
         """The cells this runner still has to generate (not finished, and in ``only`` if given)."""
@@ -235,24 +236,6 @@ class Runner:
                     self.log(f"added {', '.join(wanted)} to finished cell {cell.key} ({cell.spec.method})")
 
             together(self.world, evaluate)
-
-
-def pick_device(device: str, here: bool = True) -> torch.device:
-    """The device ``device`` names (``auto``: CUDA when available); BenchError for an unknown name or,
-    ``here``, one this machine lacks. ``here=False`` checks the name only: for jobs that run on other
-    machines (SLURM nodes, whose GPUs the submitting host need not have)."""
-    if device == "auto":
-        return torch.device("cuda" if here and torch.cuda.is_available() else "cpu")
-    if not here and device.startswith("cuda"):
-        try:
-            return torch.device(device)
-        except RuntimeError:
-            raise BenchError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise BenchError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} GPU(s) "
-                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    return dev
 
 
 def run_matrix(matrix: Matrix, out: str | Path, **kwargs) -> RunSummary:

@@ -60,36 +60,54 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
+from .cell import (
+    COST_COLUMNS,
+    LATER_DEFAULTS,
+    NON_METRIC_COLUMNS,
+    PROVENANCE_COLUMNS,
+    SETTING_COLUMNS,
+    CellSpec,
+    IdRules,
+    cell_id,
+    id_settings,
+    later_settings,
+    settings_id,
+)
 from .errors import BenchError, plain
-from .matrix import Matrix, cell_id, settings_id
-from .methods import LATER_DEFAULTS, CellSpec, id_settings, later_settings
 from .metrics import ALL_COLUMNS, METRICS, metric_columns
 from .provenance import save_torch_atomic, sha256_file, write_atomic, write_json_atomic
 
-SETTING_COLUMNS = ("model", "checkpoint", "sampler", "steps", "eta", "n_samples", "seed", "batch_size", "method",
-                   "base", "modulation", "cache", "w_bits", "a_bits", "a_granularity", "execution", "dtype",
-                   "memory_format")
 METRIC_COLUMNS = ALL_COLUMNS  # the built-in metrics' (a user metric adds its own: see result_columns)
-COST_COLUMNS = ("gbops", "gbops_honest", "macs_g", "state_mb", "prepare_s", "wall_s", "img_per_s", "img_per_s_lo",
-                "img_per_s_hi", "timed_batches", "speedup_fp32", "speedup_bf16", "decode_s", "peak_mem_mb",
-                "peak_rss_mb", "cuda_peak_mb", "reused_fraction")
-DERIVED_COLUMNS = ("speedup_fp32", "speedup_bf16")  # computed by table_frame from the run's rows, not stored
-PROVENANCE_COLUMNS = ("device", "world_size", "torch_version", "git_rev", "modiff_bench_version", "started_utc",
-                      "finished_utc", "samples_file", "trace_file", "params", "method_info", "missing_metrics",
-                      "versions", "inception_weights", "timing_env", "method_versions")
 RESULT_COLUMNS = ("cell_id", "status", "error", *SETTING_COLUMNS, *METRIC_COLUMNS, *COST_COLUMNS,
                   *PROVENANCE_COLUMNS)
-NON_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in METRIC_COLUMNS) + (
-    "metrics", "metric_columns", "metric_versions", "samples_bytes", "samples_sha256", "generated_utc")
 JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights", "timing_env",
                 "method_versions")
 REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes", "decode_seconds",
                   "batch_seconds", "reused")
 OPTIONAL_REFERENCE_KEYS = ("decode_seconds", "batch_seconds", "reused")  # absent in references made by older versions
 CHUNK_KEYS = ("images", "seeds", "seconds", "decode_seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes")
+
+
+class ResolvedMatrix(Protocol):
+    """What the store reads of a resolved matrix (``bench.matrix.Matrix``): its cells, and the rules
+    their ids were computed under (``bench.registry.ID_RULES``)."""
+
+    source: str
+    cells: list[CellSpec]
+    skipped: list[dict[str, Any]]
+    id_rules: IdRules
+
+    @property
+    def metrics(self) -> list[str]: ...
+
+    @property
+    def matrix_hash(self) -> str: ...
+
+    def resolved(self) -> dict[str, Any]: ...
 
 
 def now() -> str:
@@ -523,14 +541,14 @@ class RunStore:
     ``only``: the cell ids this process is responsible for (a SLURM array task's share; default all).
     ``log``: where notes go besides ``run.log`` (None: this process keeps quiet, e.g. a rank > 0)."""
 
-    def __init__(self, out: str | Path, matrix: Matrix, force: bool = False, only: set[str] | None = None,
+    def __init__(self, out: str | Path, matrix: ResolvedMatrix, force: bool = False, only: set[str] | None = None,
                  log: Callable[[str], None] | None = None):
         self.out = Path(out)
         self.matrix = matrix
         self.force = force
         self.only = only
         self._print = log
-        self.ids = [cell_id(c) for c in matrix.cells]
+        self.ids = [cell_id(c, matrix.id_rules) for c in matrix.cells]
         self.specs = dict(zip(self.ids, matrix.cells, strict=True))
         self.damaged: dict[str, str] = {}  # finished cells found damaged when read: generate them again
         self.run_json_problem: str | None = None  # set by check(): run.json to be rebuilt, and why
@@ -574,7 +592,7 @@ class RunStore:
                 # the same matrix grown (a preset gained cells) or with newer method versions (its cells
                 # superseded under new ids): every earlier cell is, under the current code, one of this matrix
                 if isinstance(cells, list) and cells and all(
-                        isinstance(c, dict) and settings_id(c) in self.specs for c in cells):
+                        isinstance(c, dict) and settings_id(c, self.matrix.id_rules) in self.specs for c in cells):
                     return
                 raise BenchError(
                     f"{self.out} holds results of a different matrix ({previous.get('source', '?')}, "
@@ -599,12 +617,12 @@ class RunStore:
             spec = self.specs.get(directory.name)
             row, _ = read_result(directory / "result.json", directory.name)
             if spec is None:  # not a cell of this matrix, unless an older version of one of its cells
-                if row is None or settings_id(row) not in self.specs:
+                if row is None or settings_id(row, self.matrix.id_rules) not in self.specs:
                     foreign.append(directory.name)
                 continue
             if row is not None:
-                expected = id_settings(json.loads(json.dumps(asdict(spec))))
-                row = id_settings(row)
+                expected = id_settings(json.loads(json.dumps(asdict(spec))), self.matrix.id_rules)
+                row = id_settings(row, self.matrix.id_rules)
                 if any(k in row and row[k] != v for k, v in expected.items()):
                     foreign.append(directory.name)
         return foreign

@@ -140,7 +140,8 @@ def train_unet(cfg: UNetTrainConfig, progress: bool = True):
 
 def evaluate_quality(checkpoint: Path, cfg: EvalConfig, progress: bool = True) -> dict:
     """Sample from a checkpoint directory and measure it against the quality bar."""
-    from .samplers import SamplerConfig, sample
+    from modiff.samplers import SamplerConfig, sample
+
     from .zoo import load_model
 
     model = load_model("digits", checkpoint)

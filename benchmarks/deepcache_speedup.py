@@ -22,9 +22,9 @@ PAPER = Path(__file__).resolve().parent.parent / "reports" / "data" / "deepcache
 
 
 def _model(name: str, device: str):
-    from bench.schedules import NoiseSchedule
     from bench.zoo import ZooModel, load_model
     from bench.zoo.architectures import DDPM_CIFAR10_32, build_random_unet
+    from modiff.schedules import NoiseSchedule
 
     if name == "digits":
         return load_model("digits", device=device)
@@ -33,22 +33,24 @@ def _model(name: str, device: str):
 
 
 def _prepare(model, cache: str, steps: int, batch: int, device: str):
-    """The suite's own build path (bench.methods): base fp + the cache scheme."""
+    """The suite's own build path (bench.build): base fp + the cache scheme."""
     import torch
 
-    from bench.methods import BuildContext, CellSpec, build
-    from bench.samplers import SamplerConfig
+    from bench.build import build, resolve_cell
+    from bench.cell import CellSpec
 
     cell = CellSpec(model=model.name, checkpoint=None, sampler="ddim-quad", steps=steps, eta=0.0, n_samples=batch,
                     seed=0, batch_size=batch, base="fp", modulation="off", cache=cache, w_bits=32, a_bits=32,
                     a_granularity="none", params={"deepcache": {"branch": 0, "center": None, "power": 1.4}})
-    sampler = SamplerConfig.from_name("ddim-quad", steps)
-    return build(BuildContext(model, cell, sampler, torch.device(device))), sampler
+    resolved = resolve_cell(cell)
+    if resolved.skip is not None:
+        raise ValueError(f"cache {cache}: {resolved.skip}")
+    return build(resolved, model, torch.device(device)), resolved.sampler
 
 
 def _time(model, prepared, sampler, batch: int, device: str) -> float:
     from bench.measure import measured
-    from bench.samplers import sample
+    from modiff.samplers import sample
 
     denoiser = prepared.denoiser()
     _, measurement = measured(lambda: sample(denoiser, model.schedule, sampler, range(batch), model.image_shape,

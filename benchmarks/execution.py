@@ -31,7 +31,6 @@ trajectory (CUDA: peak allocated), MoDiff's state and the weights' bytes.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -42,34 +41,33 @@ from bench.errors import BenchError
 
 
 def _modiff(execution: str, modulation: str, a_bits: int, granularity: str, compile_: bool = False) -> dict:
-    options = dict(w_bits=8, a_bits=a_bits, modulation=modulation, granularity=granularity, symmetric=True,
-                   weight_symmetric=True, execution=execution, compile=compile_)
-    if execution == "fp8":
-        options.update(number_format="fp8")
-    return options
+    """A quantized configuration as a cell's settings: the ``dynamic`` base, W8, symmetric activation and weight
+    grids (what the int8 / fp8 kernels need), channels-last."""
+    return {"base": "dynamic", "w_bits": 8, "a_bits": a_bits, "modulation": modulation, "a_granularity": granularity,
+            "execution": execution, "memory_format": "channels_last",
+            "params": {"dynamic": {"symmetric": True, "weight_symmetric": True, "compile": compile_}}}
 
 
+# name -> the settings of the cell it builds (the harness's own build path, bench.build), and for the autocast
+# baseline the BF16 autocast its calls run under (autocast is how a caller runs a model, not a cell setting)
 CONFIGS: dict[str, dict] = {
     "fp32": {},
-    "fp32-cl": {"channels_last": True},
-    "bf16-autocast-cl": {"channels_last": True, "autocast": True},
-    "bf16-cl": {"channels_last": True, "dtype": "bfloat16"},
-    "fake-ptq": {"modiff": _modiff("fake", "off", 8, "sample")},
-    "fake-modiff": {"modiff": _modiff("fake", "ec", 8, "sample")},
-    "fake-modiff-compiled": {"modiff": _modiff("fake", "ec", 8, "sample", True)},
+    "fp32-cl": {"memory_format": "channels_last"},
+    "bf16-autocast-cl": {"memory_format": "channels_last", "autocast": True},
+    "bf16-cl": {"memory_format": "channels_last", "dtype": "bfloat16"},
+    "fake-ptq": _modiff("fake", "off", 8, "sample"),
+    "fake-modiff": _modiff("fake", "ec", 8, "sample"),
+    "fake-modiff-compiled": _modiff("fake", "ec", 8, "sample", True),
 }
 for _mod, _name in (("off", "ptq"), ("ec", "modiff")):
     for _bits in ((8,) if _mod == "off" else (8, 4)):
         for _gran in (("sample",) if _mod == "off" else ("tensor", "sample")):
-            CONFIGS[f"int8-{_name}-w8a{_bits}-{_gran}"] = {"modiff": _modiff("int8", _mod, _bits, _gran)}
+            CONFIGS[f"int8-{_name}-w8a{_bits}-{_gran}"] = _modiff("int8", _mod, _bits, _gran)
 for _name, _mod, _bits in (("ptq-w8a8", "off", 8), ("ptq-w8a4", "off", 4), ("modiff-w8a8", "ec", 8),
                            ("modiff-w8a4", "ec", 4)):
-    CONFIGS[f"int8-{_name}-sample-compiled"] = {"modiff": _modiff("int8", _mod, _bits, "sample", True)}
-CONFIGS["fp8-modiff"] = {"modiff": _modiff("fp8", "ec", 8, "sample")}
-CONFIGS["fp8-modiff-compiled"] = {"modiff": _modiff("fp8", "ec", 8, "sample", True)}
-for _spec in CONFIGS.values():
-    if "modiff" in _spec:
-        _spec["channels_last"] = True
+    CONFIGS[f"int8-{_name}-sample-compiled"] = _modiff("int8", _mod, _bits, "sample", True)
+CONFIGS["fp8-modiff"] = _modiff("fp8", "ec", 8, "sample")
+CONFIGS["fp8-modiff-compiled"] = _modiff("fp8", "ec", 8, "sample", True)
 GPU_ONLY = ("fp8-modiff", "fp8-modiff-compiled")  # torch._scaled_mm on CPU is a slow reference kernel
 
 
@@ -84,36 +82,38 @@ def default_configs(device, flags: str) -> list[str]:
 
 @dataclass
 class Timed:
-    """A denoiser wrapper that times every call and applies the configuration's layout and dtype."""
+    """A built configuration (``bench.build.build``'s ``Prepared``) whose denoiser calls are timed, under BF16
+    autocast for the autocast baseline."""
 
-    unet: object
+    prepared: object
     device: object
-    channels_last: bool = False
-    dtype: object = None
     autocast: bool = False
     calls: list[float] = field(default_factory=list)
 
-    def __call__(self, x, t, **kw):
+    def __post_init__(self):
+        self.denoiser = self.prepared.denoiser()
+
+    @property
+    def unet(self):
+        return self.prepared.unet
+
+    def __call__(self, x, t):
         import torch
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.dtype is not None:
-            x = x.to(self.dtype)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            out = self.unet(x, t, **kw)
+            out = self.denoiser(x, t)
         sync()
         self.calls.append(time.perf_counter() - start)
         return out
 
 
 def _model(name: str, device):
-    from bench.schedules import NoiseSchedule
     from bench.zoo import ZooModel, load_model
     from bench.zoo.architectures import DDPM_CIFAR10_32, build_random_unet
+    from modiff.schedules import NoiseSchedule
 
     if name == "digits":
         return load_model("digits", device=device)
@@ -121,20 +121,19 @@ def _model(name: str, device):
     return ZooModel("cifar10-arch", unet, NoiseSchedule.linear(), (3, 32, 32), "ddim-quad", 100)
 
 
-def _build(model, spec: dict, device):
-    import torch
+def _build(model, name: str, steps: int, batch: int, device) -> Timed:
+    """Configuration ``name`` built the way the harness builds a cell (resolved, then ``bench.build.build``)."""
+    from bench.build import build, resolve_cell
+    from bench.cell import CellSpec
 
-    import modiff
-
-    unet = copy.deepcopy(model.unet)
-    if spec.get("channels_last"):
-        unet = unet.to(memory_format=torch.channels_last)
-    if "modiff" in spec:
-        modiff.quantize(unet, modiff.ModiffConfig(**spec["modiff"]))
-    dtype = getattr(torch, spec["dtype"]) if "dtype" in spec else None
-    if dtype is not None:
-        unet = unet.to(dtype)
-    return Timed(unet, device, bool(spec.get("channels_last")), dtype, bool(spec.get("autocast")))
+    settings = {"base": "fp", "modulation": "off", "w_bits": 32, "a_bits": 32, "a_granularity": "none",
+                **{k: v for k, v in CONFIGS[name].items() if k != "autocast"}}
+    cell = CellSpec(model=model.name, checkpoint=None, sampler="ddim-quad", steps=steps, eta=0.0, n_samples=batch,
+                    seed=0, batch_size=batch, cache="none", **settings)
+    resolved = resolve_cell(cell)
+    if resolved.skip is not None:
+        raise BenchError(f"configuration {name}: {resolved.skip}")
+    return Timed(build(resolved, model, device), device, bool(CONFIGS[name].get("autocast")))
 
 
 def _weight_bytes(unet) -> int:
@@ -146,7 +145,7 @@ def _trajectory(timed: Timed, model, steps: int, batch: int, device) -> dict:
 
     import modiff
     from bench.measure import peak_rss_bytes, reset_peak_rss
-    from bench.samplers import SamplerConfig, sample
+    from modiff.samplers import SamplerConfig, sample
 
     timed.calls.clear()
     sampler = SamplerConfig.from_name("ddim-quad", steps)
@@ -158,8 +157,8 @@ def _trajectory(timed: Timed, model, steps: int, batch: int, device) -> dict:
         before = peak_rss_bytes()  # the current RSS, now that the peak is reset
     start = time.perf_counter()
     with torch.no_grad():
-        sample(model.denoiser(timed), model.schedule, sampler, range(batch), model.image_shape, batch, device,
-               progress=False, on_trajectory_start=lambda: modiff.reset(timed.unet))
+        sample(timed, model.schedule, sampler, range(batch), model.image_shape, batch, device,
+               progress=False, on_trajectory_start=timed.prepared.start_trajectory)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     state = modiff.state_bytes(timed.unet)
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps_cifar10 if model_name == "cifar10" else args.steps_digits
         built = {}
         for name in names:
-            built[name] = _build(model, CONFIGS[name], device)
+            built[name] = _build(model, name, steps, args.batch, device)
         print(f"[{model_name}] {len(names)} configurations x ({args.rounds} + 1) rounds of {steps} steps at batch "
               f"{args.batch} ...", flush=True)
         per_round: dict[str, list[dict]] = {name: [] for name in names}

@@ -1,7 +1,7 @@
 """Samplers over a ``(x_t, t) -> eps`` denoiser: DDIM and DDPM as in the DDIM code base, DDIM and
 PLMS as in latent-diffusion, and singlestep DPM-Solver++ of order 3. A building block shared by
-``modiff``, ``baselines`` and the ``bench`` harness (``bench.samplers`` re-exports it, reporting a
-user's mistake as a ``BenchError``).
+``modiff``, ``baselines`` and the ``bench`` harness; a setting it cannot take is a ValueError naming
+it (the harness reports it as a one-line error).
 
 - ``ddim-*`` / ``ddpm-*``: the update rules of the DDIM code base used by Q-Diffusion and MoDiff
   (``generalized_steps`` and ``ddpm_steps``): no clipping of x0 in DDIM, x0 clipped to [-1, 1] in
@@ -54,7 +54,7 @@ from .schedules import SPACINGS, NoiseSchedule, final_timestep, step_pairs, time
 
 __all__ = [
     "ALGORITHMS", "DETERMINISTIC", "MAX_SEED", "SAMPLERS", "SAMPLER_NAMES", "Denoiser", "NoiseStd", "PerSampleNoise",
-    "SamplerConfig", "check_settings", "denoising_step", "dpm_solver_orders", "sample", "sample_batch",
+    "SamplerConfig", "check_seeds", "check_settings", "denoising_step", "dpm_solver_orders", "sample", "sample_batch",
 ]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,7 +96,7 @@ class SamplerConfig:
             raise ValueError(f"{name} is deterministic: eta must be 0, got {eta}")
         return cls(algorithm, spacing, steps, eta)
 
-    def __eq__(self, other: object) -> bool:  # by value, also against a subclass (``bench.samplers``)
+    def __eq__(self, other: object) -> bool:  # by value, also against a subclass
         if not isinstance(other, SamplerConfig):
             return NotImplemented
         return ((self.algorithm, self.spacing, self.steps, self.eta)
@@ -314,6 +314,16 @@ def sample_batch(
     solve = _plms if config.algorithm == "plms" else _dpm_solver_pp
     with tqdm(total=len(pairs), desc="steps", leave=False, disable=not progress) as bar:
         return solve(evaluate, x, schedule, pairs, bar)
+
+
+def check_seeds(first: int, n: int, where: str = "seed") -> None:
+    """ValueError unless the seeds ``first`` .. ``first + n - 1`` are all within [0, 2^64 - 1] (``MAX_SEED``);
+    ``where`` names the setting in the message."""
+    if first < 0:
+        raise ValueError(f"{where} must be >= 0, got {first}")
+    if first + n - 1 > MAX_SEED:
+        raise ValueError(f"{where} {first} with {n} samples runs past the largest seed 2^64 - 1 = {MAX_SEED} "
+                         f"(the last would be {first + n - 1})")
 
 
 def check_settings(config: SamplerConfig, schedule: NoiseSchedule, batch_size: int = 1) -> None:

@@ -1,5 +1,5 @@
 """Noise schedules and the timestep sequences the papers' code samples on (a building block shared
-by ``modiff``, ``baselines`` and the ``bench`` harness; ``bench.schedules`` re-exports it).
+by ``modiff``, ``baselines`` and the ``bench`` harness).
 
 The DDIM code base that Q-Diffusion and MoDiff build on (CIFAR-10):
 - ``uniform``: ``range(0, T, T // steps)`` (may hold more than ``steps`` entries when

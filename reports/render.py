@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.cell import LATER_DEFAULTS, later_settings
 from bench.errors import BenchError
-from bench.methods import LATER_DEFAULTS, later_settings, method_versions
 from bench.provenance import package_versions, write_atomic
+from bench.registry import method_versions, methods
 
 from .tables import MODULATION_LABELS, Table, all_tables, param_value, with_later_defaults
 
@@ -126,7 +127,6 @@ def _missing_plugins(info: dict, rows: list[dict]) -> str | None:
     """The plugins a run needs and this process lacks, in words, or None: the metrics and methods its
     cells recorded that are not registered, and the imports its run.json lists (which are never
     imported from a run directory: ``modiff-bench report --import``)."""
-    from bench.methods import methods
     from bench.metrics import METRICS
 
     resolved = info.get("resolved") if isinstance(info.get("resolved"), dict) else {}
@@ -151,8 +151,7 @@ def _missing_plugins(info: dict, rows: list[dict]) -> str | None:
 
 def _current(rows: list[dict]) -> tuple[list[dict], list[str]]:
     """``rows`` made by the current version of each of their methods, and the labels of the others
-    (``bench.methods.method_versions``: a fix that changes a method's samples raises its version)."""
-    from bench.methods import methods
+    (``bench.registry.method_versions``: a fix that changes a method's samples raises its version)."""
 
     registered = methods()
     keep, old = [], []
@@ -372,7 +371,7 @@ def build_report(directories: list[str | Path], out: str | Path | None = None, i
 
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    from bench.methods import import_plugins
+    from bench.plugins import import_plugins
 
     from .plots import all_figures
 

@@ -23,9 +23,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-from bench.methods import LATER_DEFAULTS, later_settings
+from bench.cell import LATER_DEFAULTS, SETTING_COLUMNS, later_settings
 from bench.metrics import column_info, column_min_images
-from bench.store import SETTING_COLUMNS
 
 MISSING = "—"
 SHORT_MARK = "†"  # a value computed on fewer images than its metric needs
@@ -205,8 +204,8 @@ LSUN_SAMPLERS = {"ddim-ldm": "ddim", "ddpm-ldm-uniform": "ddpm"}
 
 # Our base that runs each paper column's setting (the authors' scripts): the paper's "LCQ" rows ran one dynamic scale
 # per batch tensor (no --act_tensor), its "LTQ" rows one per sample (--act_tensor), symmetric where --a_sym, split
-# where --split, on Q-Diffusion-calibrated weights: paper-lcq / paper-ltq (baselines/authors). The suite's own lcq
-# (per channel) and ltq (per batch tensor) ran nothing in the paper and get no "(paper)" column.
+# where --split, on Q-Diffusion-calibrated weights: paper-lcq / paper-ltq (baselines/modiff_authors_act). The suite's
+# own lcq (per channel) and ltq (per batch tensor) ran nothing in the paper and get no "(paper)" column.
 PAPER_BASES = {"fp": "fp-act", "qdiff": "qdiff", "paper-lcq": "lcq", "paper-ltq": "ltq"}
 # Q-Diffusion + MoDiff: the authors' CIFAR-10 command has --a_sym (their symmetric residual grid, qdiff's
 # authors_grid = true); the LSUN ones do not (authors_grid = false)
@@ -536,7 +535,7 @@ def cache_table(frame: pd.DataFrame) -> list[Table]:
 
 
 def with_later_defaults(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with the settings added later (``bench.methods.LATER_DEFAULTS``: execution, dtype,
+    """``frame`` with the settings added later (``bench.cell.LATER_DEFAULTS``: execution, dtype,
     memory format) filled in at their defaults where a table written before them lacks them."""
     frame = frame.copy()
     for column, default in LATER_DEFAULTS.items():

@@ -1,6 +1,8 @@
-"""MAC / GBops / state-memory accounting: hand-checked small cases and the paper's CIFAR-10 DDPM reference."""
+"""MAC / GBops / state-memory accounting: hand-checked small cases, the paper's CIFAR-10 DDPM reference,
+and the honest GBops of float attention and 0-bit residuals, down to a cell's result."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 import modiff
+from bench.cli import main
 from bench.zoo.architectures import DDPM_CIFAR10_32, build_random_unet
 from modiff.accounting import (
     LayerCount,
@@ -253,3 +256,40 @@ def test_bits_bounds_accepted():
 def test_count_macs_needs_tensor():
     with pytest.raises(ValueError, match="tensor"):
         count_macs(nn.Identity(), 3)
+
+
+# -- honest GBops: attention in float, 0-bit residuals, a cell's figure ------------------------
+def _report():
+    from modiff.accounting import LayerCount, MacReport
+
+    return MacReport([LayerCount("c", "conv", macs=1000, in_elements=30, out_elements=40),
+                      LayerCount("a", "attention", macs=400, in_elements=11, out_elements=13)])
+
+
+def test_honest_gbops_charge_float_attention_and_credit_zero_bit_residuals():
+    """MoDiff's wrapped layers are conv/linear: the attention matmuls run in float and cost 32 x 32,
+    not w x a (Q-Diffusion quantizes them: w x a stays). 0-bit residuals skip the conv/linear work
+    after the warm-up: only the input difference is left (there was no value at all before)."""
+    from modiff.accounting import gbops_honest
+
+    r, steps = _report(), 10
+    additions = (2 * 30 + 40) * 32
+    float_att, quant_att = 400 * 32 * 32, 400 * 8 * 4
+    expected = (1000 * 8 * 32 + float_att + (steps - 1) * (1000 * 8 * 4 + additions + float_att)) / steps / 1e9
+    assert gbops_honest(r, 8, 4, steps, "ec", attention_quantized=False) == pytest.approx(expected)
+    expected_q = (1000 * 8 * 32 + quant_att + (steps - 1) * (1000 * 8 * 4 + additions + quant_att)) / steps / 1e9
+    assert gbops_honest(r, 8, 4, steps, "ec", attention_quantized=True) == pytest.approx(expected_q)
+    zero = gbops_honest(r, 8, 0, steps, "ec", attention_quantized=False)
+    assert zero == pytest.approx((1000 * 8 * 32 + float_att + (steps - 1) * (30 * 32 + float_att)) / steps / 1e9)
+    with pytest.raises(ValueError, match="a_bits"):
+        gbops_honest(r, 8, 0, steps, "off")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_zero_bit_cell_gets_an_honest_gbops_figure(tmp_path):
+    out = tmp_path / "o"
+    assert main(["run", "smoke", "--out", str(out), "--no-progress", "--set", "steps=4",
+                 "--set", "matrix.base=['ltq']", "--set", "matrix.a_bits=[0]", "--set", "matrix.modulation=['ec']",
+                 "--set", "run.metrics=['psnr_to_fp']"]) == 0
+    (row,) = [json.loads(p.read_text()) for p in out.glob("cells/*/result.json")]
+    assert row["gbops"] is None and row["gbops_honest"] > 0

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.errors import BenchError
 from bench.matrix import load_matrix, presets
-from bench.samplers import PerSampleNoise, SamplerConfig, sample
-from bench.schedules import NoiseSchedule
+from modiff.samplers import PerSampleNoise, SamplerConfig, sample
+from modiff.schedules import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +66,7 @@ def test_ldm_ddpm_step_is_the_unclipped_posterior_mean_plus_posterior_noise():
     """One step t = 60 -> 40 on a toy denoiser whose x0 prediction spans [-3, 3]: the posterior mean
     q(x_40 | x_60, x0) computed by hand with x0 as predicted (not clipped), plus sqrt(beta~) times the
     sample's fresh noise. The clipping DDPM gives the clipped mean with variance beta instead."""
-    from bench.samplers import denoising_step
+    from modiff.samplers import denoising_step
 
     seeds, shape = [5, 6], (1, 3, 4)
     ab_t, ab_prev = TOY.alpha_bar(60), TOY.alpha_bar(40)
@@ -101,7 +100,7 @@ def test_ldm_ddpm_step_is_the_unclipped_posterior_mean_plus_posterior_noise():
 def test_ldm_ddpm_noise_std_hook_gets_the_posterior_std_and_the_eps_coefficient():
     """PTQD's hook signature: (sigma_t, coefficient of eps in x_prev); here x0 is never clipped, so the
     coefficient is exact: d x_prev / d eps = -sqrt(ab_prev) beta / (1 - ab_t) * sqrt(1 / ab_t - 1)."""
-    from bench.samplers import denoising_step
+    from modiff.samplers import denoising_step
 
     seen = []
     ab_t, ab_prev = TOY.alpha_bar(30), TOY.alpha_bar(10)
@@ -119,7 +118,7 @@ def test_ddpm_ldm_uniform_is_latent_diffusions_sampling_loop_at_every_timestep()
     """At steps = T it is LatentDiffusion.p_sample_loop: every t from T - 1 to 0, the last step to
     alphas_cumprod_prev[0] = 1, x0 unclipped, posterior variance; on the N(2.5, 0.5^2) denoiser the result
     stays around 2.5, where the clipping DDPM cannot go."""
-    from bench.samplers import SAMPLER_NAMES
+    from modiff.samplers import SAMPLER_NAMES
 
     assert "ddpm-ldm-uniform" in SAMPLER_NAMES
     config = SamplerConfig.from_name("ddpm-ldm-uniform", 100)
@@ -154,7 +153,7 @@ def test_ddpm_ldm_uniform_reproduces_data_outside_minus_one_one_under_its_exact_
 def test_respaced_ddpm_ldm_steps_use_the_step_beta():
     """On fewer steps the same update over each step of the uniform grid, beta = 1 - ab_t / ab_prev and the
     posterior variance of that step (no other grid: latent-diffusion's DDPM has none shorter)."""
-    from bench.samplers import denoising_step
+    from modiff.samplers import denoising_step
 
     config = SamplerConfig.from_name("ddpm-ldm-uniform", 4)
     assert config.timesteps(TOY) == [0, 25, 50, 75] and config.step_pairs(TOY)[-1] == (0, -1)
@@ -187,12 +186,12 @@ def test_the_clipping_ddpm_and_the_other_samplers_are_unchanged():
 
 
 def test_sampler_name_errors_list_the_new_sampler():
-    with pytest.raises(BenchError) as err:
+    with pytest.raises(ValueError) as err:
         SamplerConfig.from_name("ddpm-ldm", 10)
     assert "\n" not in str(err.value) and "ddpm-ldm-uniform" in str(err.value)
-    with pytest.raises(BenchError, match="eta must be between 0"):
+    with pytest.raises(ValueError, match="eta must be between 0"):
         SamplerConfig.from_name("ddpm-ldm-uniform", 10, 1.5)
-    with pytest.raises(BenchError, match="steps must be between 1 and 100"):
+    with pytest.raises(ValueError, match="steps must be between 1 and 100"):
         SamplerConfig.from_name("ddpm-ldm-uniform", 101).timesteps(TOY)
 
 

@@ -135,14 +135,14 @@ def test_nonuniform_defaults_follow_deepcaches_pipelines(digits_model, tiny_sd):
                                decoder=lambda x: x)) == "latent"
     assert model_kind(tiny_sd()) == "text-to-image"
     # a cell whose schedule cannot be built is a one-line error, before anything runs
-    from bench.methods import BuildContext, CellSpec, build
-    from bench.samplers import SamplerConfig
+    from bench.build import build, resolve_cell
+    from bench.methods import CellSpec
 
     cell = CellSpec(model="digits", checkpoint=None, sampler="ddim-quad", steps=50, eta=0.0, n_samples=1, seed=0,
                     batch_size=1, base="fp", modulation="off", cache="deepcache-nu2", w_bits=32, a_bits=32,
                     a_granularity="none")
     with pytest.raises(BenchError, match="deepcache-nu2: .*no power in"):
-        build(BuildContext(digits_model, cell, SamplerConfig.from_name("ddim-quad", 50), torch.device("cpu")))
+        build(resolve_cell(cell), digits_model, torch.device("cpu"))
 
 
 def test_partial_steps_cost_fewer_macs_on_the_cifar10_architecture():
@@ -199,15 +199,17 @@ def test_macs_of_a_conditional_unet(tiny_sd):
 def test_deepcache_samples_a_conditional_unet(cache, tiny_sd):
     """Built as the harness builds a cell, sampled with PLMS (SD's sampler; 11 evaluations for 10 steps): finite
     latents, and the evaluations that run the deep blocks are exactly the schedule's indices."""
-    from bench.methods import BuildContext, CellSpec, build
-    from bench.samplers import SamplerConfig, sample
+    from bench.build import build, resolve_cell
+    from bench.methods import CellSpec
+    from modiff.samplers import sample
 
     model, steps = tiny_sd(), 10
     cell = CellSpec(model=model.name, checkpoint=None, sampler="plms", steps=steps, eta=0.0, n_samples=2, seed=0,
                     batch_size=2, base="fp", modulation="off", cache=cache, w_bits=32, a_bits=32,
                     a_granularity="none")
-    sampler = SamplerConfig.from_name("plms", steps)
-    prepared = build(BuildContext(model, cell, sampler, torch.device("cpu")))
+    resolved = resolve_cell(cell)
+    sampler = resolved.sampler
+    prepared = build(resolved, model, torch.device("cpu"))
     assert prepared.unet is not model.unet
     deep = []  # one entry per run of a mid-block resnet: only a full evaluation runs it
     handle = prepared.unet.mid_block.resnets[0].register_forward_hook(lambda *args: deep.append(1))

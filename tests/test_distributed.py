@@ -1,4 +1,5 @@
-"""Scale-out: torchrun sharding over gloo on CPU, and the submitit launcher with its local executor.
+"""Scale-out: torchrun sharding over gloo on CPU (a full disk on one rank stops every rank), and the submitit
+launcher with its local executor.
 
 Sample files must not depend on how many processes made them: chunk k of a cell is always
 seeds[k*B:(k+1)*B], so even batch-dependent (tensor- and channel-wise) activation scales see the same
@@ -161,3 +162,68 @@ def test_submitit_launcher_needs_a_partition_on_slurm(single, capsys):
                  "--submitit-cluster", "slurm"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--slurm-partition" in err[0]
+
+
+# a plugin every torchrun rank imports (run.imports): on the rank named by the environment, writing a
+# chunk fails with ENOSPC
+FULL_DISK_PLUGIN = """
+import errno, os
+import torch
+
+_save = torch.save
+
+def save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and "tag" in obj and os.environ.get("FULL_DISK_RANK") == os.environ.get("RANK"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _save(obj, f, *args, **kwargs)
+
+torch.save = save
+"""
+
+
+DISTRIBUTED_MATRIX = """
+[run]
+steps = 3
+n_samples = 8
+batch_size = 4
+metrics = ["psnr_to_fp"]
+imports = ["full_disk.py"]
+[matrix]
+base = ["fp", "dynamic"]
+a_bits = [4]
+a_granularity = ["sample"]
+"""
+
+
+def test_a_full_disk_on_one_torchrun_rank_stops_every_rank(tmp_path):
+    """Rank 1 cannot write its chunk: both ranks stop with the one line (none waits in a collective for
+    the other), no cell is recorded failed, and the rerun completes."""
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "full_disk.py").write_text(FULL_DISK_PLUGIN)
+    (tmp_path / "m.toml").write_text(DISTRIBUTED_MATRIX)
+    out = tmp_path / "o"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+
+    def torchrun(**extra_env):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+             f"--master_port={port}", "-m", "bench", "run", str(tmp_path / "m.toml"), "--out", str(out),
+             "--device", "cpu", "--no-progress"],
+            env={**env, **extra_env}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    failed = torchrun(FULL_DISK_RANK="1")
+    assert failed.returncode != 0
+    assert failed.stderr.count("modiff-bench: error: no space left on device while writing") == 2, failed.stderr
+    assert "chunk-000001.pt" in failed.stderr  # (torchrun adds a traceback of its own about the failed workers)
+    assert not list(out.glob("cells/*/result.json")) and not list(out.rglob(".tmp-*"))
+    done = torchrun()
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 2 and (table.status == "ok").all() and (table.world_size == 2).all()

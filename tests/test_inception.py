@@ -230,7 +230,7 @@ def test_reference_statistics_are_cached_per_weights_file(run, weights, tmp_path
         inception_metrics(samples, ReferenceSet("strokes", reference), ["prc"], settings)
     assert reference.calls == calls + 1  # new weights, new key; loaded once, then cached
     keys = {p.name.split("--")[2] for p in Path(settings.cache_dir).glob("strokes--torch-fidelity*")}
-    assert keys == {inception._sha16(weights), inception._sha16(other)}
+    assert keys == {inception.sha16(weights), inception.sha16(other)}
 
 
 def test_missing_weights_give_reasons_not_exceptions(tmp_path, monkeypatch):

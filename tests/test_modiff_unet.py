@@ -6,9 +6,9 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 
 import modiff
 from bench.metrics import psnr_to_fp
-from bench.samplers import SamplerConfig, sample, sample_batch
 from bench.zoo.architectures import DDPM_CIFAR10_32, build_random_unet
 from modiff.accounting import count_macs, state_bytes_estimate
+from modiff.samplers import SamplerConfig, sample, sample_batch
 
 QUAD100 = SamplerConfig.from_name("ddim-quad", 100)
 

@@ -11,14 +11,15 @@ import torch.nn.functional as F
 
 import baselines.ptqd.method as ptqd_method  # registers "ptqd"
 from baselines.ptqd import PTQDCorrection, PTQDStats, collect_statistics
+from bench.build import build, resolve_cell
 from bench.errors import BenchError
 from bench.matrix import load_matrix
-from bench.methods import BuildContext, CellSpec, base_quantizer, build
+from bench.methods import CellSpec, base_quantizer
 from bench.metrics import psnr_to_fp
 from bench.runner import Runner
-from bench.samplers import PerSampleNoise, SamplerConfig, sample
-from bench.schedules import NoiseSchedule, step_pairs
+from modiff.samplers import PerSampleNoise, SamplerConfig, sample
 from modiff.samplers import denoising_step as _step
+from modiff.schedules import NoiseSchedule, step_pairs
 
 SHAPE = (3, 8, 8)
 SCHEDULE = NoiseSchedule.linear()
@@ -229,20 +230,25 @@ def _cell(base="ptqd", w_bits=3, a_bits=8, steps=10, n=32, modulation="off", par
                     params=params if params is not None else {"ptqd": {"base": "lcq", "calib_samples": 32}})
 
 
+def _check(method, cell) -> str | None:
+    """Why ``method`` skips ``cell`` once normalised (what resolving the cell asks of it), or None."""
+    return method.check(method.normalise(cell))
+
+
 def test_resolve_delegates_to_the_base_and_skips_what_ptqd_does_not_model():
     method = base_quantizer("ptqd", {"base": "ltq"})
-    cell = _cell(params={})
-    assert method.resolve(cell) is None and cell.a_granularity == "tensor"  # the base's own granularity
-    assert "tensor-wise by definition" in method.resolve(_cell(a_granularity="channel"))
-    assert "modulation" in method.resolve(_cell(modulation="ec"))
-    assert "W32A32" in method.resolve(_cell(w_bits=32, a_bits=32))
-    assert "W32A32" in base_quantizer("ptqd", {"base": "fp"}).resolve(_cell())
+    cell = method.normalise(_cell(params={}))
+    assert method.check(cell) is None and cell.a_granularity == "tensor"  # the base's own granularity
+    assert "tensor-wise by definition" in _check(method, _cell(a_granularity="channel"))
+    assert "modulation" in _check(method, _cell(modulation="ec"))
+    assert "W32A32" in _check(method, _cell(w_bits=32, a_bits=32))
+    assert "W32A32" in _check(base_quantizer("ptqd", {"base": "fp"}), _cell())
     with pytest.raises(BenchError, match="unknown base quantizer 'nope'"):
-        base_quantizer("ptqd", {"base": "nope"}).resolve(_cell())
+        _check(base_quantizer("ptqd", {"base": "nope"}), _cell())
     with pytest.raises(BenchError, match="itself"):
-        base_quantizer("ptqd", {"base": "ptqd"}).resolve(_cell())
+        _check(base_quantizer("ptqd", {"base": "ptqd"}), _cell())
     with pytest.raises(BenchError, match="calib_samples"):
-        base_quantizer("ptqd", {"base": "lcq", "calib_samples": 0}).resolve(_cell())
+        _check(base_quantizer("ptqd", {"base": "lcq", "calib_samples": 0}), _cell())
     with pytest.raises(BenchError, match="no parameter"):
         base_quantizer("ptqd", {"bits": 3})
 
@@ -257,9 +263,9 @@ def test_ptqd_improves_psnr_to_fp_on_the_digits_model(digits_model, tmp_path):
                        32, progress=False)
 
     def psnr(cell):
-        method = base_quantizer(cell.base, cell.params.get(cell.base))
-        assert method.resolve(cell) is None
-        prepared = build(BuildContext(digits_model, cell, sampler, torch.device("cpu"), cache_dir=tmp_path))
+        resolved = resolve_cell(cell)
+        assert resolved.skip is None
+        prepared = build(resolved, digits_model, torch.device("cpu"), cache_dir=tmp_path)
         images = sample(prepared.denoiser(), digits_model.schedule, sampler, seeds, digits_model.image_shape, 32,
                         progress=False, on_trajectory_start=prepared.start_trajectory, noise_std=prepared.noise_std)
         return psnr_to_fp(images, reference), prepared
@@ -277,8 +283,9 @@ def test_ptqd_improves_psnr_to_fp_on_the_digits_model(digits_model, tmp_path):
     after = digits_model.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     cell = _cell(params={"ptqd": {"base": "lcq", "calib_samples": 4, "correct_variance": False}})
-    assert base_quantizer("ptqd", cell.params["ptqd"]).resolve(cell) is None
-    assert build(BuildContext(digits_model, cell, sampler, torch.device("cpu"))).noise_std is None
+    resolved = resolve_cell(cell)
+    assert resolved.skip is None
+    assert build(resolved, digits_model, torch.device("cpu")).noise_std is None
 
 
 def test_every_trajectory_restarts_the_step_count(digits_model):
@@ -286,8 +293,9 @@ def test_every_trajectory_restarts_the_step_count(digits_model):
     tells those two apart, so a second trajectory is corrected exactly like the first."""
     sampler = SamplerConfig.from_name("ddim-quad", 30)
     cell = _cell(steps=30, n=4, params={"ptqd": {"base": "lcq", "calib_samples": 4}})
-    assert base_quantizer("ptqd", cell.params["ptqd"]).resolve(cell) is None
-    prepared = build(BuildContext(digits_model, cell, sampler, torch.device("cpu")))
+    resolved = resolve_cell(cell)
+    assert resolved.skip is None
+    prepared = build(resolved, digits_model, torch.device("cpu"))
     assert prepared.info["ptqd_timesteps"][-2:] == [0, 0]
     denoiser = prepared.denoiser()
 

@@ -22,13 +22,14 @@ from baselines.qdiffusion.reconstruction import (
     shortcut_splits,
     units,
 )
+from bench.build import build, resolve_cell
 from bench.errors import BenchError
 from bench.matrix import load_matrix
-from bench.methods import BuildContext, CellSpec, base_quantizer, build
+from bench.methods import CellSpec
 from bench.metrics import psnr_to_fp
 from bench.runner import Runner
-from bench.samplers import PerSampleNoise, SamplerConfig, sample
 from bench.zoo.digits import unet_denoiser
+from modiff.samplers import PerSampleNoise, SamplerConfig, sample
 
 DDIM10 = SamplerConfig.from_name("ddim-quad", 10)
 CPU = torch.device("cpu")
@@ -210,8 +211,9 @@ def _cell(w, a, modulation="off", params=None, n=128):
 
 
 def _samples(model, cell, cache_dir):
-    assert base_quantizer("qdiff", cell.params["qdiff"]).resolve(cell) is None
-    prepared = build(BuildContext(model, cell, DDIM10, CPU, False, cache_dir))
+    resolved = resolve_cell(cell)
+    assert resolved.skip is None and resolved.sampler == DDIM10
+    prepared = build(resolved, model, CPU, False, cache_dir)
     images = sample(prepared.denoiser(), model.schedule, DDIM10, cell.seeds, model.image_shape, cell.batch_size,
                     progress=False, on_trajectory_start=prepared.start_trajectory)
     return images, prepared
@@ -275,9 +277,9 @@ def test_qdiff_with_modulation_uses_static_residual_scales_and_fp_attention(digi
 
 def test_resolve_and_parameter_errors():
     cell = _cell(32, 32)
-    assert "full-precision" in QDiffusion().resolve(cell)
+    assert "full-precision" in resolve_cell(cell).skip
     cell = _cell(8, 8, params={"cali_st": 50})
-    assert "cali_st" in QDiffusion(cell.params["qdiff"]).resolve(cell)
+    assert "cali_st" in resolve_cell(cell).skip
     with pytest.raises(BenchError, match="weight_init"):
         QDiffusion({"weight_init": "kmeans"})._check_params()
     with pytest.raises(BenchError, match="cali_st"):  # at load time, before any cell runs

@@ -7,7 +7,7 @@ import torch
 from bench.data import load_digits_split
 from bench.domain import features_and_logits, frechet_distance, quality_report
 from bench.errors import BenchError
-from bench.samplers import SamplerConfig, sample
+from modiff.samplers import SamplerConfig, sample
 
 
 def test_frechet_distance_closed_form():

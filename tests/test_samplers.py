@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from bench.errors import BenchError
-from bench.samplers import SAMPLER_NAMES, PerSampleNoise, SamplerConfig, sample
-from bench.schedules import NoiseSchedule
+from modiff.samplers import SAMPLER_NAMES, PerSampleNoise, SamplerConfig, sample
+from modiff.schedules import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.linear()
 
@@ -95,7 +94,7 @@ def test_every_registered_sampler_runs_its_grid_and_lands_on_the_exact_answer():
         ab_T, ab_end = schedule.alpha_bar(calls[0]), schedule.alpha_bar(t_end)
         eps0 = (x_T - ab_T**0.5 * c) / (1 - ab_T) ** 0.5
         torch.testing.assert_close(x, ab_end**0.5 * c + (1 - ab_end) ** 0.5 * eps0, atol=1e-5, rtol=1e-5, msg=name)
-    with pytest.raises(BenchError) as err:
+    with pytest.raises(ValueError) as err:
         SamplerConfig.from_name("ddim-linear", steps)
     message = str(err.value)
     assert "\n" not in message and "unknown sampler 'ddim-linear'" in message
@@ -155,5 +154,5 @@ def test_trajectory_hook_runs_once_per_batch_before_the_first_step():
     ("ddim-quad", -0.1, "eta"), ("ddim-quad", 1.5, "eta"), ("ddim-quad", float("nan"), "eta"),
 ])
 def test_bad_sampler_settings_rejected(name, eta, match):
-    with pytest.raises(BenchError, match=match):
+    with pytest.raises(ValueError, match=match):
         SamplerConfig.from_name(name, 10, eta)

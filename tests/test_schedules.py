@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import BenchError
-from bench.schedules import NoiseSchedule, step_pairs, timestep_sequence
+from modiff.schedules import NoiseSchedule, step_pairs, timestep_sequence
 
 
 @pytest.mark.parametrize("steps", [100, 20])
@@ -43,10 +42,10 @@ def test_alpha_bar_definition():
 
 @pytest.mark.parametrize("steps", [0, -3, 1001])
 def test_steps_out_of_range_rejected(steps):
-    with pytest.raises(BenchError, match="between 1 and 1000"):
+    with pytest.raises(ValueError, match="between 1 and 1000"):
         timestep_sequence("quad", steps, 1000)
 
 
 def test_unknown_spacing_rejected():
-    with pytest.raises(BenchError, match="unknown timestep spacing"):
+    with pytest.raises(ValueError, match="unknown timestep spacing"):
         timestep_sequence("cosine", 10, 1000)

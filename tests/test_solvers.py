@@ -15,11 +15,9 @@ from baselines.deepcache.method import DeepCacheMethod
 from baselines.ptqd import collect_statistics
 from baselines.ptqd.method import PTQD
 from baselines.qdiffusion import calibration
-from bench.errors import BenchError
 from bench.methods import BuildContext, CellSpec, Prepared
-from bench.samplers import SAMPLER_NAMES, PerSampleNoise, SamplerConfig, dpm_solver_orders, sample
-from bench.schedules import NoiseSchedule
-from modiff.samplers import _dpm_solver_pp
+from modiff.samplers import SAMPLER_NAMES, PerSampleNoise, SamplerConfig, _dpm_solver_pp, dpm_solver_orders, sample
+from modiff.schedules import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.linear()
 T = SCHEDULE.num_train_timesteps
@@ -116,7 +114,7 @@ def test_ldm_grids_that_run_past_T_are_refused(steps):
     """range(0, 1000, T // steps) + 1 reaches 1000 when T // steps divides 999 (latent-diffusion
     indexes past its schedule there)."""
     for name in ("ddim-ldm", "plms"):
-        with pytest.raises(BenchError, match="latent-diffusion"):
+        with pytest.raises(ValueError, match="latent-diffusion"):
             SamplerConfig.from_name(name, steps).timesteps(SCHEDULE)
 
 
@@ -175,13 +173,13 @@ def test_dpm_solver_grid_and_order_split():
     assert dpm_solver_orders(21) == [3] * 6 + [2, 1]
     assert dpm_solver_orders(22) == [3] * 7 + [1]
     assert (dpm_solver_orders(1), dpm_solver_orders(2), dpm_solver_orders(3)) == ([1], [2], [2, 1])
-    with pytest.raises(BenchError, match="between 1 and 999"):
+    with pytest.raises(ValueError, match="between 1 and 999"):
         SamplerConfig.from_name("dpm-solver++", 1000).timesteps(SCHEDULE)
 
 
 @pytest.mark.parametrize("name", ["plms", "dpm-solver++"])
 def test_deterministic_solvers_reject_eta(name):
-    with pytest.raises(BenchError, match="deterministic: eta must be 0"):
+    with pytest.raises(ValueError, match="deterministic: eta must be 0"):
         SamplerConfig.from_name(name, 20, 0.5)
     assert SamplerConfig.from_name(name, 20).name == name
     assert SamplerConfig.from_name("ddim-ldm", 20, 0.5).name == "ddim-ldm"
@@ -374,9 +372,9 @@ def _cell(sampler, steps=6, **kw):
 def test_ptqd_skips_multi_evaluation_solvers_and_keeps_ddim_ldm():
     ptqd = PTQD({"base": "ltq"})
     for name in ("plms", "dpm-solver++"):
-        reason = ptqd.resolve(_cell(name))
+        reason = ptqd.check(ptqd.normalise(_cell(name)))
         assert isinstance(reason, str) and "DDIM/DDPM" in reason and name in reason
-    assert ptqd.resolve(_cell("ddim-ldm")) is None
+    assert ptqd.check(ptqd.normalise(_cell("ddim-ldm"))) is None
     with pytest.raises(ValueError, match="DDIM/DDPM"):
         collect_statistics(gaussian_oracle(0.0, 1.0), gaussian_oracle(0.0, 1.0), SCHEDULE,
                            SamplerConfig.from_name("plms", 5), range(2), (1, 2, 2), 2)

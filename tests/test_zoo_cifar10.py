@@ -23,11 +23,10 @@ from huggingface_hub import constants as hub_constants
 import modiff
 from bench.errors import BenchError
 from bench.provenance import sha256_file
-from bench.quantized import sample_unet
-from bench.samplers import SamplerConfig
 from bench.zoo import ZooModel, load_model
 from bench.zoo import ddpm_cifar10 as cifar
 from bench.zoo.architectures import DDPM_CIFAR10_32, build_random_unet
+from modiff.samplers import SamplerConfig, sample
 
 CH, CH_MULT, NUM_RES_BLOCKS, ATTN_RESOLUTIONS, RESOLUTION, IN_CH, OUT_CH = 128, (1, 2, 2, 2), 2, (16,), 32, 3, 3
 TEMB_CH = 4 * CH
@@ -382,6 +381,12 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ quantized sampling
 
 TWO_STEPS = SamplerConfig.from_name("ddim-quad", 2)
+
+
+def sample_unet(unet, model, sampler, seeds, batch_size) -> torch.Tensor:
+    """Samples of ``unet`` on ``model``'s schedule (MoDiff's state reset before each batch's first step)."""
+    return sample(model.denoiser(unet), model.schedule, sampler, seeds, model.image_shape, batch_size,
+                  progress=False, on_trajectory_start=lambda: modiff.reset(unet))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_hardening_security import Payload  # a pickle that creates a marker file if anything runs it
+from test_safe_loading import Payload  # a pickle that creates a marker file if anything runs it
 
 from bench.cli import main
 from bench.errors import BenchError

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 import modiff
 from bench.errors import BenchError
-from bench.samplers import SamplerConfig, sample
 from bench.zoo import MODELS, ldm, load_model
 from modiff import ModiffConfig
+from modiff.samplers import SamplerConfig, sample
 
 TRIPPED: list[str] = []
 

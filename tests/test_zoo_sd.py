@@ -12,6 +12,7 @@ CompVis/stable-diffusion-v1-4 (the tokenizer as the hub holds it: vocab.json, me
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -21,9 +22,8 @@ import torch
 import modiff
 from bench.errors import BenchError
 from bench.provenance import sha256_file
-from bench.quantized import quantized_copy
-from bench.samplers import SamplerConfig, sample
 from bench.zoo import load_model, sd
+from modiff.samplers import SamplerConfig, sample
 
 pytest.importorskip("transformers")  # the 'sd' extra
 
@@ -328,7 +328,7 @@ def test_full_precision_image_is_batch_invariant(sd_model, fp_pair):
 @pytest.mark.parametrize("modulation", ["off", "plain", "ec"])
 def test_quantized_sampling_w8a8_per_sample(sd_model, fp_pair, modulation):
     config = modiff.ModiffConfig(w_bits=8, a_bits=8, modulation=modulation, granularity="sample")
-    unet = quantized_copy(sd_model.unet, config)
+    unet = modiff.quantize(copy.deepcopy(sd_model.unet), config)
     wrapped = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in sd_model.unet.modules())
     assert len(modiff.quant_layers(unet)) == wrapped  # every conv/linear of the UNet
     batch_sizes = []

@@ -36,7 +36,7 @@ from torch import nn
 from bench.errors import BenchError
 from bench.methods import BuildContext, CacheMethod, CellSpec, Prepared, register_method
 
-from . import DeepCache, nonuniform_full_steps, uniform_full_steps
+from .feature_reuse import DeepCache, nonuniform_full_steps, uniform_full_steps
 
 if TYPE_CHECKING:
     from bench.zoo import ZooModel
@@ -91,7 +91,7 @@ class DeepCacheMethod(CacheMethod):
             return uniform_full_steps(steps, self.interval)
         return nonuniform_full_steps(steps, self.interval, *self.schedule_settings(steps, kind))
 
-    def resolve(self, cell: CellSpec) -> str | None:
+    def check(self, cell: CellSpec) -> str | None:
         center = self.settings.center
         if center is not None and not 0 <= center < cell.steps:
             return f"deepcache center {center} is not a step index for {cell.steps} steps"

@@ -23,6 +23,7 @@ gives the reason); ``ddim-ldm`` is DDIM on latent-diffusion's grid and is suppor
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ from bench.methods import BaseQuantizer, BuildContext, CellSpec, Prepared, base_
 from modiff.config import NOT_QUANTIZED
 from modiff.samplers import ALGORITHMS, SAMPLERS
 
-from . import PTQDCorrection, PTQDStats, collect_statistics
+from .noise_correction import PTQDCorrection, PTQDStats, collect_statistics
 
 CALIB_SEED_OFFSET = 10_000_000  # calibration seeds start here (+ the cell's seed)
 STATS_FORMAT = 1  # bump when the statistics' definition changes (invalidates cached files)
@@ -72,8 +73,14 @@ class PTQD(BaseQuantizer):
     def quantizes_attention(self, cell: CellSpec) -> bool:
         return self.base(cell).quantizes_attention(cell)
 
-    def resolve(self, cell: CellSpec) -> str | None:
-        reason = self.base(cell).resolve(cell)
+    def normalise(self, cell: CellSpec) -> CellSpec:
+        return self.base(cell).normalise(cell)
+
+    def configure(self, cell: CellSpec) -> Any:
+        return self.base(cell).configure(cell)
+
+    def check(self, cell: CellSpec) -> str | None:
+        reason = self.base(cell).check(cell)
         if reason:
             return reason
         if cell.modulation != "off":

@@ -32,14 +32,17 @@ Dequantization, in the reference's float32 operation order (so the values are th
   parameters ``{'n_bits', 'channel_wise': True, 'scale_method': 'max'}`` leave at its default; ``AdaRoundQuantizer``
   copies it. ``w_bits`` is not in the file, so the caller states it.
 
-This module imports ``bench`` only inside its functions: ``baselines``' libraries import nothing from the harness
-when they are imported (``tests/test_layering.py``).
+A library module: it needs ``torch`` only, and its problems are :class:`CheckpointError` (a ``ValueError``;
+:class:`CheckpointTypeError` is also a ``TypeError``), one line naming the key or parameter. It reads no file
+and knows no model: the caller loads the file (``torch.load(weights_only=True)``: unpickling it must never run code)
+and states the model's layout. The glue to the harness, :mod:`baselines.modiff_authors_act.method`, does both for the
+CIFAR-10 DDPM (the harness's safe reader, the zoo's DDPM layout and key conversion) and reports these errors as the
+harness's one-line errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
@@ -49,26 +52,33 @@ QUANTIZER_TENSORS = ("alpha", "delta", "zero_point")
 W_BITS_RANGE = (2, 8)
 
 
-def _error(message: str) -> Exception:
-    """A one-line BenchError (imported here: see the module docstring)."""
-    from bench.errors import BenchError
+class CheckpointError(ValueError):
+    """A malformed authors' checkpoint, or a bad argument to read one: one line naming the key, file or parameter."""
 
-    return BenchError(" ".join(message.split()))
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))
+
+
+class CheckpointTypeError(CheckpointError, TypeError):
+    """A :class:`CheckpointError` about a value of the wrong type (also a ``TypeError``)."""
 
 
 def _listing(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _check_w_bits(w_bits: int) -> int:
-    if isinstance(w_bits, bool) or not isinstance(w_bits, int) or not W_BITS_RANGE[0] <= w_bits <= W_BITS_RANGE[1]:
-        raise _error(f"w_bits must be an integer in {W_BITS_RANGE[0]}..{W_BITS_RANGE[1]}, got {w_bits!r}")
+def check_w_bits(w_bits: int) -> int:
+    """``w_bits`` if it is a bit width the authors' weight quantizers support, else a CheckpointError."""
+    wrong_type = isinstance(w_bits, bool) or not isinstance(w_bits, int)
+    if wrong_type or not W_BITS_RANGE[0] <= w_bits <= W_BITS_RANGE[1]:
+        error = CheckpointTypeError if wrong_type else CheckpointError
+        raise error(f"w_bits must be an integer in {W_BITS_RANGE[0]}..{W_BITS_RANGE[1]}, got {w_bits!r}")
     return w_bits
 
 
 def _tensor(key: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise _error(f"{key} is a {type(value).__name__}, not a tensor")
+        raise CheckpointTypeError(f"{key} is a {type(value).__name__}, not a tensor")
     return value
 
 
@@ -79,26 +89,28 @@ def _fits(name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
     except RuntimeError:
         ok = False
     if not ok:
-        raise _error(f"{name} of shape {tuple(tensor.shape)} does not broadcast to its weight's {tuple(shape)}")
+        raise CheckpointError(f"{name} of shape {tuple(tensor.shape)} does not broadcast to its weight's "
+                              f"{tuple(shape)}")
 
 
 def _dequantize_part(name: str, w: torch.Tensor, params: Mapping[str, torch.Tensor], n_levels: int):
     """``(w_hat, clamped elements)`` for one quantizer applied to ``w`` (the weight or one split half)."""
     missing = [p for p in ("delta", "zero_point") if p not in params]
     if missing:
-        raise _error(f"{PREFIX}{name} is incomplete: no {' or '.join(missing)} (has {sorted(params) or 'nothing'})")
+        raise CheckpointError(f"{PREFIX}{name} is incomplete: no {' or '.join(missing)} "
+                              f"(has {sorted(params) or 'nothing'})")
     w = w.float()
     delta, zero_point = params["delta"].float(), params["zero_point"].float()
     _fits(f"{PREFIX}{name}.delta", delta, w.shape)
     _fits(f"{PREFIX}{name}.zero_point", zero_point, w.shape)
     if not bool(torch.isfinite(delta).all()) or bool((delta <= 0).any()):
-        raise _error(f"{PREFIX}{name}.delta has non-positive or non-finite step sizes")
+        raise CheckpointError(f"{PREFIX}{name}.delta has non-positive or non-finite step sizes")
     if not bool(torch.isfinite(zero_point).all()):
-        raise _error(f"{PREFIX}{name}.zero_point is not finite")
+        raise CheckpointError(f"{PREFIX}{name}.zero_point is not finite")
     alpha = params.get("alpha")
     if alpha is not None:
         if tuple(alpha.shape) != tuple(w.shape):
-            raise _error(f"{PREFIX}{name}.alpha has shape {tuple(alpha.shape)}, its weight {tuple(w.shape)}")
+            raise CheckpointError(f"{PREFIX}{name}.alpha has shape {tuple(alpha.shape)}, its weight {tuple(w.shape)}")
         x_int = torch.floor(w / delta) + (alpha >= 0).float()  # AdaRoundQuantizer, hard rounding
     else:
         x_int = torch.round(w / delta)  # UniformAffineQuantizer
@@ -117,33 +129,35 @@ def _split_point(module: str, weight: torch.Tensor, quantizers: Mapping[str, Map
     if second is not None and second.dim() >= 2:
         found.append(in_channels - second.shape[1])
     if not found:
-        raise _error(f"{PREFIX}{module} is split (weight_quantizer_0) but neither quantizer has alpha, "
-                     f"so the split point cannot be read")
+        raise CheckpointError(f"{PREFIX}{module} is split (weight_quantizer_0) but neither quantizer has "
+                              f"alpha, so the split point cannot be read")
     if len(set(found)) > 1 or not 0 < found[0] < in_channels:
-        raise _error(f"{PREFIX}{module}: the alpha shapes of its two quantizers do not split its "
-                     f"{in_channels} input channels (split {found})")
+        raise CheckpointError(f"{PREFIX}{module}: the alpha shapes of its two quantizers do not split its "
+                              f"{in_channels} input channels (split {found})")
     return found[0]
 
 
-def dequantize_authors_state_dict(
-    state_dict: Mapping[str, torch.Tensor], w_bits: int
+def dequantize_state_dict(
+    state_dict: Mapping[str, torch.Tensor], w_bits: int, shapes: Mapping[str, tuple[int, ...]],
+    model_name: str = "DDPM CIFAR-10",
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """An authors' ``QuantModel`` state dict -> ``(state dict of the DDIM CIFAR-10 Model, report)``.
+    """An authors' ``QuantModel`` state dict -> ``(state dict of the DDIM ``Model`` it wraps, report)``.
 
+    ``shapes``: every tensor of the model the checkpoint calibrates, original DDIM key -> shape (for the CIFAR-10
+    DDPM, the third item of the zoo's ``layout()`` in ``bench/zoo/convert/ddpm.py``); ``model_name`` names that model
+    in errors.
     Every Conv2d / Linear weight becomes the weight the authors' quantized forward pass uses (float32, on its grid),
     so their calibration can be evaluated without their code; every other tensor of the model (biases, norms) is kept
     as is. Activation-quantizer keys and keys this format does not define are left out and listed in the report:
     ``w_bits``, ``layers`` (weights dequantized), ``adaround_layers`` / ``nearest_layers`` (all quantizers with
     ``alpha`` / at least one without: round to nearest) and ``nearest_layer_names``, ``split_layers`` (name -> split
     point), ``clamped_values`` (elements the ``[0, 2^b - 1]`` clamp moved: many of them hint at a wrong ``w_bits``),
-    ``passed_through``, ``act_quantizer_keys``, ``unknown_keys``.
+    ``passed_through``, ``act_quantizer_keys``, ``unknown_keys``. A problem is a :class:`CheckpointError`.
     """
-    from bench.zoo.convert.ddpm import layout
-
-    n_levels = 2 ** _check_w_bits(w_bits)
+    n_levels = 2 ** check_w_bits(w_bits)
     if not isinstance(state_dict, Mapping) or not any(isinstance(k, str) and k.startswith(PREFIX) for k in state_dict):
-        raise _error(f"not a Q-Diffusion / MoDiff QuantModel state dict: no '{PREFIX}' keys")
-    shapes = layout()[2]  # original DDIM key -> shape
+        raise CheckpointError(f"not a Q-Diffusion / MoDiff QuantModel state dict: no '{PREFIX}' keys")
+    shapes = {key: tuple(shape) for key, shape in shapes.items()}
 
     model: dict[str, torch.Tensor] = {}
     quantizers: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # layer -> quantizer -> alpha/delta/zero_point
@@ -170,10 +184,11 @@ def dequantize_authors_state_dict(
     if missing or wrong:
         problems = [f"{len(keys)} {label}: {_listing(keys)}"
                     for label, keys in (("missing keys", missing), ("shape mismatches", wrong)) if keys]
-        raise _error(f"not a DDPM CIFAR-10 QuantModel state dict: {'; '.join(problems)}")
+        raise CheckpointError(f"not a {model_name} QuantModel state dict: {'; '.join(problems)}")
     orphans = sorted(set(quantizers) - {k[: -len(".weight")] for k in shapes if k.endswith(".weight")})
     if orphans:
-        raise _error(f"weight quantizer keys for layers the DDPM CIFAR-10 model does not have: {_listing(orphans)}")
+        raise CheckpointError(f"weight quantizer keys for layers the {model_name} model does not have: "
+                              f"{_listing(orphans)}")
 
     out: dict[str, torch.Tensor] = {}
     report: dict = {"w_bits": w_bits, "layers": 0, "adaround_layers": 0, "nearest_layers": 0,
@@ -186,9 +201,9 @@ def dequantize_authors_state_dict(
             continue
         found = quantizers.get(layer)
         if not found:
-            raise _error(f"{PREFIX}{key} has no weight_quantizer keys: not a calibrated (AdaRound) checkpoint")
+            raise CheckpointError(f"{PREFIX}{key} has no weight_quantizer keys: not a calibrated (AdaRound) checkpoint")
         if WEIGHT_QUANTIZERS[0] not in found:
-            raise _error(f"{PREFIX}{layer} has weight_quantizer_0 but no weight_quantizer keys")
+            raise CheckpointError(f"{PREFIX}{layer} has weight_quantizer_0 but no weight_quantizer keys")
         if WEIGHT_QUANTIZERS[1] in found:
             split = _split_point(layer, value, found)
             report["split_layers"][layer] = split
@@ -209,30 +224,13 @@ def dequantize_authors_state_dict(
     return out, report
 
 
-def load_authors_checkpoint(path: str | Path, w_bits: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """:func:`dequantize_authors_state_dict` of a ``ckpt.pth`` file, read with ``torch.load(weights_only=True)`` on
-    the CPU: a downloaded checkpoint is user data, and unpickling it must never run code from it."""
-    from bench.errors import BenchError
-    from bench.zoo.checkpoints import read_torch_file
-
-    _check_w_bits(w_bits)
-    path = Path(path)
-    if not path.is_file():
-        raise _error(f"authors' checkpoint {path} does not exist")
-    obj = read_torch_file(path, "authors' checkpoint")
+def checkpoint_state_dict(obj, source: str) -> Mapping:
+    """The state dict in what ``torch.load`` returned for an authors' ``ckpt.pth``: the object itself, or its
+    ``"state_dict"`` entry (a wrapper some scripts write). ``source`` names the file in the error if it is neither.
+    Load the file with ``torch.load(path, map_location="cpu", weights_only=True)``: a downloaded checkpoint is user
+    data, and unpickling it must never run code from it."""
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise _error(f"authors' checkpoint {path} holds a {type(obj).__name__}, not a state dict")
-    try:
-        return dequantize_authors_state_dict(obj, w_bits)
-    except BenchError as exc:
-        raise _error(f"{path}: {exc}") from None
-
-
-def to_diffusers_weights(original_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same tensors under ``UNet2DModel(**DDPM_CIFAR10_32)`` names, so the harness can run the dequantized model;
-    the zoo's own mapping (:func:`bench.zoo.convert.ddpm.original_to_diffusers`), which checks every key and shape."""
-    from bench.zoo.convert.ddpm import original_to_diffusers
-
-    return original_to_diffusers(original_state_dict)
+        raise CheckpointTypeError(f"{source} holds a {type(obj).__name__}, not a state dict")
+    return obj

@@ -131,8 +131,8 @@ class QDiffusion(BaseQuantizer):
                 raise ValueError("authors_grid starts from the authors' min-max step size: residual_scale must be "
                                  "'minmax' or 'learned'")
 
-    def resolve(self, cell: CellSpec) -> str | None:
-        reason = super().resolve(cell)
+    def check(self, cell: CellSpec) -> str | None:
+        reason = super().check(cell)
         if reason:
             return reason
         if cell.w_bits == NOT_QUANTIZED and cell.a_bits == NOT_QUANTIZED:
@@ -202,10 +202,7 @@ class QDiffusion(BaseQuantizer):
         weight_payload)``. ``overrides``: ``ReconConfig`` fields other bases that take these weights set
         (``split_shortcut``, ``quant_attention``)."""
         cell, s = ctx.cell, self.settings
-        try:  # resolve() checks cali_st against the steps; build() may be called without it
-            calibration.calibration_steps(len(ctx.sampler.evaluation_timesteps(ctx.model.schedule)), s.cali_st)
-        except ValueError as exc:
-            raise BenchError(f"qdiff: {exc}") from None
+        calibration.calibration_steps(len(ctx.sampler.evaluation_timesteps(ctx.model.schedule)), s.cali_st)
         config = self.recon_config(cell)
         config = dataclasses.replace(config, **overrides)
         data = self.calibration_data(ctx, info)

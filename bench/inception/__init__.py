@@ -33,8 +33,8 @@ A name is looked up in the module that owns it (``bench.inception.features._run`
 ``bench.inception._run``): a test replacing a function replaces it there.
 """
 
-from .cache import _read_cache as _read_cache
-from .cache import _sha16 as _sha16
+from .cache import read_cache as read_cache
+from .cache import sha16 as sha16
 from .features import POOL_DIMS, SFID_CHANNELS, SFID_MODULE, SPATIAL_DIMS, Images
 from .features import _to_uint8 as _to_uint8
 from .formulas import IS_SPLITS, PRC_NEIGHBOURS, STATS_KEYS

@@ -15,16 +15,28 @@ import functools
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from ..provenance import sha256_file, write_atomic
 from .settings import InceptionSettings
 
-if TYPE_CHECKING:
-    from .reference import ReferenceSet
+
+class CachedReference(Protocol):
+    """What the cache reads of a reference set (a :class:`bench.inception.reference.ReferenceSet`): its name,
+    its data identity and its key. Declared here so this module needs nothing from ``reference``."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def identity(self) -> str | Callable[[], str]: ...
+
+    def key(self) -> str: ...
+
 
 _CACHE_FORMAT = "v2"  # bump when what goes into the cached statistics or their key changes
 
@@ -40,23 +52,23 @@ def _sha256(path: Path) -> str:
     return _sha256_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def _sha16(path: Path) -> str:
+def sha16(path: Path) -> str:
     """First 16 hex digits of a file's sha256 (part of cache file names)."""
     return _sha256(path)[:16]
 
 
-def _cache_dir(settings: InceptionSettings) -> Path:
+def cache_dir(settings: InceptionSettings) -> Path:
     if settings.cache_dir:
         return Path(settings.cache_dir).expanduser()
     root = os.environ.get("MODIFF_BENCH_CACHE")
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "modiff-bench") / "inception"
 
 
-def _cache_file(cache_dir: Path, reference: ReferenceSet, extractor: str, sha16: str, part: str) -> Path:
+def cache_file(cache_dir: Path, reference: CachedReference, extractor: str, sha16: str, part: str) -> Path:
     return cache_dir / f"{reference.name}--{extractor}--{sha16}--{reference.key()}--{part}.{_CACHE_FORMAT}.npz"
 
 
-def _read_cache(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+def read_cache(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None when absent or unreadable (then recomputed and rewritten)."""
     if not path.is_file():
         return None
@@ -67,7 +79,7 @@ def _read_cache(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | No
         return None
 
 
-def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
@@ -75,7 +87,7 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     write_atomic(path, write)
 
 
-def _meta(reference: ReferenceSet, extractor: str, weights: Path, n: int) -> dict:
+def meta(reference: CachedReference, extractor: str, weights: Path, n: int) -> dict:
     identity = reference.identity() if callable(reference.identity) else reference.identity
     return {"reference": reference.name, "identity": identity, "reference_key": reference.key(), "n_images": n,
             "extractor": extractor, "weights": str(weights), "weights_sha256": _sha256(weights),

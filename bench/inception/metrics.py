@@ -59,7 +59,7 @@ def inception_metrics(
         if bad:  # a diverged sampler: no metric of these samples means anything
             return values, dict.fromkeys(columns, f"{bad} of {len(images)} generated images contain NaN or inf")
 
-    cache_dir = cache._cache_dir(settings)
+    cache_dir = cache.cache_dir(settings)
     fidelity_path = pytorch_fid_path = None
     fidelity_columns = [c for c in columns if c != "fid_pytorch_fid"]
     if fidelity_columns:

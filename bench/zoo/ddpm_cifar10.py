@@ -39,10 +39,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modiff.schedules import NoiseSchedule
+
 from ..errors import BenchError
 from ..provenance import sha256_file
-from ..schedules import NoiseSchedule
-from . import ZooModel
 from .architectures import DDPM_CIFAR10_32
 from .checkpoints import DIFFUSERS_WEIGHTS, check_config, load_diffusers_model, read_safetensors, read_torch_file
 from .convert.ddpm import (
@@ -54,6 +54,7 @@ from .convert.ddpm import (
     strip_module_prefix,
     to_unet,
 )
+from .model import ZooModel
 from .registry import ReferenceData, ZooEntry, register_model
 
 if TYPE_CHECKING:

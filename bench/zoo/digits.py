@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modiff.schedules import NoiseSchedule
+
 from ..domain import DigitClassifier
 from ..errors import BenchError
-from ..schedules import NoiseSchedule
-from . import ZooModel, unet_denoiser
 from .checkpoints import (
     check_config,
     check_loading_info,
@@ -18,6 +18,7 @@ from .checkpoints import (
     read_safetensors,
     verify_files,
 )
+from .model import ZooModel, unet_denoiser
 from .registry import ReferenceData, ZooEntry, register_model
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"

@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modiff.schedules import NoiseSchedule
+
 from ..errors import BenchError
 from ..provenance import sha256_file
-from ..schedules import NoiseSchedule
-from . import ZooModel
 from .checkpoints import (
     MANIFEST,
     constructor_defaults,
@@ -54,6 +54,7 @@ from .checkpoints import (
     read_manifest,
     verify_files,
 )
+from .model import ZooModel
 from .registry import ReferenceData, ZooEntry, register_scheme
 
 SCHEME = "diffusers"

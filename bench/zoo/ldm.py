@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modiff.schedules import NoiseSchedule
+
 from ..errors import BenchError
 from ..provenance import sha256_file
-from ..schedules import NoiseSchedule
-from . import ZooModel
 from .checkpoints import MANIFEST, check_config, load_diffusers_model, read_manifest, verify_files
 from .convert import compvis
 from .convert.compvis import (
@@ -52,6 +52,7 @@ from .convert.compvis import (
     set_openaimodel_heads,
     split_compvis_state_dict,
 )
+from .model import ZooModel
 from .registry import ReferenceData, ZooEntry, register_model
 
 DECODE_CHUNK = 8  # images per autoencoder call, so decoding a whole cell at once stays within memory

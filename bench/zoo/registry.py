@@ -2,7 +2,7 @@
 
 An entry says what the harness needs to know about a model before (or without) loading its weights:
 
-- ``load(checkpoint or None) -> ZooModel`` (see :mod:`bench.zoo`);
+- ``load(checkpoint or None) -> ZooModel`` (see :mod:`bench.zoo.model`);
 - ``train_timesteps``: T of the training schedule; a matrix's ``steps`` are checked against it before anything runs
   (``--dry-run`` too), and the loaded model's schedule is checked again;
 - ``description``: one line for ``modiff-bench models``;
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BenchError
 
 if TYPE_CHECKING:
-    from . import ZooModel
+    from .model import ZooModel
 
 Loader = Callable[[Path | None], "ZooModel"]
 

@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from modiff.samplers import Denoiser
+from modiff.schedules import NoiseSchedule
+
 from ..errors import BenchError
 from ..provenance import sha256_file
-from ..samplers import Denoiser
-from ..schedules import NoiseSchedule
-from . import ZooModel
 from .checkpoints import (
     PICKLE_SUFFIXES,
     check_loading_info,
@@ -59,6 +59,7 @@ from .checkpoints import (
     read_config,
     same_json,
 )
+from .model import ZooModel
 from .registry import ReferenceData, ZooEntry, register_model
 
 NAME = "sd-v1-4"

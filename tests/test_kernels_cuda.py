@@ -1,7 +1,7 @@
 """Real execution on a GPU: ``torch._int_mm`` (int8) and ``torch._scaled_mm`` (fp8) equal the fake
 path per layer, and an int8 / fp8 CIFAR-10-architecture UNet runs a few modulated steps. Skipped
 without CUDA; the same kernels' lowering (unfold, padding to multiples of 16) is tested on the CPU
-in test_modiff_real.py."""
+in test_kernels.py."""
 
 import copy
 

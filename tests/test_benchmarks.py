@@ -1,3 +1,7 @@
+"""The scripts in ``benchmarks/``, end to end on the digits model: ``execution.py`` (speed and memory of
+int8, fp8 and fake execution against FP32 and BF16), ``deepcache_speedup.py`` and ``psnr_table.py`` (its layout too),
+and their one-line errors for bad settings."""
+
 import json
 import math
 import subprocess
@@ -6,22 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
-
-from bench.metrics import mse_to_fp, psnr_to_fp
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def test_psnr_and_mse_on_known_images():
-    ref = torch.zeros(2, 1, 4, 4)  # mid-grey in [0, 1]
-    assert mse_to_fp(ref, ref) == 0 and psnr_to_fp(ref, ref) == math.inf
-    off = ref + 0.2  # 0.1 in [0, 1] units everywhere -> MSE 0.01 -> 20 dB
-    assert mse_to_fp(off, ref) == pytest.approx(0.01)
-    assert psnr_to_fp(off, ref) == pytest.approx(20.0)
-    assert mse_to_fp(torch.full_like(ref, 5.0), ref) == pytest.approx(0.25)  # clipped to [0, 1] first
-    with pytest.raises(ValueError, match="shape"):
-        mse_to_fp(ref[:1], ref)
 
 
 def test_psnr_table_layout():

@@ -1,4 +1,5 @@
-"""Metrics on what is really stored and on few images (issue #25, items 7, 13 and 14).
+"""The metrics (``bench.metrics``): PSNR / MSE to full precision on known images, and every metric on what is
+really stored and on few images (issue #25, items 7, 13 and 14).
 
 Stored samples are the sampler's output, unclipped (values to +-28 in quantized cells): every metric that
 needs [-1, 1] clamps itself. The Inception-score analogue splits so that every split holds two images, the
@@ -7,6 +8,7 @@ report marks values computed on fewer images than their metric needs, and KID (t
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from bench.data import load_digits_split
+from bench.metrics import mse_to_fp, psnr_to_fp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHORT_MARK = "†"  # reports.tables marks a value computed on fewer images than its metric needs
@@ -182,3 +185,15 @@ def test_kid_columns_reach_a_cell_result(tmp_path):
     assert table.is_domain.iloc[0] != 1.0
     result = json.loads(next(Path(tmp_path / "o" / "cells").glob("*/result.json")).read_text())
     assert result["kid_domain_subset_size"] == 8
+
+
+# -- PSNR / MSE to full precision on known images --------------------------------------------
+def test_psnr_and_mse_on_known_images():
+    ref = torch.zeros(2, 1, 4, 4)  # mid-grey in [0, 1]
+    assert mse_to_fp(ref, ref) == 0 and psnr_to_fp(ref, ref) == math.inf
+    off = ref + 0.2  # 0.1 in [0, 1] units everywhere -> MSE 0.01 -> 20 dB
+    assert mse_to_fp(off, ref) == pytest.approx(0.01)
+    assert psnr_to_fp(off, ref) == pytest.approx(20.0)
+    assert mse_to_fp(torch.full_like(ref, 5.0), ref) == pytest.approx(0.25)  # clipped to [0, 1] first
+    with pytest.raises(ValueError, match="shape"):
+        mse_to_fp(ref[:1], ref)

@@ -1,3 +1,6 @@
+"""The digits zoo entry's committed checkpoint (``bench.zoo.digits``): its recorded hashes, manifest and
+architecture, and corrupt, missing or mismatched checkpoints refused."""
+
 import hashlib
 import json
 import shutil

@@ -1,6 +1,7 @@
-"""The `execution` and `dtype` matrix axes (issue #16, part 2 of real low-bit execution, first step):
-ids of older cells unchanged, combinations wrong only together skipped with their reason, int8 rows
-as good as their fake twins, a BF16 full-precision cell with its own reference and samples."""
+"""The matrix axes of how a cell executes (issue #16): ``execution`` and ``dtype``, channels-last and compiled
+cells. Ids of older cells unchanged, combinations wrong only together skipped with their reason, int8 rows as good
+as their fake twins, a BF16 full-precision cell with its own reference and samples, timings with their environment
+and spread, honest GBops of what ran, and the report's tables and figures of such rows."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
+from bench.build import resolve_cell
 from bench.cli import main
 from bench.matrix import build_matrix, cell_id, load_config, load_matrix
-from bench.methods import base_quantizer
 from bench.runner import Runner
 from reports.tables import MISSING
 
@@ -87,7 +88,7 @@ def test_int8_rows_are_as_good_as_their_fake_twins(tmp_path):
     """Part 1's equivalence is per layer, up to rounding; along a trajectory rounding ties can send the
     two apart, but never much in quality: each int8 row's PSNR to full precision is its fake twin's (the
     same weight grid: weight_symmetric = true on both) within 1.5 dB, and at W8A8 the samples agree.
-    (1.5 dB as in test_modiff_real: on an AVX2-only EPYC, LTQ + MoDiff at W8A4, whose tensor-wise A4
+    (1.5 dB as in test_kernels: on an AVX2-only EPYC, LTQ + MoDiff at W8A4, whose tensor-wise A4
     residuals are the most sensitive to a tie, measured int8 1.04 and 1.21 dB below fake in two runs; the
     other seven pairs within 0.5 dB. The old 1 dB bound held on the AVX512 machines.)"""
     rows = _run(tmp_path, '[matrix]\nbase = ["ltq", "psq"]\na_bits = [8, 4]\nmodulation = ["off", "ec"]\n'
@@ -104,11 +105,10 @@ def test_int8_rows_are_as_good_as_their_fake_twins(tmp_path):
 
 def test_the_execution_reaches_the_modiff_config():
     cell = next(c for c in load_matrix("smoke", ["matrix.base=['ltq']", "matrix.modulation=['ec']"]).cells)
-    ltq = base_quantizer("ltq")
-    fake, int8 = ltq.config(cell), ltq.config(replace(cell, execution="int8", dtype="bfloat16"))
+    fake, int8 = resolve_cell(cell).config, resolve_cell(replace(cell, execution="int8", dtype="bfloat16")).config
     assert (fake.execution, fake.weight_symmetric, fake.compute_dtype) == ("fake", False, "float32")
     assert (int8.execution, int8.weight_symmetric, int8.compute_dtype) == ("int8", True, "bfloat16")
-    fp8 = ltq.config(replace(cell, execution="fp8", a_bits=8))
+    fp8 = resolve_cell(replace(cell, execution="fp8", a_bits=8)).config
     assert (fp8.number_format, fp8.symmetric, fp8.weight_symmetric) == ("fp8", True, True)
 
 

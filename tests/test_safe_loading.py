@@ -1,5 +1,6 @@
-"""Issue #14, hardening: no user file is ever read in a way that can run code from it, weights load
-strictly, and an unreadable file is one line and exit status 2.
+"""Loading the files a user (or a cache) points at (issue #14): none is ever read in a way that can run code
+from it (Inception weights, reference statistics, CIFAR-10 batches, calibration caches, the zoo's checkpoints),
+weights load strictly, and an unreadable file is one line and exit status 2.
 
 Every path a user (or a cache) can point at is fed a pickle whose reconstruction would create a marker
 file (three payloads: a function of this module, ``builtins.exec`` and ``os.system``); each test
@@ -25,6 +26,7 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file, save_file
+from test_cli import _cli_error
 
 from bench import inception
 from bench.cli import main
@@ -79,13 +81,6 @@ def _one_line(exc_info) -> str:
     message = str(exc_info.value)
     assert message and "\n" not in message, message
     return message
-
-
-def _cli_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err  # one line, no traceback
-    assert err[0].startswith("modiff-bench: error:"), err[0]
-    return err[0]
 
 
 def _rehash(directory: Path) -> None:
@@ -268,7 +263,7 @@ def test_reference_statistics_never_unpickle(payload, tmp_path):
 def test_the_statistics_cache_never_unpickles(payload, tmp_path):
     obj, marker = payload
     bad = _object_npz(tmp_path / "cached.npz", obj)
-    assert inception._read_cache(bad, ("mu",)) is None  # a miss: recomputed and rewritten
+    assert inception.read_cache(bad, ("mu",)) is None  # a miss: recomputed and rewritten
     assert not marker.exists()
 
 

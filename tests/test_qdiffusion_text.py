@@ -25,7 +25,7 @@ from baselines.qdiffusion.reconstruction import (
 )
 from bench.matrix import load_matrix
 from bench.runner import Runner
-from bench.samplers import PerSampleNoise, SamplerConfig, sample
+from modiff.samplers import PerSampleNoise, SamplerConfig, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,10 +16,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import modiff
 from bench.metrics import psnr_to_fp
-from bench.quantized import sample_unet
-from bench.samplers import SamplerConfig
 from modiff.kernels import onednn_u8_exact
 from modiff.layers import QuantLayer
+from modiff.samplers import SamplerConfig, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,7 +110,10 @@ def quantized_unet(digits_model, **kw) -> nn.Module:
 
 
 def draw(unet, digits_model, steps: int, n: int = 16, batch_size: int = 16) -> torch.Tensor:
-    return sample_unet(unet, digits_model, SamplerConfig.from_name("ddim-quad", steps), range(n), batch_size)
+    """Samples of ``unet`` (MoDiff's state reset before each batch's first step)."""
+    return sample(digits_model.denoiser(unet), digits_model.schedule, SamplerConfig.from_name("ddim-quad", steps),
+                  range(n), digits_model.image_shape, batch_size, progress=False,
+                  on_trajectory_start=lambda: modiff.reset(unet))
 
 
 # -- 1. per-layer equivalence: int8 (oneDNN) vs its fake twin --------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.qdiffusion.authors_checkpoint import (
+from baselines.modiff_authors_act.method import (
     dequantize_authors_state_dict,
     load_authors_checkpoint,
     to_diffusers_weights,

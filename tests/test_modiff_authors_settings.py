@@ -3,6 +3,7 @@ symmetric activations, shortcut splitting, Q-Diffusion weights), and Q-Diffusion
 learned per half of a split input, on the authors' symmetric grid when asked. Each test fails on the code before."""
 
 import copy
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 import modiff
 from baselines.qdiffusion import residual
 from baselines.qdiffusion.method import QDiffusion
+from bench.build import resolve_cell
 from bench.errors import BenchError
 from bench.matrix import load_matrix
 from bench.methods import CellSpec, base_quantizer
@@ -31,22 +33,17 @@ def test_paper_bases_are_the_authors_granularities_not_the_suites():
     """Their default (paper "LCQ") is one scale per batch tensor; --act_tensor (paper "LTQ") one per sample."""
     resolved = {}
     for name in ("paper-lcq", "paper-ltq", "lcq", "ltq"):
-        cell = _cell(name)
-        assert base_quantizer(name).resolve(cell) is None
-        resolved[name] = cell.a_granularity
+        cell = resolve_cell(_cell(name))
+        assert cell.skip is None
+        resolved[name] = cell.spec.a_granularity
     assert resolved == {"paper-lcq": "tensor", "paper-ltq": "sample", "lcq": "channel", "ltq": "tensor"}
-    ltq = _cell("paper-ltq")
-    base_quantizer("paper-ltq").resolve(ltq)
-    config = base_quantizer("paper-ltq").config(ltq)
+    config = resolve_cell(_cell("paper-ltq")).config
     assert config.symmetric and config.warmup and config.granularity == "sample"  # --a_sym by default
     assert base_quantizer("paper-lcq").depends_on() == ("qdiff",)  # Q-Diffusion weights: its parameters matter
     assert base_quantizer("paper-lcq", {"weights": "minmax"}).depends_on() == ()
-    cell = _cell("paper-lcq")
-    cell.execution = "int8"
-    assert "no real low-bit execution" in base_quantizer("paper-lcq").resolve(cell)
-    cell = _cell("paper-lcq", {})
-    cell.model = "digits"
-    assert "ddpm-cifar10" in base_quantizer("paper-lcq", {"cali_ckpt": "x.pth"}).resolve(cell)
+    assert "no real low-bit execution" in resolve_cell(replace(_cell("paper-lcq"), execution="int8")).skip
+    cell = _cell("paper-lcq", {"paper-lcq": {"cali_ckpt": "x.pth"}})
+    assert cell.model == "digits" and "ddpm-cifar10" in resolve_cell(cell).skip
 
 
 def test_split_gives_each_part_of_a_concatenated_input_its_own_dynamic_scale():
@@ -137,9 +134,8 @@ def test_learned_residual_step_sizes_differ_per_half_and_lower_the_layer_error()
 def test_qdiff_residual_parameters_are_checked():
     with pytest.raises(BenchError, match="authors_grid"):
         base_quantizer("qdiff", {"authors_grid": True, "residual_scale": "mse"})
-    cell = _cell("qdiff")
-    cell.a_bits = 2
-    assert "a_bits >= 3" in base_quantizer("qdiff", {"authors_grid": True, "cali_st": 5}).resolve(cell)
+    cell = replace(_cell("qdiff", {"qdiff": {"authors_grid": True, "cali_st": 5}}), a_bits=2)
+    assert "a_bits >= 3" in resolve_cell(cell).skip
     assert QDiffusion.PARAMS["residual_scale"] == "minmax" and QDiffusion.PARAMS["authors_grid"] is False
 
 
@@ -160,9 +156,8 @@ def test_paper_base_takes_its_weights_from_the_authors_checkpoint(tmp_path):
     """A synthetic calibrated checkpoint in the authors' format (AdaRound per output channel, the split
     shortcuts' two quantizers) on a random DDPM CIFAR-10: every wrapped layer holds the converter's dequantized
     weight, untouched by another rounding, and the model runs with the authors' dynamic scales and splits."""
-    from baselines.qdiffusion.authors_checkpoint import load_authors_checkpoint, to_diffusers_weights
-    from bench.methods import BuildContext, build
-    from bench.samplers import SamplerConfig
+    from baselines.modiff_authors_act.method import load_authors_checkpoint, to_diffusers_weights
+    from bench.build import build
     from bench.zoo import load_model
     from bench.zoo.architectures import DDPM_CIFAR10_32, build_random_unet
     from bench.zoo.convert.ddpm import diffusers_to_original
@@ -185,9 +180,9 @@ def test_paper_base_takes_its_weights_from_the_authors_checkpoint(tmp_path):
     model = load_model("ddpm-cifar10", tmp_path / "model")
     cell = CellSpec("ddpm-cifar10", str(tmp_path / "model"), "ddim-quad", 2, 0.0, 2, 0, 2, "paper-lcq", "ec", "none",
                     8, 4, "auto", {"paper-lcq": {"cali_ckpt": str(tmp_path / "cifar_w8a8_ckpt.pth")}})
-    method = base_quantizer("paper-lcq", cell.params["paper-lcq"])
-    assert method.resolve(cell) is None and method.depends_on() == ()
-    prepared = build(BuildContext(model, cell, SamplerConfig.from_name("ddim-quad", 2, 0.0), torch.device("cpu")))
+    resolved = resolve_cell(cell)
+    assert resolved.skip is None and resolved.base.depends_on() == ()
+    prepared = build(resolved, model, torch.device("cpu"))
     expected = to_diffusers_weights(load_authors_checkpoint(tmp_path / "cifar_w8a8_ckpt.pth", 8)[0])
     layers = modiff.quant_layers(prepared.unet)
     assert len(layers) == sum(1 for k, v in expected.items() if k.endswith(".weight") and v.dim() >= 2)

@@ -1,6 +1,7 @@
-"""Hardening (issue #14): files the runner wrote itself and later found damaged are detected and
-repaired, never a reason for every later run to fail; a full disk stops the run in one line and
-records nothing half-written.
+"""The run directory (``bench.store``) repairs what the runner wrote itself and later found damaged (the
+full-precision reference, a cell's samples, result.json, run.json, the derived tables), never a reason for every
+later run to fail; samples that do not fit float16 fail their cell; a full disk stops the run in one line and
+records nothing half-written (issue #14).
 
 Every test starts from a copy of one uninterrupted run (``baseline``), or runs the same small matrix
 from scratch, damages it, runs again and compares the metric columns of results.csv with the
@@ -26,7 +27,7 @@ import bench.store
 from bench.cli import main
 from bench.matrix import load_matrix
 from bench.methods import BaseQuantizer, Prepared, register_method
-from bench.provenance import save_torch_atomic, sha256_file, write_atomic
+from bench.provenance import sha256_file
 from bench.runner import Runner
 from bench.store import collect_rows, read_result, read_results, write_tables
 
@@ -517,112 +518,3 @@ def test_an_interrupt_during_a_cell_leaves_a_clean_state(tmp_path, baseline, mon
     summary, _ = _run(out)
     assert summary.ran == 2 and not summary.failed
     _assert_same_numbers(out, baseline)
-
-
-def test_write_atomic_cleans_up_and_names_the_destination(tmp_path, monkeypatch):
-    target = tmp_path / "d" / "x.json"
-    target.parent.mkdir()
-    target.write_text("old")
-
-    def failing(error):
-        def write(tmp):
-            tmp.write_text("half")
-            raise error
-        return write
-
-    def wrapped(tmp):  # what torch.save does with the OSError of a Python file's write
-        tmp.write_text("half")
-        try:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
-
-    for write in (failing(OSError(errno.ENOSPC, "No space left on device")), wrapped,
-                  failing(OSError(errno.EDQUOT, "Disk quota exceeded"))):
-        with pytest.raises(OSError) as raised:
-            write_atomic(target, write)
-        assert raised.value.errno in (errno.ENOSPC, errno.EDQUOT) and raised.value.filename == str(target)
-        assert os.listdir(target.parent) == ["x.json"] and target.read_text() == "old"
-    with pytest.raises(KeyboardInterrupt):
-        write_atomic(target, failing(KeyboardInterrupt()))
-    assert os.listdir(target.parent) == ["x.json"]
-    # a writer that hides the errno (torch.save to a path): ENOSPC when the file system is (nearly) full
-    hidden = failing(RuntimeError("[enforce fail at inline_container.cc] file write failed"))
-    with pytest.raises(RuntimeError):
-        write_atomic(target, hidden)
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
-    with pytest.raises(OSError) as raised:
-        write_atomic(target, hidden)
-    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
-    assert os.listdir(target.parent) == ["x.json"] and target.read_text() == "old"
-
-
-def test_save_torch_atomic_returns_size_and_sha256(tmp_path):
-    path = tmp_path / "s.pt"
-    size, digest = save_torch_atomic(path, {"images": torch.ones(2, 1, 4, 4, dtype=torch.float16), "seeds": [0, 1]})
-    assert size == path.stat().st_size and digest == sha256_file(path)
-    assert torch.load(path, weights_only=True)["seeds"] == [0, 1]
-
-
-# a plugin every torchrun rank imports (run.imports): on the rank named by the environment, writing a
-# chunk fails with ENOSPC
-FULL_DISK_PLUGIN = """
-import errno, os
-import torch
-
-_save = torch.save
-
-def save(obj, f, *args, **kwargs):
-    if isinstance(obj, dict) and "tag" in obj and os.environ.get("FULL_DISK_RANK") == os.environ.get("RANK"):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return _save(obj, f, *args, **kwargs)
-
-torch.save = save
-"""
-DISTRIBUTED_MATRIX = """
-[run]
-steps = 3
-n_samples = 8
-batch_size = 4
-metrics = ["psnr_to_fp"]
-imports = ["full_disk.py"]
-[matrix]
-base = ["fp", "dynamic"]
-a_bits = [4]
-a_granularity = ["sample"]
-"""
-
-
-def test_a_full_disk_on_one_torchrun_rank_stops_every_rank(tmp_path):
-    """Rank 1 cannot write its chunk: both ranks stop with the one line (none waits in a collective for
-    the other), no cell is recorded failed, and the rerun completes."""
-    import socket
-    import subprocess
-    import sys
-
-    (tmp_path / "full_disk.py").write_text(FULL_DISK_PLUGIN)
-    (tmp_path / "m.toml").write_text(DISTRIBUTED_MATRIX)
-    out = tmp_path / "o"
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-
-    def torchrun(**extra_env):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-             f"--master_port={port}", "-m", "bench", "run", str(tmp_path / "m.toml"), "--out", str(out),
-             "--device", "cpu", "--no-progress"],
-            env={**env, **extra_env}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-
-    failed = torchrun(FULL_DISK_RANK="1")
-    assert failed.returncode != 0
-    assert failed.stderr.count("modiff-bench: error: no space left on device while writing") == 2, failed.stderr
-    assert "chunk-000001.pt" in failed.stderr  # (torchrun adds a traceback of its own about the failed workers)
-    assert not list(out.glob("cells/*/result.json")) and not list(out.rglob(".tmp-*"))
-    done = torchrun()
-    assert done.returncode == 0, done.stderr[-3000:]
-    table = pd.read_csv(out / "results.csv")
-    assert len(table) == 2 and (table.status == "ok").all() and (table.world_size == 2).all()

@@ -1,5 +1,5 @@
-"""A run directory is data (issue #25, items 1-5 and 13's ``evaluate --recompute``): opening one runs
-none of its code, and what its files say is checked against what was recorded when they were written
+"""The run directory (``bench.store``) is data (issue #25, items 1-5 and 13's ``evaluate --recompute``):
+opening one runs none of its code, and what its files say is checked against what was recorded when they were written
 (the full-precision reference, the samples a report draws, the derived tables) before it is used.
 
 Every test starts from a copy of one small uninterrupted run (``baseline``: the smoke preset, FP, LCQ

@@ -15,9 +15,10 @@
 - weights: ``--resume --cali_ckpt <dataset>_w4a8_ckpt.pth``, Q-Diffusion-calibrated (AdaRound) weights, even for
   these dynamic rows. ``weights = "qdiff"`` takes them from this suite's own Q-Diffusion calibration (the
   ``[params.qdiff]`` of the matrix, cached like ``qdiff``'s); ``cali_ckpt`` reads the authors' released file for
-  the CIFAR-10 DDPM (:mod:`baselines.qdiffusion.authors_checkpoint`); ``weights = "minmax"`` is per-channel
-  min-max rounding, to see what the weight source alone changes; with ``split``, each half of a split layer's
-  weight has its own grid (their ``weight_quantizer`` and ``weight_quantizer_0``).
+  the CIFAR-10 DDPM (:func:`load_authors_checkpoint`: the converter :mod:`baselines.qdiffusion.authors_checkpoint`
+  with the harness's file reader and DDPM layout); ``weights = "minmax"`` is per-channel min-max rounding, to see
+  what the weight source alone changes; with ``split``, each half of a split layer's weight has its own grid (their
+  ``weight_quantizer`` and ``weight_quantizer_0``).
 - the warm-up: the first step of a trajectory in full precision (their sampler's ``set_full_prec``), as MoDiff.
 
 Not reproduced: their CIFAR-10 sampler resets the MoDiff state at every step, which turns the method off (the
@@ -26,12 +27,21 @@ spec forbids it; the paper's numbers, which get worse with fewer bits, did not c
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
 import modiff
+from baselines.qdiffusion.authors_checkpoint import (
+    CheckpointError,
+    check_w_bits,
+    checkpoint_state_dict,
+    dequantize_state_dict,
+)
 from baselines.qdiffusion.method import QDiffusion, to_modiff
 from baselines.qdiffusion.reconstruction import recon_layers, shortcut_splits
 from bench.errors import BenchError, readable_file
@@ -75,8 +85,8 @@ class AuthorsDynamic(DynamicQuantizer):
     def modiff_options(self) -> dict[str, Any]:
         return {"symmetric": self.settings.symmetric, "warmup": self.settings.warmup}
 
-    def resolve(self, cell: CellSpec) -> str | None:
-        reason = super().resolve(cell)
+    def check(self, cell: CellSpec) -> str | None:
+        reason = super().check(cell)
         if reason:
             return reason
         if cell.w_bits == NOT_QUANTIZED:
@@ -91,7 +101,7 @@ class AuthorsDynamic(DynamicQuantizer):
 
     def build(self, ctx: BuildContext) -> Prepared:
         cell, s = ctx.cell, self.settings
-        config = self.config(cell)
+        config = ctx.config
         info: dict[str, Any] = {"weights": "cali_ckpt" if s.cali_ckpt else s.weights}
         if s.cali_ckpt is not None:
             unet, splits = self._from_checkpoint(ctx, config, info)
@@ -118,8 +128,6 @@ class AuthorsDynamic(DynamicQuantizer):
         return shortcut_splits(ctx.model.unet, x, torch.zeros(1, dtype=torch.long, device=ctx.device))
 
     def _from_checkpoint(self, ctx: BuildContext, config: modiff.ModiffConfig, info: dict):
-        from baselines.qdiffusion.authors_checkpoint import load_authors_checkpoint, to_diffusers_weights
-
         original, report = load_authors_checkpoint(self.settings.cali_ckpt, ctx.cell.w_bits)
         unet = ctx.fp_unet_copy()
         try:
@@ -131,6 +139,60 @@ class AuthorsDynamic(DynamicQuantizer):
         unet = modiff.quantize(unet, config, weight_quantized=True)
         splits = self._splits(ctx) if self.settings.split else {}
         return unet, splits
+
+
+# -- the authors' calibrated checkpoint (CIFAR-10 DDPM): the library's converter, with the harness's reader and zoo --
+def _one_line(message: str) -> BenchError:
+    return BenchError(" ".join(message.split()))
+
+
+@contextmanager
+def _bench_errors(prefix: str = "") -> Iterator[None]:
+    """The converter's errors (``CheckpointError``, a ValueError) as the harness's one-line BenchError."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise _one_line(f"{prefix}{exc}") from None
+
+
+def dequantize_authors_state_dict(
+    state_dict: Mapping[str, torch.Tensor], w_bits: int
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """An authors' ``QuantModel`` state dict of the DDPM CIFAR-10 -> ``(state dict of the DDIM CIFAR-10 Model,
+    report)``: :func:`baselines.qdiffusion.authors_checkpoint.dequantize_state_dict` on the zoo's original DDPM
+    layout (:func:`bench.zoo.convert.ddpm.layout`); a problem is a one-line BenchError."""
+    from bench.zoo.convert.ddpm import layout
+
+    with _bench_errors():
+        return dequantize_state_dict(state_dict, w_bits, layout()[2], "DDPM CIFAR-10")
+
+
+def load_authors_checkpoint(path: str | Path, w_bits: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`dequantize_authors_state_dict` of a ``ckpt.pth`` file, read by the harness's safe reader
+    (:func:`bench.zoo.checkpoints.read_torch_file`: ``torch.load(weights_only=True)`` on the CPU): a downloaded
+    checkpoint is user data, and unpickling it must never run code from it."""
+    from bench.zoo.checkpoints import read_torch_file
+
+    with _bench_errors():
+        check_w_bits(w_bits)
+    path = Path(path)
+    if not path.is_file():
+        raise _one_line(f"authors' checkpoint {path} does not exist")
+    obj = read_torch_file(path, "authors' checkpoint")
+    with _bench_errors():
+        state_dict = checkpoint_state_dict(obj, f"authors' checkpoint {path}")
+    try:
+        return dequantize_authors_state_dict(state_dict, w_bits)
+    except BenchError as exc:
+        raise _one_line(f"{path}: {exc}") from None
+
+
+def to_diffusers_weights(original_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under ``UNet2DModel(**DDPM_CIFAR10_32)`` names, so the harness can run the dequantized model;
+    the zoo's own mapping (:func:`bench.zoo.convert.ddpm.original_to_diffusers`), which checks every key and shape."""
+    from bench.zoo.convert.ddpm import original_to_diffusers
+
+    return original_to_diffusers(original_state_dict)
 
 
 def halves_on_their_grids(unet: torch.nn.Module, splits: dict[str, int], w_bits: int,
@@ -153,14 +215,16 @@ def halves_on_their_grids(unet: torch.nn.Module, splits: dict[str, int], w_bits:
     return unet
 
 
-@register_method("paper-lcq")
+# The names the paper's columns gave these settings ("LCQ", "LTQ") say another granularity than the suite's own lcq
+# (channel) and ltq (tensor); the aliases say theirs. Cells record the first name, which their ids hash.
+@register_method("paper-lcq", aliases=("authors-tensor",))
 class PaperLCQ(AuthorsDynamic):
     """The MoDiff authors' "LCQ" (their default, no --act_tensor): one dynamic scale per batch tensor, symmetric, split, Q-Diffusion weights."""  # noqa: E501
 
     granularity = "tensor"
 
 
-@register_method("paper-ltq")
+@register_method("paper-ltq", aliases=("authors-sample",))
 class PaperLTQ(AuthorsDynamic):
     """The MoDiff authors' "LTQ" (--act_tensor): one dynamic scale per sample, symmetric, split, Q-Diffusion weights."""  # noqa: E501
 

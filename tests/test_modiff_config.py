@@ -1,4 +1,5 @@
-"""Configurations that used to compute a layer more exactly, or less, than their name and cost say (issue 17).
+"""``ModiffConfig`` settings that used to compute a layer more exactly, or less, than their name and cost say
+(issue 17): the granularity of 2-D inputs, and static scales or 0-bit residuals without the warm-up.
 
 - ``sample-channel`` on a 2-D input ``(batch, features)`` -- the time-embedding MLP and every
   ``time_emb_proj`` -- reduced over no dimension: one scale per element, an exact layer charged at
