@@ -89,7 +89,7 @@ def is_compiled(settings: Mapping[str, Any]) -> bool:
                                                for p in params.values())
 
 
-def metric_reference(cell: CellSpec) -> CellSpec:
+def fp_reference_cell(cell: CellSpec) -> CellSpec:
     """The cell whose full-precision samples ``psnr_to_fp`` / ``mse_to_fp`` compare with: float32 in the
     contiguous layout, so that a BF16 (or channels-last) cell's quality includes what BF16 (or the
     layout) itself costs; such full-precision cells keep their own samples, under their own reference key."""

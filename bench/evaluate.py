@@ -11,7 +11,7 @@ A metric that raises leaves its columns empty with the reason in ``missing_metri
 again by the next evaluation; the cell's samples stay. Damaged samples mark the cell for generating
 again, in its ``result.json`` (``RunStore.mark_damaged``). The full-precision reference is verified
 against the size and SHA-256 recorded when it was written before a metric reads it: a mismatch makes
-it again where the model can be loaded (``ensure_reference``), else fails the metrics that need it.
+it again where the model can be loaded (``ensure_fp_reference``), else fails the metrics that need it.
 ``recompute`` names metrics to compute again although a cell has them (metrics are not part of cell
 ids: a fixed metric is recomputed this way).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cell import CELL_FIELDS, CellSpec, metric_reference
+from .cell import CELL_FIELDS, CellSpec, fp_reference_cell
 from .devices import pick_device
 from .distributed import World
 from .errors import BenchError
@@ -42,17 +42,17 @@ from .zoo import load_model
 class Evaluator:
     """Computes the metrics ``metrics`` (names) of a run directory's cells.
 
-    ``ensure_reference(spec)``: makes the full-precision reference of a cell when a metric needs it
+    ``ensure_fp_reference(spec)``: makes the full-precision reference of a cell when a metric needs it
     and it is missing (None: such metrics are left missing, with the reason)."""
 
     def __init__(self, store: RunStore, metrics: list[str], inception: dict, device: torch.device,
-                 ensure_reference: Callable[[CellSpec], None] | None = None, recompute: list[str] = ()):
+                 ensure_fp_reference: Callable[[CellSpec], None] | None = None, recompute: list[str] = ()):
         self.store = store
         self.recompute = list(dict.fromkeys(recompute))
         self.metrics = list(dict.fromkeys([*metrics, *self.recompute]))
         self.inception = dict(inception)
         self.device = device
-        self.ensure_reference = ensure_reference
+        self.ensure_fp_reference = ensure_fp_reference
         self.errors: dict[str, str] = {}  # cell id -> the metric that raised, and its one-line error
 
     def wanted(self, row: dict) -> list[str]:
@@ -72,12 +72,12 @@ class Evaluator:
                 cells.append(cell)
         return cells
 
-    def needs_reference(self, names: list[str]) -> bool:
+    def needs_fp_reference(self, names: list[str]) -> bool:
         return any(METRICS[n].needs_fp_reference for n in names if n in METRICS)
 
-    def reference_path(self, row: dict, spec: CellSpec) -> Path:
+    def fp_reference_path(self, row: dict, spec: CellSpec) -> Path:
         """The reference of the device the cell was generated on."""
-        return self.store.reference_path(spec, torch.device(row.get("device") or "cpu").type)
+        return self.store.fp_reference_path(spec, torch.device(row.get("device") or "cpu").type)
 
     def evaluate(self, cell: Cell, samples: torch.Tensor | None = None) -> dict | None:
         """Add the missing metrics to a generated cell and rewrite its result.json; returns the row
@@ -97,18 +97,18 @@ class Evaluator:
                 store.mark_damaged(cell.key, reason, row)
                 store.log(f"cell {cell.key} ({spec.label}): {reason}; sampling it "
                           "again")
-                reference = self.reference_path(row, spec)
-                if store.out / row["samples_file"] == reference:
-                    store.discard_reference(reference)  # the fp cell's samples: made again
+                fp_reference = self.fp_reference_path(row, spec)
+                if store.out / row["samples_file"] == fp_reference:
+                    store.discard_fp_reference(fp_reference)  # the fp cell's samples: made again
                 return None
         for name in (n for n in names if n in (row.get("metrics") or []) and n in METRICS):  # as if never computed
             for column in METRICS[name].columns:
                 row[column] = None
                 (row.get("missing_metrics") or {}).pop(column, None)
             row["metrics"] = [m for m in row.get("metrics") or [] if m != name]
-        reference, unusable = None, None
-        if self.needs_reference(names):
-            reference, unusable = self._reference(row, metric_reference(spec))
+        fp_reference, unusable = None, None
+        if self.needs_fp_reference(names):
+            fp_reference, unusable = self._fp_reference(row, fp_reference_cell(spec))
         inception = None
         if any(METRICS[n].group == "inception" for n in names):
             from .inception import InceptionSettings
@@ -130,7 +130,7 @@ class Evaluator:
                 failed(name, unusable)
                 continue
             try:
-                got, why = compute_metrics([name], MetricInputs(samples, spec.model, spec.checkpoint, reference,
+                got, why = compute_metrics([name], MetricInputs(samples, spec.model, spec.checkpoint, fp_reference,
                                                                 inception))
             except Exception as exc:  # recorded; tried again by the next evaluation
                 failed(name, one_line(exc))
@@ -159,25 +159,25 @@ class Evaluator:
         cell.write_result(row)
         return row
 
-    def _reference(self, row: dict, spec: CellSpec) -> tuple[torch.Tensor | None, str | None]:
+    def _fp_reference(self, row: dict, spec: CellSpec) -> tuple[torch.Tensor | None, str | None]:
         """The full-precision samples a metric compares with, verified against the size and SHA-256
         recorded when they were written: (images, None), (None, None) when there are none, or (None,
-        why they cannot be used). A missing or mismatching file is made again when ``ensure_reference``
+        why they cannot be used). A missing or mismatching file is made again when ``ensure_fp_reference``
         can."""
         store = self.store
-        path = self.reference_path(row, spec)
-        problem = store.verify_reference(path) if path.is_file() else None
-        if (problem is not None or not path.is_file()) and self.ensure_reference is not None:
+        path = self.fp_reference_path(row, spec)
+        problem = store.verify_fp_reference(path) if path.is_file() else None
+        if (problem is not None or not path.is_file()) and self.ensure_fp_reference is not None:
             if problem is not None:
                 store.log(f"{path.relative_to(store.out)} {problem}; regenerating it")
-                store.discard_reference(path)
-            self.ensure_reference(spec)
-            problem = store.verify_reference(path) if path.is_file() else None
+                store.discard_fp_reference(path)
+            self.ensure_fp_reference(spec)
+            problem = store.verify_fp_reference(path) if path.is_file() else None
         if not path.is_file():
             return None, None
         if problem is not None:
             return None, f"its full-precision reference {path.relative_to(store.out)} {problem}"
-        return store.load_reference(path)["images"], None
+        return store.load_fp_reference(path)["images"], None
 
 
 def stale_metrics(row: dict) -> list[str]:
@@ -212,16 +212,16 @@ def evaluate_run(out: str | Path, metrics: list[str] | None = None, device: str 
     store.check()
     generator = None
 
-    def ensure_reference(spec: CellSpec) -> None:
+    def ensure_fp_reference(spec: CellSpec) -> None:
         nonlocal generator
         if generator is None:
             models = {m: load_model(m, c.checkpoint, str(dev)) for m, c in
                       {c.model: c for c in matrix.cells}.items()}
             generator = Generator(store, models, dev, World())
         log(f"making the full-precision reference of {spec.model} {spec.sampler} {spec.steps} steps")
-        generator.reference(spec, load=False)
+        generator.fp_reference(spec, load=False)
 
-    evaluator = Evaluator(store, names, matrix.inception, dev, ensure_reference, recompute)
+    evaluator = Evaluator(store, names, matrix.inception, dev, ensure_fp_reference, recompute)
     with store.open(exclusive=False):
         store.share()
         store.record_invocation({"started_utc": now(), "argv": argv, "command": "evaluate", "metrics": names,

@@ -31,7 +31,7 @@ from modiff.layers import QuantLayer
 from modiff.samplers import SamplerConfig, sample
 
 from .build import build, resolve_cell
-from .cell import CellSpec, is_compiled, metric_reference
+from .cell import CellSpec, fp_reference_cell, is_compiled
 from .context import Prepared
 from .distributed import World
 from .errors import BenchError
@@ -118,7 +118,7 @@ def reused_fractions(parts: list[dict]) -> dict[str, float]:
     return {name: reused / checked for name, (reused, checked) in totals.items() if checked}
 
 
-def is_reference_cell(cell: CellSpec) -> bool:
+def is_fp_reference_cell(cell: CellSpec) -> bool:
     """The full-precision, uncached, uncompiled cell: its samples are the shared reference file (a
     compiled one keeps its own samples: compilation may reorder float arithmetic)."""
     return cell.base == "fp" and cell.cache == "none" and not is_compiled(vars(cell))
@@ -129,7 +129,7 @@ class Generator:
 
     def __init__(self, store: RunStore, models: dict[str, ZooModel], device: torch.device, world: World,
                  progress: bool = False, trace_layer: str = "", trace_samples: int = 1,
-                 needs_reference: bool = False, timing_repeats: int = 1):
+                 needs_fp_reference: bool = False, timing_repeats: int = 1):
         self.store = store
         self.matrix: Matrix = store.matrix  # its cells resolved (bench.matrix.Matrix.resolution)
         self.models = models
@@ -139,11 +139,11 @@ class Generator:
         self.trace_layer = trace_layer
         self.trace_samples = trace_samples
         self.timing_repeats = timing_repeats  # timed samplings of a cell's first batch (a spread, not one number)
-        self.needs_reference = needs_reference  # some metric compares with the full-precision samples
+        self.needs_fp_reference = needs_fp_reference  # some metric compares with the full-precision samples
         self._macs: dict[str, object] = {}
 
-    def reference_path(self, cell: CellSpec) -> Path:
-        return self.store.reference_path(cell, self.device.type)
+    def fp_reference_path(self, cell: CellSpec) -> Path:
+        return self.store.fp_reference_path(cell, self.device.type)
 
     # -- one cell --------------------------------------------------------------------------
     def generate(self, cell: Cell) -> tuple[dict | None, SampleRecord | None]:
@@ -162,9 +162,9 @@ class Generator:
             # latter never leaves the other ranks waiting in a collective
             resolved = self.matrix.resolution(spec)
             sampler = resolved.sampler
-            reference = is_reference_cell(spec)
-            if reference:
-                record, row["prepare_s"] = self.reference(spec), 0.0
+            is_fp_reference = is_fp_reference_cell(spec)
+            if is_fp_reference:
+                record, row["prepare_s"] = self.fp_reference(spec), 0.0
             else:
                 t0 = time.perf_counter()
 
@@ -176,12 +176,12 @@ class Generator:
                 prepared = together(self.world, lambda: prepared if self.world.main else make())
                 row["prepare_s"] = time.perf_counter() - t0
                 record = self._sample_chunks(prepared, model, spec, sampler, cell.key, cell.chunk_dir)
-            if self.needs_reference:
-                self.reference(metric_reference(spec), load=False)
-            if self.world.main and reference:
-                path = self.reference_path(spec)
+            if self.needs_fp_reference:
+                self.fp_reference(fp_reference_cell(spec), load=False)
+            if self.world.main and is_fp_reference:
+                path = self.fp_reference_path(spec)
                 row["samples_file"] = cell.relative(path)
-                row["samples_bytes"], row["samples_sha256"] = self.store.reference_digest(path)
+                row["samples_bytes"], row["samples_sha256"] = self.store.fp_reference_digest(path)
             elif self.world.main:
                 row["samples_bytes"], row["samples_sha256"] = cell.write_samples(record.images, record.seeds)
                 trace = self._trace(prepared, model, spec, sampler)
@@ -189,8 +189,8 @@ class Generator:
                     row["trace_file"] = cell.write_trace(trace)
                 row["samples_file"] = cell.relative(cell.samples_path)
             if self.world.main:
-                row.update(self._costs(spec, model, record, 1.0 if reference else prepared.mac_fraction))
-                if not reference:
+                row.update(self._costs(spec, model, record, 1.0 if is_fp_reference else prepared.mac_fraction))
+                if not is_fp_reference:
                     row["method_info"] = prepared.info
                 row["status"] = "ok"
         except KeyboardInterrupt:
@@ -231,23 +231,23 @@ class Generator:
         return row
 
     # -- the full-precision reference -------------------------------------------------------
-    def reference(self, cell: CellSpec, load: bool = True) -> SampleRecord | None:
+    def fp_reference(self, cell: CellSpec, load: bool = True) -> SampleRecord | None:
         """Full-precision samples for the cell's model, sampler and seeds: made once (by every rank,
         chunk by chunk), then reused. Rank 0 gets the record (unless ``load`` is False: then None, and an
         existing file checked before is not loaded again), the other ranks None. A file that is not a
         valid reference of these seeds (truncated, garbled, other seeds, NaN/Inf, not the file the
         full-precision cell recorded) is made again, with a note in the log, and the full-precision
         cell that recorded the old file runs again."""
-        path = self.reference_path(cell)
+        path = self.fp_reference_path(cell)
         store = self.store
         model = self.models[cell.model]
-        lock = store.reference_lock(path) if self.world.main else None
+        lock = store.fp_reference_lock(path) if self.world.main else None
         if lock is not None:
             lock.__enter__()
         try:
             data = None
             if self.world.main and path.is_file():
-                data, reason = store.check_reference(cell, path, model.image_output_shape)
+                data, reason = store.check_fp_reference(cell, path, model.image_output_shape)
                 if reason is not None:  # the tool's own file, damaged: make it again
                     store.log(f"{path.relative_to(store.out)} is not a valid reference of its cells ({reason}); "
                               "regenerating it")
@@ -256,7 +256,7 @@ class Generator:
                 if not self.world.main or not load:
                     return None
                 if data is None:  # checked before by this process: loaded only when the record is needed
-                    data = store.load_reference(path)
+                    data = store.load_fp_reference(path)
                 return SampleRecord(**{k: v for k, v in data.items() if k in SampleRecord.__dataclass_fields__})
             fp_cell = CellSpec(**{**asdict(cell), "base": "fp", "cache": "none", "modulation": "off", "w_bits": 32,
                                   "a_bits": 32, "a_granularity": "none", "params": {}, "execution": "fake"})
@@ -265,7 +265,7 @@ class Generator:
             record = self._sample_chunks(prepared, model, fp_cell, resolved.sampler, path.stem,
                                          path.with_suffix(".chunks"))
             # (collective, so that a failed write stops every rank alike)
-            together(self.world, lambda: store.save_reference(path, asdict(record)) if self.world.main else None)
+            together(self.world, lambda: store.save_fp_reference(path, asdict(record)) if self.world.main else None)
             return record
         finally:
             if lock is not None:

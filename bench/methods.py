@@ -54,9 +54,9 @@ from .cell import (
     MEMORY_FORMATS,
     NONE,
     CellSpec,
+    fp_reference_cell,
     is_compiled,
     later_settings,
-    metric_reference,
 )
 from .context import BuildContext, Prepared
 from .params import Choice, OrNone, ParamField, toml_value
@@ -82,7 +82,7 @@ __all__ = [
     "AUTO", "BUILTIN_MODULES", "DTYPES", "EXECUTIONS", "LATER_DEFAULTS", "LATER_PARAM_DEFAULTS", "LCQ", "LTQ",
     "MEMORY_FORMATS", "NONE", "PSQ", "REGISTRY", "TORCH_MEMORY_FORMATS", "BaseQuantizer", "BuildContext",
     "CacheMethod", "CellSpec", "Choice", "DynamicQuantizer", "FullPrecision", "Method", "NoParams", "OrNone",
-    "ParamField", "Prepared", "ResolvedCell", "base_quantizer", "build", "cache_method", "id_settings",
-    "import_plugins", "is_compiled", "later_settings", "method_versions", "methods", "metric_reference", "param_type",
+    "ParamField", "Prepared", "ResolvedCell", "base_quantizer", "build", "cache_method", "fp_reference_cell",
+    "id_settings", "import_plugins", "is_compiled", "later_settings", "method_versions", "methods", "param_type",
     "register_method", "resolve_cell", "toml_value",
 ]

@@ -98,7 +98,7 @@ def register_metric(name: str, columns: Sequence[str | Column] | None = None, su
 
     ``columns``: its result columns, names or :class:`Column` (label, better); default one column
     named like the metric. ``needs``: ``"fp_reference"`` to get the full-precision samples of the
-    same seeds as ``inputs.reference``. ``models``: the zoo models it is defined for (default any).
+    same seeds as ``inputs.fp_reference``. ``models``: the zoo models it is defined for (default any).
     ``min_images``: the fewest images its value needs to mean what it says; the report marks values
     computed on fewer (a cell's ``n_samples``). ``version``: raise it when a fix changes the values: cells
     that recorded an older one compute it again on the next ``run`` or ``evaluate``.
@@ -159,9 +159,14 @@ class MetricInputs:
     samples: torch.Tensor
     model: str
     checkpoint: str | None = None
-    reference: torch.Tensor | None = None  # full-precision samples from the same seeds
+    fp_reference: torch.Tensor | None = None  # full-precision samples from the same seeds
     inception: object | None = None  # bench.inception.InceptionSettings
     extra: dict = field(default_factory=dict)
+
+    @property
+    def reference(self) -> torch.Tensor | None:
+        """The former name of ``fp_reference`` (read-only)."""
+        return self.fp_reference
 
 
 # -- the built-in metrics ----------------------------------------------------------------------
@@ -227,10 +232,10 @@ def kid_domain(samples: torch.Tensor, checkpoint: str | None = None) -> tuple[fl
 register_metric("psnr_to_fp", [Column("psnr_to_fp", "PSNR to FP (dB)", "higher")],
                 "PSNR (dB) of the [0, 1]-clipped samples vs full precision from the same noise",
                 needs=["fp_reference"], _builtin=True)(
-    lambda inputs: {"psnr_to_fp": psnr_to_fp(inputs.samples, inputs.reference)})
+    lambda inputs: {"psnr_to_fp": psnr_to_fp(inputs.samples, inputs.fp_reference)})
 register_metric("mse_to_fp", [Column("mse_to_fp", "MSE to FP", "lower", quality=False)],
                 "MSE of [0, 1] samples vs full precision from the same noise", needs=["fp_reference"],
-                _builtin=True)(lambda inputs: {"mse_to_fp": mse_to_fp(inputs.samples, inputs.reference)})
+                _builtin=True)(lambda inputs: {"mse_to_fp": mse_to_fp(inputs.samples, inputs.fp_reference)})
 register_metric("fd_domain", [Column("fd_domain", "FD (domain)", "lower")],
                 "Frechet distance to the held-out digits in the domain classifier's 64-d features",
                 models=["digits"], min_images=65, version=2, _builtin=True)(  # 2: samples clamped to [-1, 1]
@@ -310,7 +315,7 @@ def compute_metrics(names: Iterable[str], inputs: MetricInputs) -> tuple[dict[st
     missing: dict[str, str] = {}
     for name in names:
         spec = METRICS[name]
-        if spec.needs_fp_reference and inputs.reference is None:
+        if spec.needs_fp_reference and inputs.fp_reference is None:
             for column in spec.columns:
                 values[column], missing[column] = None, "no full-precision reference samples"
             continue

@@ -1,13 +1,13 @@
-"""The method registry: the base quantizers and cache schemes a matrix may name, and the types of their parameters.
+"""The method registry: the base quantizers and cache schemes a matrix may name, and what each contributes to a cell.
 
-A method is a class registered by name (``register_method``); the built-in ones live in ``bench.quantizers`` and
-the baselines' ``method`` modules (``BUILTIN_MODULES``), imported on the first lookup. The registry knows what a
-method contributes to a cell: its parameters (checked against their declared types), whether a combination of
-settings is valid for it (``BaseQuantizer.resolve``) and what it adds to the cell's id (``ID_RULES``: its
-version, the parameters that cannot change its samples). Building a denoiser is ``bench.build``'s, and
-``bench.methods`` is the one module a plugin imports. Nothing here loads a model.
+A method is a class registered by name (``register_method``, with optional aliases); the built-in ones live in
+``bench.quantizers`` and the baselines' ``method`` modules (``BUILTIN_MODULES``), imported on the first lookup.
+The registry knows what a method contributes to a cell: its parameters (checked against the types their
+``Params`` declare: ``bench.params``), the settings it fixes and the combinations it refuses
+(``BaseQuantizer.normalise`` / ``check``), what it makes of the settings once (``configure``) and what it adds to
+the cell's id (``ID_RULES``: its version, the parameters that cannot change its samples). Resolving and building
+a cell is ``bench.build``'s, and ``bench.methods`` is the one module a plugin imports. Nothing here loads a model.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -156,8 +156,8 @@ class BaseQuantizer(Method):
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)  # the float precisions it can run in (cell.dtype)
 
     def normalise(self, cell: CellSpec) -> CellSpec:
-        """``cell`` with the settings this method fixes filled in (a copy; ``a_granularity = "auto"`` becomes
-        the method's own): what the cell records and its id hashes."""
+        """``cell`` with the settings this method fixes filled in (``a_granularity = "auto"`` becomes the method's
+        own): what the cell records and its id hashes. A new record where something changes; never ``cell`` changed."""
         if cell.a_granularity == AUTO:
             return dataclasses.replace(cell, a_granularity=self.granularity or "channel")
         return cell

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from modiff.layers import QUANTIZABLE
 
-from .cell import CellSpec, later_settings, metric_reference
+from .cell import CellSpec, fp_reference_cell, later_settings
 from .devices import pick_device
 from .distributed import World
 from .errors import BenchError, plain, user_input
@@ -102,10 +102,10 @@ class Runner:
         printer = log or (lambda text: tqdm.write(text, file=sys.stdout))
         self.store = RunStore(out, matrix, force, only, printer if self.world.main else None)
         self.models: dict[str, ZooModel] = {}
-        needs_reference = any(METRICS[n].needs_fp_reference for n in matrix.metrics)
+        needs_fp_reference = any(METRICS[n].needs_fp_reference for n in matrix.metrics)
         self.generator = Generator(self.store, self.models, self.device, self.world, self.progress,
                                    matrix.run.get("trace_layer", ""), matrix.run.get("trace_samples", 1),
-                                   needs_reference, matrix.run.get("timing_repeats", 1))
+                                   needs_fp_reference, matrix.run.get("timing_repeats", 1))
         self.evaluator = Evaluator(self.store, matrix.metrics, matrix.inception, self.device)
 
     @property
@@ -228,8 +228,8 @@ class Runner:
                 todo.append((cell.key, self.evaluator.wanted(row)))
         for key, wanted in self.world.broadcast(todo):  # the same list on every rank
             cell = self.store.cell(key)
-            if self.evaluator.needs_reference(wanted):
-                self.generator.reference(metric_reference(cell.spec), load=False)  # every rank takes part
+            if self.evaluator.needs_fp_reference(wanted):
+                self.generator.fp_reference(fp_reference_cell(cell.spec), load=False)  # every rank takes part
 
             def evaluate(cell=cell, wanted=wanted) -> None:
                 if self.world.main and self.evaluator.evaluate(cell) is not None:

@@ -86,9 +86,10 @@ RESULT_COLUMNS = ("cell_id", "status", "error", *SETTING_COLUMNS, *METRIC_COLUMN
                   *PROVENANCE_COLUMNS)
 JSON_COLUMNS = ("params", "method_info", "missing_metrics", "versions", "inception_weights", "timing_env",
                 "method_versions")
-REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes", "decode_seconds",
-                  "batch_seconds", "reused")
-OPTIONAL_REFERENCE_KEYS = ("decode_seconds", "batch_seconds", "reused")  # absent in references made by older versions
+FP_REFERENCE_KEYS = ("images", "seeds", "seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes",
+                     "decode_seconds", "batch_seconds", "reused")
+# absent in references made by older versions
+OPTIONAL_FP_REFERENCE_KEYS = ("decode_seconds", "batch_seconds", "reused")
 CHUNK_KEYS = ("images", "seeds", "seconds", "decode_seconds", "peak_rss_bytes", "cuda_peak_bytes", "state_bytes")
 
 
@@ -406,7 +407,7 @@ def mark_result_damaged(out: str | Path, key: str, reason: str, row: dict) -> bo
     return True
 
 
-def _read_reference_record(path: Path) -> dict | None:
+def _read_fp_reference_record(path: Path) -> dict | None:
     """A reference's ``.sha256.json`` ({"bytes", "sha256"}), or None when missing or not valid."""
     try:
         record = json.loads(path.read_text())
@@ -554,7 +555,7 @@ class RunStore:
         self.run_json_problem: str | None = None  # set by check(): run.json to be rebuilt, and why
         self.alone = False  # set by open(): whether this process holds the directory exclusively
         self._lock_handle = None
-        self._references: dict[Path, tuple[int, int, str | None]] = {}  # checked: (size, mtime_ns, sha256)
+        self._fp_references: dict[Path, tuple[int, int, str | None]] = {}  # checked: (size, mtime_ns, sha256)
 
     def cell(self, key: str) -> Cell:
         return Cell(self, key, self.specs[key])
@@ -754,7 +755,7 @@ class RunStore:
                 self.log(f"cell {key} ({cell.label}): {reason}; running it again")
 
     # -- full-precision references -----------------------------------------------------------
-    def reference_path(self, cell: CellSpec, device_type: str) -> Path:
+    def fp_reference_path(self, cell: CellSpec, device_type: str) -> Path:
         fields = {k: getattr(cell, k) for k in ("model", "checkpoint", "sampler", "steps", "eta", "n_samples", "seed",
                                                 "batch_size")}
         fields["device"] = device_type
@@ -765,22 +766,22 @@ class RunStore:
         return self.out / "reference" / f"{key}.pt"
 
     @contextmanager
-    def reference_lock(self, path: Path) -> Iterator[None]:
+    def fp_reference_lock(self, path: Path) -> Iterator[None]:
         """Processes sharing the directory make a reference in turn (none assembles another's chunks)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def check_reference(self, cell: CellSpec, path: Path, image_shape: tuple[int, ...] | None
-                        ) -> tuple[dict | None, str | None]:
+    def check_fp_reference(self, cell: CellSpec, path: Path, image_shape: tuple[int, ...] | None
+                           ) -> tuple[dict | None, str | None]:
         """Validate a reference file on its first use by this process (it is loaded for that): (its
         data, or None when already checked and unchanged; None) when valid, else (None, why not)."""
         try:
             stat = path.stat()
         except OSError as exc:
             return None, f"cannot be read: {one_line(exc)}"
-        known = self._references.get(path)
+        known = self._fp_references.get(path)
         if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns) and known[2] is not None:
             return None, None
         try:
@@ -788,20 +789,20 @@ class RunStore:
         except Exception as exc:  # truncated, garbled, or not a plain tensor file
             return None, f"cannot be loaded with weights_only=True: {one_line(exc)}"
         reason = check_samples(data, cell.n_samples, list(cell.seeds), image_shape,
-                               keys=tuple(k for k in REFERENCE_KEYS if k not in OPTIONAL_REFERENCE_KEYS))
-        if reason is None and set(data) - set(REFERENCE_KEYS):
-            reason = f"unexpected keys {sorted(set(data) - set(REFERENCE_KEYS))}"
+                               keys=tuple(k for k in FP_REFERENCE_KEYS if k not in OPTIONAL_FP_REFERENCE_KEYS))
+        if reason is None and set(data) - set(FP_REFERENCE_KEYS):
+            reason = f"unexpected keys {sorted(set(data) - set(FP_REFERENCE_KEYS))}"
         if reason is not None:
             return None, reason
-        reason = self.verify_reference(path)
+        reason = self.verify_fp_reference(path)
         return (None, reason) if reason is not None else (data, None)
 
     @staticmethod
-    def reference_record_path(path: Path) -> Path:
+    def fp_reference_record_path(path: Path) -> Path:
         """Where a reference's size and SHA-256 are kept: ``reference/<key>.pt.sha256.json``."""
         return path.with_name(path.name + ".sha256.json")
 
-    def verify_reference(self, path: Path) -> str | None:
+    def verify_fp_reference(self, path: Path) -> str | None:
         """Why the reference file is not the one written (its size and SHA-256 against its record, and
         against those its full-precision cells recorded), or None. Hashed once per process while the
         file's size and mtime stay the same. A file without a record that a full-precision cell vouches
@@ -810,14 +811,14 @@ class RunStore:
             stat = path.stat()
         except OSError as exc:
             return f"cannot be read: {one_line(exc)}"
-        known = self._references.get(path)
+        known = self._fp_references.get(path)
         if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns) and known[2] is not None:
             return None
-        record_path = self.reference_record_path(path)
-        record = _read_reference_record(record_path)
+        record_path = self.fp_reference_record_path(path)
+        record = _read_fp_reference_record(record_path)
         digest = sha256_file(path)
         vouched = False
-        for key, row in self.reference_rows(path):
+        for key, row in self.fp_reference_rows(path):
             if row.get("samples_sha256") is not None:
                 if (stat.st_size, digest) != (row.get("samples_bytes", stat.st_size), row["samples_sha256"]):
                     return f"is not the file whose SHA-256 the full-precision cell {key} recorded"
@@ -830,29 +831,29 @@ class RunStore:
                 return (f"has no record of its size and SHA-256 ({record_path.relative_to(self.out)} is missing "
                         "or invalid) and no full-precision cell recorded them")
             write_json_atomic(record_path, {"bytes": stat.st_size, "sha256": digest})
-        self._references[path] = (stat.st_size, stat.st_mtime_ns, digest)
+        self._fp_references[path] = (stat.st_size, stat.st_mtime_ns, digest)
         return None
 
-    def load_reference(self, path: Path) -> dict:
+    def load_fp_reference(self, path: Path) -> dict:
         try:
             return torch.load(path, weights_only=True, mmap=True)
         except Exception as exc:
             raise RuntimeError(f"cannot load the full-precision reference {path}: {one_line(exc)}") from exc
 
-    def save_reference(self, path: Path, record: dict) -> None:
+    def save_fp_reference(self, path: Path, record: dict) -> None:
         """Write a newly made reference; the full-precision cells that recorded the old file run again."""
-        self.reference_record_path(path).unlink(missing_ok=True)  # (no stale record beside a new file)
+        self.fp_reference_record_path(path).unlink(missing_ok=True)  # (no stale record beside a new file)
         size, digest = save_torch_atomic(path, record)
-        write_json_atomic(self.reference_record_path(path), {"bytes": size, "sha256": digest})
-        self._references[path] = (size, path.stat().st_mtime_ns, digest)
+        write_json_atomic(self.fp_reference_record_path(path), {"bytes": size, "sha256": digest})
+        self._fp_references[path] = (size, path.stat().st_mtime_ns, digest)
         shutil.rmtree(path.with_suffix(".chunks"), ignore_errors=True)
-        for key, _ in self.reference_rows(path):
+        for key, _ in self.fp_reference_rows(path):
             (self.out / "cells" / key / "result.json").unlink(missing_ok=True)
             self.damaged[key] = f"its samples file {path.relative_to(self.out)} was made again"
             self.log(f"cell {key} (fp): its samples file {path.relative_to(self.out)} was made again; running it "
                      "again")
 
-    def reference_rows(self, path: Path) -> list[tuple[str, dict]]:
+    def fp_reference_rows(self, path: Path) -> list[tuple[str, dict]]:
         """The finished cells whose samples are this reference file (full-precision cells), with their
         results."""
         rows = []
@@ -863,19 +864,19 @@ class RunStore:
                     rows.append((key, row))
         return rows
 
-    def discard_reference(self, path: Path) -> None:
-        with self.reference_lock(path):
+    def discard_fp_reference(self, path: Path) -> None:
+        with self.fp_reference_lock(path):
             path.unlink(missing_ok=True)
-            self.reference_record_path(path).unlink(missing_ok=True)
-            self._references.pop(path, None)
+            self.fp_reference_record_path(path).unlink(missing_ok=True)
+            self._fp_references.pop(path, None)
 
-    def reference_digest(self, path: Path) -> tuple[int, str]:
+    def fp_reference_digest(self, path: Path) -> tuple[int, str]:
         """Size and SHA-256 of a reference file (hashed once per process, or known from writing it)."""
         stat = path.stat()
-        known = self._references.get(path)
+        known = self._fp_references.get(path)
         if known is None or known[:2] != (stat.st_size, stat.st_mtime_ns) or known[2] is None:
             known = (stat.st_size, stat.st_mtime_ns, sha256_file(path))
-            self._references[path] = known
+            self._fp_references[path] = known
         return known[0], known[2]
 
     # -- the table ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Building a cell builds the base quantizer for the cell's bit widths, with the ba
 ``calib_samples`` full-precision trajectories with the cell's sampler (seeds ``10_000_000 + seed``
 onwards, disjoint from any evaluation seeds), calling the quantized denoiser on the same ``x_t`` at
 each step, and turns the errors into per-step statistics (``baselines.ptqd.collect_statistics``).
-Those are kept in ``<cache_dir>/ptqd/<key>.pt`` (``bench.cache``), keyed by everything they depend on,
+Those are kept in ``<cache_dir>/ptqd/<key>.pt`` (``bench.calibration_cache``), keyed by everything they depend on,
 and reused.
 
 Samplers: the statistics and the variance calibration re-implement the DDIM / DDPM update, one
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from bench.cache import DiskCache, key
+from bench.calibration_cache import DiskCache, key
 from bench.errors import BenchError
 from bench.methods import BaseQuantizer, BuildContext, CellSpec, Prepared, base_quantizer, register_method
 from modiff.config import NOT_QUANTIZED

@@ -2,7 +2,7 @@
 (``plain`` / ``ec``: the Q-Diffusion weights with static residual scales, paper Table 1's
 "Q-Diff + MoDiff" columns).
 
-Preparation, cached under the run's ``cache/qdiff/`` (``bench.cache``) and keyed by everything each
+Preparation, cached under the run's ``cache/qdiff/`` (``bench.calibration_cache``) and keyed by everything each
 product depends on, so a matrix calibrates once per (model, sampler, w_bits, a_bits):
 
 1. calibration data (full-precision trajectories from seeds disjoint from any evaluation seed);
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 import modiff
-from bench.cache import DiskCache, as_dict, key
+from bench.calibration_cache import DiskCache, as_dict, key
 from bench.errors import BenchError
 from bench.methods import AUTO, BaseQuantizer, BuildContext, CellSpec, Prepared, register_method
 from modiff.config import NOT_QUANTIZED
@@ -57,7 +57,7 @@ RECON = 2
 
 
 def _key(payload: dict) -> str:
-    """The cache key of a product: 16 hex digits of ``bench.cache.key``."""
+    """The cache key of a product: 16 hex digits of ``bench.calibration_cache.key``."""
     return key(payload, 16)
 
 
@@ -169,7 +169,7 @@ class QDiffusion(BaseQuantizer):
                 "cali_seed": s.cali_seed, "seed": c.seed}
 
     def _cached(self, ctx: BuildContext, kind: str, payload: dict, make, info: dict):
-        """Load ``kind`` from ``<cache_dir>/qdiff/<kind>-<key>.pt``, or make and store it (``bench.cache``:
+        """Load ``kind`` from ``<cache_dir>/qdiff/<kind>-<key>.pt``, or make and store it (``bench.calibration_cache``:
         read with ``weights_only=True``, a damaged file is a miss, made again and overwritten). Records
         hits and timings in ``info``."""
         cache = DiskCache(ctx.cache_dir, "qdiff")

@@ -19,7 +19,7 @@ One module per job:
 :mod:`~bench.inception.features`
     images to features: uint8 conversion and the NaN / inf check batch by batch, one streamed pass
     through both networks, the sFID hook.
-:mod:`~bench.inception.cache`
+:mod:`~bench.inception.stats_cache`
     the on-disk cache of the reference side's statistics and features.
 :mod:`~bench.inception.reference`
     :class:`ReferenceSet`, :class:`ReferenceUnavailable`, the reference side of a computation and
@@ -33,14 +33,14 @@ A name is looked up in the module that owns it (``bench.inception.features._run`
 ``bench.inception._run``): a test replacing a function replaces it there.
 """
 
-from .cache import read_cache as read_cache
-from .cache import sha16 as sha16
 from .features import POOL_DIMS, SFID_CHANNELS, SFID_MODULE, SPATIAL_DIMS, Images
 from .features import _to_uint8 as _to_uint8
 from .formulas import IS_SPLITS, PRC_NEIGHBOURS, STATS_KEYS
 from .metrics import COLUMNS, METRIC_COLUMNS, inception_metrics
 from .reference import ReferenceSet, ReferenceUnavailable, reference_statistics
 from .settings import InceptionSettings
+from .stats_cache import read_cache as read_cache
+from .stats_cache import sha16 as sha16
 from .weights import PYTORCH_FID, TORCH_FIDELITY, weights_used
 from .weights import _hub_file as _hub_file
 from .weights import _load_pytorch_fid as _load_pytorch_fid

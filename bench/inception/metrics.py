@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from . import cache, features, formulas, weights
+from . import features, formulas, stats_cache, weights
 from .features import Images
 from .formulas import IS_SPLITS, PRC_NEIGHBOURS
 from .reference import ReferenceSet, _check_name, _reference_side
@@ -59,7 +59,7 @@ def inception_metrics(
         if bad:  # a diverged sampler: no metric of these samples means anything
             return values, dict.fromkeys(columns, f"{bad} of {len(images)} generated images contain NaN or inf")
 
-    cache_dir = cache.cache_dir(settings)
+    cache_dir = stats_cache.cache_dir(settings)
     fidelity_path = pytorch_fid_path = None
     fidelity_columns = [c for c in columns if c != "fid_pytorch_fid"]
     if fidelity_columns:

@@ -3,7 +3,7 @@ generated ones are compared against.
 
 A :class:`ReferenceSet` (``bench.references`` builds them from the ``[inception]`` settings) is images,
 precomputed statistics, or both. Statistics computed from its images are cached
-(``bench.inception.cache``), so each reference goes through the networks once per weights file and
+(``bench.inception.stats_cache``), so each reference goes through the networks once per weights file and
 data identity. Precomputed statistics (``ReferenceSet.statistics``, e.g. guided-diffusion's reference
 batches) serve ``fid`` and ``sfid`` only: precision / recall need the reference's features (its
 images), and pytorch-fid cannot use another extractor's statistics. A loader that finds no data
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BenchError
-from . import cache, features, formulas, weights
+from . import features, formulas, stats_cache, weights
 from .features import POOL_DIMS, SPATIAL_DIMS, Images
 from .settings import InceptionSettings
 from .weights import PYTORCH_FID, TORCH_FIDELITY
@@ -72,7 +72,8 @@ def reference_statistics(reference: ReferenceSet, settings: InceptionSettings | 
     if reason:
         raise BenchError(reason)
     missing: dict[str, str] = {}
-    ref = _reference_side(reference, ["fid", "sfid"], path, None, settings, cache.cache_dir(settings), missing)
+    ref = _reference_side(reference, ["fid", "sfid"], path, None, settings, stats_cache.cache_dir(settings),
+                          missing)
     if ref["stats"] is None:
         raise ReferenceUnavailable(missing["fid"])
     return ref["stats"]
@@ -107,15 +108,15 @@ def _reference_side(reference: ReferenceSet | None, wanted: list[str], fidelity_
     prc = fidelity_ok and (("prc" in wanted and "precision" not in missing)
                            or ("kid" in wanted and "kid" not in missing))
     pytorch_fid = pytorch_fid_path is not None and "fid" in wanted and "fid_pytorch_fid" not in missing
-    sha16 = cache.sha16(fidelity_path) if fidelity_path is not None else None
+    sha16 = stats_cache.sha16(fidelity_path) if fidelity_path is not None else None
     if fid_sfid and reference.statistics is not None:
         ref["stats"] = _precomputed(reference)
         if "sfid" in fid_sfid and "spatial_mu" not in ref["stats"]:
             missing["sfid"] = (f"reference {reference.name!r} has precomputed pool statistics only "
                                "(no mu_s / sigma_s): sfid needs the spatial ones")
     elif fid_sfid:
-        ref["stats"] = cache.read_cache(cache.cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "stats"),
-                                        formulas.STATS_KEYS)
+        ref["stats"] = stats_cache.read_cache(
+            stats_cache.cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "stats"), formulas.STATS_KEYS)
     if prc and reference.load is None:
         for metric, columns, what in (("prc", ("precision", "recall"), "precision / recall need"),
                                       ("kid", ("kid", "kid_std", "kid_subset_size"), "KID needs")):
@@ -124,16 +125,16 @@ def _reference_side(reference: ReferenceSet | None, wanted: list[str], fidelity_
                                                       f"only: {what} its images"))
         prc = False
     elif prc:
-        ref["pool"] = cache.read_cache(
-            cache.cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "pool-features"), ("pool",))
+        ref["pool"] = stats_cache.read_cache(
+            stats_cache.cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "pool-features"), ("pool",))
     if pytorch_fid and reference.statistics is not None:
         missing["fid_pytorch_fid"] = (
             f"reference {reference.name!r} gives fid from precomputed statistics, which pytorch-fid cannot use"
             + ("" if reference.load is None else " (its images need not be the set those statistics describe)"))
         pytorch_fid = False
     elif pytorch_fid:
-        ref["pytorch_fid"] = cache.read_cache(
-            cache.cache_file(cache_dir, reference, PYTORCH_FID, cache.sha16(pytorch_fid_path), "stats"),
+        ref["pytorch_fid"] = stats_cache.read_cache(
+            stats_cache.cache_file(cache_dir, reference, PYTORCH_FID, stats_cache.sha16(pytorch_fid_path), "stats"),
             ("pool_mu", "pool_sigma", "n"))
 
     need_stats = bool(fid_sfid) and ref["stats"] is None
@@ -168,20 +169,21 @@ def _reference_side(reference: ReferenceSet | None, wanted: list[str], fidelity_
         raise BenchError(f"reference {reference.name!r} has no images")
     if fidelity is not None:
         f = fidelity.result()
-        meta = cache.meta(reference, TORCH_FIDELITY, fidelity_path, stream.n)
+        meta = stats_cache.meta(reference, TORCH_FIDELITY, fidelity_path, stream.n)
         if reference.statistics is None:
             ref["stats"] = formulas.fid_sfid_statistics(f["2048"], f["spatial"])
-            cache.write_cache(cache.cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "stats"), ref["stats"],
-                              meta)
+            stats_cache.write_cache(stats_cache.cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "stats"),
+                                    ref["stats"], meta)
         if prc:
             ref["pool"] = {"pool": f["2048"].numpy()}
-            cache.write_cache(cache.cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "pool-features"),
-                              ref["pool"], meta)
+            stats_cache.write_cache(
+                stats_cache.cache_file(cache_dir, reference, TORCH_FIDELITY, sha16, "pool-features"), ref["pool"], meta)
     if pytorch_fid_pass is not None:
         feats = pytorch_fid_pass.result()
         mu, sigma = formulas.pytorch_fid_statistics(feats)
         ref["pytorch_fid"] = {"pool_mu": mu, "pool_sigma": sigma, "n": np.array(len(feats))}
-        cache.write_cache(cache.cache_file(cache_dir, reference, PYTORCH_FID, cache.sha16(pytorch_fid_path),
-                                           "stats"),
-                          ref["pytorch_fid"], cache.meta(reference, PYTORCH_FID, pytorch_fid_path, stream.n))
+        stats_cache.write_cache(stats_cache.cache_file(cache_dir, reference, PYTORCH_FID,
+                                                       stats_cache.sha16(pytorch_fid_path), "stats"),
+                                ref["pytorch_fid"],
+                                stats_cache.meta(reference, PYTORCH_FID, pytorch_fid_path, stream.n))
     return ref

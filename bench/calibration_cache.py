@@ -44,7 +44,7 @@ def key(description: Any, length: int = 64) -> str:
 class DiskCache:
     """Files ``<root>/<namespace>/<name>.pt``. ``root`` None switches caching off: ``file`` is None,
     ``load`` misses and ``save`` does nothing. ``log`` receives the one-line note about a damaged
-    file (default: a warning on the ``bench.cache`` logger)."""
+    file (default: a warning on the ``bench.calibration_cache`` logger)."""
 
     def __init__(self, root: str | os.PathLike | None, namespace: str, log: Callable[[str], None] | None = None):
         self.root = None if root is None else Path(root)
