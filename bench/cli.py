@@ -492,7 +492,7 @@ def _estimate_line(runner, todo) -> str:
 
 
 def cmd_presets(args) -> int:
-    from .matrix import presets
+    from .matrix_file import presets
 
     for name, description in presets().items():
         print(f"{name:12s} {description}")

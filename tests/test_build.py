@@ -11,7 +11,8 @@ import torch
 
 from bench.build import ResolvedCell, build, resolve_cell
 from bench.cell import CellSpec
-from bench.matrix import cell_id, load_matrix, presets
+from bench.matrix import cell_id, load_matrix
+from bench.matrix_file import presets
 from bench.quantizers import DynamicQuantizer
 from bench.registry import BaseQuantizer
 from bench.runner import Runner

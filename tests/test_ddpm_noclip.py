@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.matrix import load_matrix, presets
+from bench.matrix import load_matrix
+from bench.matrix_file import presets
 from modiff.samplers import PerSampleNoise, SamplerConfig, sample
 from modiff.schedules import NoiseSchedule
 

@@ -164,3 +164,16 @@ def test_the_record_loads_no_model_code():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_reading_a_matrix_file_needs_no_torch():
+    """A matrix file as data (``bench.matrix_file``) and the cell record are plain Python: reading, overriding and
+    listing presets load no torch, no registry and no model; resolving them is ``bench.matrix``'s."""
+    code = ("import json, sys, bench.matrix_file, bench.cell; bench.matrix_file.presets(); "
+            "bench.matrix_file.apply_overrides(bench.matrix_file.load_config('smoke')[0], ['steps=3']); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'modiff', 'baselines') "
+            "or m.startswith(('bench.registry', 'bench.zoo', 'bench.matrix.')) or m == 'bench.matrix')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+

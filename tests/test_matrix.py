@@ -7,7 +7,8 @@ from test_cli import _cli_error, _error_line
 
 from bench.cli import main
 from bench.errors import BenchError
-from bench.matrix import apply_overrides, build_matrix, cell_id, load_config, load_matrix, presets
+from bench.matrix import build_matrix, cell_id, load_matrix
+from bench.matrix_file import apply_overrides, load_config, presets
 
 
 def _smoke(**run):

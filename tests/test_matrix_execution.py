@@ -16,7 +16,8 @@ import torch
 
 from bench.build import resolve_cell
 from bench.cli import main
-from bench.matrix import build_matrix, cell_id, load_config, load_matrix
+from bench.matrix import build_matrix, cell_id, load_matrix
+from bench.matrix_file import load_config
 from bench.runner import Runner
 from reports.tables import MISSING
 

@@ -12,7 +12,8 @@ from test_cli import _cli_error
 
 from bench.cli import main
 from bench.errors import BenchError
-from bench.matrix import build_matrix, cell_id, load_config, load_matrix
+from bench.matrix import build_matrix, cell_id, load_matrix
+from bench.matrix_file import load_config
 from bench.methods import DynamicQuantizer, methods, register_method
 
 

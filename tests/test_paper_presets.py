@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.matrix import load_matrix, presets
+from bench.matrix import load_matrix
+from bench.matrix_file import presets
 from bench.methods import base_quantizer
 
 PAPER_PRESETS = ("cifar10-paper", "cifar10-quick", "cifar10-ablations", "cifar10-deepcache", "lsun-church-paper",
