@@ -34,7 +34,8 @@ TORCH_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": 
 class ResolvedCell:
     """A cell resolved once: ``spec`` its normalised settings (what it records and its id hashes) and ``skip``
     why it cannot run, or, for a valid cell, its sampler, its base quantizer and cache scheme (built with their
-    typed parameters, ``.settings``) and ``config``, what the base made of the settings (``configure``)."""
+    typed parameters, ``.settings``) and ``config``, what the base made of the settings (``configure``). ``methods``,
+    skipped or not: the methods it runs or carries the parameters of (its base, what that builds on, its cache)."""
 
     spec: CellSpec
     skip: str | None = None
@@ -42,6 +43,7 @@ class ResolvedCell:
     base: BaseQuantizer | None = None
     cache: CacheMethod | None = None
     config: Any = None
+    methods: tuple[str, ...] = ()
 
 
 def resolve_cell(cell: CellSpec, tables: Mapping[str, Mapping[str, Any]] | None = None) -> ResolvedCell:
@@ -49,14 +51,15 @@ def resolve_cell(cell: CellSpec, tables: Mapping[str, Mapping[str, Any]] | None 
     the ``[params.<method>]`` tables of its matrix (default: the parameters the cell records, which resolves a
     resolved cell to itself). The cell records the full parameters of the methods it runs or builds on."""
     tables = cell.params if tables is None else tables
-    try:  # eta > 0 with a deterministic solver (plms, dpm-solver++) is only wrong in combination
-        sampler = SamplerConfig.from_name(cell.sampler, cell.steps, float(cell.eta))
-    except ValueError as exc:
-        return ResolvedCell(cell, skip=str(exc))
     base = base_quantizer(cell.base, tables.get(cell.base))
     cache = cache_method(cell.cache, tables)
     used = [(cell.base, base)] + ([(cache.name, cache)] if cache else [])
     used += [(name, base_quantizer(name, tables.get(name))) for name in base.depends_on()]
+    methods = tuple(name for name, _ in used)
+    try:  # eta > 0 with a deterministic solver (plms, dpm-solver++) is only wrong in combination
+        sampler = SamplerConfig.from_name(cell.sampler, cell.steps, float(cell.eta))
+    except ValueError as exc:
+        return ResolvedCell(cell, skip=str(exc), methods=methods)
     spec = base.normalise(dataclasses.replace(cell, params={name: dict(m.params) for name, m in used if m.params}))
     reason, config = base.check(spec), None
     if reason is None:
@@ -67,8 +70,8 @@ def resolve_cell(cell: CellSpec, tables: Mapping[str, Mapping[str, Any]] | None 
     if reason is None and cache is not None:
         reason = cache.check(spec)
     if reason is not None:
-        return ResolvedCell(spec, skip=reason)
-    return ResolvedCell(spec, None, sampler, base, cache, config)
+        return ResolvedCell(spec, skip=reason, methods=methods)
+    return ResolvedCell(spec, None, sampler, base, cache, config, methods)
 
 
 def build(resolved: ResolvedCell, model: ZooModel, device: torch.device, progress: bool = False,

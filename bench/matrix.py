@@ -39,7 +39,6 @@ from .metrics import check_metrics
 from .plugins import import_plugins
 from .registry import ID_RULES, base_quantizer, cache_method, cell_id, methods, registered_name
 
-DTYPES = COMPUTE_DTYPES
 # A cell keeps all its samples together, in memory and in one samples.pt (float16), and its seeds as a list;
 # n_samples is refused when that would pass 1 TiB at 3 channels (the most any zoo model decodes): beyond any
 # machine's memory, while 50,000 Stable Diffusion images at 512x512 (73 GiB, the papers' largest sets) pass
@@ -195,10 +194,10 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
               for combo in itertools.product(*(axes[k] for k in AXES)) for variant in block_params[index]]
     for index, combo, variant in combos:
         values = dict(zip(AXES, combo, strict=True))
-        named[index] |= _methods_named(values["base"], values["cache"], variant)
         cell = CellSpec(checkpoint=run["checkpoint"] or None, n_samples=run["n_samples"], seed=run["seed"],
                         batch_size=run["batch_size"], **{**values, "eta": float(values["eta"])})
         resolved = resolve_cell(cell, variant)
+        named[index].update(resolved.methods)
         if resolved.skip is not None:
             skipped.append({**values, "reason": resolved.skip})
             continue
@@ -230,14 +229,6 @@ def _registered_tables(tables: dict[str, Any], where: str) -> dict[str, Any]:
             raise BenchError(f"{where}: {name!r} and {key!r} name the same method; give its parameters once")
         out[key] = values
     return out
-
-
-def _methods_named(base: str, cache: str, params: dict[str, dict[str, Any]]) -> set[str]:
-    """The methods a combination runs or whose parameters it carries: its base, its cache scheme and
-    what the base builds on (``depends_on``: PTQD's base, paper-lcq's Q-Diffusion weights)."""
-    quantizer = base_quantizer(base, params.get(base))
-    scheme = cache_method(cache, params)
-    return {base, *quantizer.depends_on(), *([scheme.name] if scheme else [])}
 
 
 def _check_sample_bytes(n_samples: int, models: set[str]) -> None:
@@ -335,7 +326,7 @@ def _validate_axes(axes: dict[str, list]) -> None:
     for value in axes["a_granularity"]:
         if value != AUTO and value not in GRANULARITIES:
             raise BenchError(f"unknown a_granularity {value!r}; available: auto, {', '.join(GRANULARITIES)}")
-    for axis, allowed in (("modulation", MODULATIONS), ("execution", EXECUTIONS), ("dtype", DTYPES),
+    for axis, allowed in (("modulation", MODULATIONS), ("execution", EXECUTIONS), ("dtype", COMPUTE_DTYPES),
                           ("memory_format", MEMORY_FORMATS)):
         for value in axes[axis]:
             if value not in allowed:
