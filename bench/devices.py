@@ -37,3 +37,13 @@ def pick_device(device: str, here: bool = True) -> torch.device:
         raise BenchError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} GPU(s) "
                          f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def float16_emulated(device: torch.device) -> bool:
+    """Whether float16 convolutions and matmuls on ``device`` run without native kernels: a CPU where oneDNN has
+    no float16 support (no AVX512-FP16 or AMX-FP16), so torch falls back to reference loops (measured 100-160x
+    slower than float32 on an AVX512-VNNI EPYC). GPUs have float16 kernels."""
+    if device.type != "cpu":
+        return False
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    return supported is None or not supported()

@@ -3,7 +3,7 @@
 For every (model, batch size) of the pending cells, one denoiser call on a full batch is timed, after
 an untimed warm-up, for each kind of cell among them: full precision, plain quantization (W8A8) and
 MoDiff (W8A8, error compensation), each at the execution (fake: LCQ; int8 / fp8: LTQ on the real
-kernels) and dtype (float32, bfloat16) of the cells that need it. A cell then costs (number of
+kernels) and dtype (float32, bfloat16, float16) of the cells that need it. A cell then costs (number of
 batches) x (network evaluations per batch) x (the time of its kind of call). Not included:
 calibration (Q-Diffusion, PTQD), decoding latents, the metrics, and DeepCache's saving (cached cells
 are charged as full steps, an upper bound). It is an estimate: it says so, with what it measured, next

@@ -18,7 +18,7 @@
     modulation = ["off", "plain", "ec"]
     cache = ["none"]
     execution = ["fake"]      # fake | int8 | fp8 (real low-bit kernels; modiff-wrapped bases)
-    dtype = ["float32"]       # float32 | bfloat16 (what is not quantized, and full precision)
+    dtype = ["float32"]       # float32 | bfloat16 | float16 (what is not quantized, and full precision)
     memory_format = ["contiguous"]  # contiguous | channels_last (the faster layout for convs on CPU)
     [params.lcq]              # optional, per method (see 'modiff-bench methods')
     warmup = true

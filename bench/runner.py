@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from modiff.layers import QUANTIZABLE
 
 from .cell import CellSpec, fp_reference_cell, later_settings
-from .devices import pick_device
+from .devices import float16_emulated, pick_device
 from .distributed import World
 from .errors import BenchError, plain, user_input
 from .evaluate import Evaluator
@@ -170,6 +170,9 @@ class Runner:
                 later = "".join(f" {value}" for value in later_settings(skip))
                 self.log(f"  skipped {skip['base']} {skip['modulation']} W{skip['w_bits']}A{skip['a_bits']} "
                          f"{skip['a_granularity']} {skip['cache']}{later}: {skip['reason']}")
+            if any(cell.dtype == "float16" for _, cell in todo) and float16_emulated(self.device):
+                self.log("  float16 cells run emulated on this CPU (no native float16 kernels: no AVX512-FP16 or "
+                         "AMX-FP16), many times slower than float32; their timings are not the hardware's")
             if before is not None and todo:
                 together(world, lambda: before(todo) if main else None)
             self._evaluate_finished()  # may find finished cells' samples damaged: they run again

@@ -3,15 +3,25 @@ core it shares with the baselines. See ../shared/spec/modiff.md for the method.
 
     import modiff
     modiff.quantize(unet, modiff.ModiffConfig(w_bits=8, a_bits=3, granularity="channel"))
-    with modiff.trajectory(unet):   # once per batch, before the first step
-        ...sample...
+    with modiff.trajectory(unet):   # once per batch, before the first step (a new trajectory is also
+        ...sample...                # detected from the timestep going back up: modiff.watch_trajectories)
 """
 
-from .api import calibrate, quant_layers, quantize, reset, reused_samples, state_bytes, trajectory
+from .api import (
+    calibrate,
+    quant_layers,
+    quantize,
+    reset,
+    reused_samples,
+    state_bytes,
+    trajectory,
+    watch_trajectories,
+)
 from .config import GRANULARITIES, MODULATIONS, ModiffConfig
 from .layers import QuantLayer
 
 __all__ = [
     "GRANULARITIES", "MODULATIONS", "ModiffConfig", "QuantLayer",
     "calibrate", "quant_layers", "quantize", "reset", "reused_samples", "state_bytes", "trajectory",
+    "watch_trajectories",
 ]

@@ -10,7 +10,7 @@ WEIGHT_METHODS = ("minmax", "mse")
 ACT_SCALES = ("dynamic", "static")
 EXECUTIONS = ("fake", "int8", "fp8")
 NUMBER_FORMATS = ("int", "fp8")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 NOT_QUANTIZED = 32
 REAL_GRANULARITIES = ("tensor", "sample")  # scales that factor out of the reduction over input channels
 
@@ -63,8 +63,10 @@ class ModiffConfig:
     scale: ``w_bits = a_bits = 8``, symmetric); ``execution="fp8"`` needs ``number_format="fp8"``
     and ``execution="fake"`` with ``number_format="fp8"`` is its float twin.
     ``compute_dtype``: the dtype of everything that is not quantized (norms, nonlinearities,
-    attention, the layers' returned outputs); the layers keep their state and their arithmetic in
-    float32 either way. ``compile``: fuse the layers' elementwise passes with ``torch.compile``.
+    attention, the layers' returned outputs); the layers keep their weights, state and arithmetic in
+    float32 either way. (A model cast to float16 or bfloat16 before ``quantize`` is another thing: its
+    layers run ``A`` in that dtype and keep scales and state in float32; see ``QuantLayer.forward``.)
+    ``compile``: fuse the layers' elementwise passes with ``torch.compile``.
     """
 
     w_bits: int = 8

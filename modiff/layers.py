@@ -41,6 +41,7 @@ from .quant import (
 )
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_FLOAT32_BUFFERS = ("w_scale", "static_scale", "static_zero_point")  # kept float32 whatever the model is cast to
 MAX_OBSERVED = 1 << 16  # values kept per calibration call and layer for the MSE search
 
 
@@ -107,6 +108,17 @@ class QuantLayer(nn.Module):
         else:
             layer.weight.copy_(quantize_weight(layer.weight, config.w_bits, config.weight_method))
 
+    def _apply(self, fn, recurse: bool = True):
+        """``model.half()`` / ``.to(torch.bfloat16)`` after quantizing cast the weights (``A`` then runs in that
+        dtype) but leave the scales in float32: a float16 scale loses precision, and a tiny one is 0."""
+        kept = {name: getattr(self, name) for name in _FLOAT32_BUFFERS if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
     # -- state -----------------------------------------------------------------------------
     def reset_state(self) -> None:
         self._a_ref: torch.Tensor | None = None  # â (ec) or the previous true input (plain)
@@ -127,11 +139,13 @@ class QuantLayer(nn.Module):
 
     # -- arithmetic ------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
-        """``A(x)`` (+ bias): the wrapped operator with its (already quantized) weight."""
+        """``A(x)`` (+ bias): the wrapped operator with its (already quantized) weight, in the weight's dtype;
+        returned in ``x``'s dtype (the layer's float32 arithmetic)."""
+        w = self.layer.weight
         b = self.layer.bias if bias else None
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, self.layer.weight, b)
-        return self.layer._conv_forward(x, self.layer.weight, b)
+        operand = x if x.dtype == w.dtype else x.to(w.dtype)
+        y = F.linear(operand, w, b) if isinstance(self.layer, nn.Linear) else self.layer._conv_forward(operand, w, b)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def quantize_activation(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Q(x); ``inplace`` only for temporaries the layer owns (the residual)."""
@@ -217,13 +231,16 @@ class QuantLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's arithmetic runs in its weight's dtype (float32 unless the caller cast the model);
-        with ``compute_dtype="bfloat16"`` it takes and returns BF16, otherwise it returns the input's
-        dtype. It never mutates a tensor it has returned (nor its input): ``ô`` is rebuilt out of
+        """Whatever the model's dtype, scales, zero points, the residual, ``â`` / ``ô`` and the error-compensation
+        update are float32 (float64 in a float64 model); only ``A`` runs in its weight's dtype (a float16 or bfloat16
+        model's own matmul or conv, on the operand cast to that dtype). float16 cannot hold them: a scale below
+        6e-8 is 0 there (``MIN_SCALE`` too, so a zero-range channel divided by zero) and ``â`` / ``ô`` would
+        accumulate half-precision rounding over the steps. Returns the input's dtype, or ``compute_dtype`` where
+        that is not float32. It never mutates a tensor it has returned (nor its input): ``ô`` is rebuilt out of
         place at every step, only ``â`` (never handed out) is updated in place."""
         dtype = _DTYPES[self.config.compute_dtype] if self.config.compute_dtype != "float32" else x.dtype
-        own = self.layer.weight.dtype
-        out = self._forward(x if x.dtype == own else x.to(own))
+        work = torch.float64 if self.layer.weight.dtype == torch.float64 else torch.float32
+        out = self._forward(x if x.dtype == work else x.to(work))
         return out if out.dtype == dtype else out.to(dtype)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -399,7 +416,7 @@ class QuantLayer(nn.Module):
                                                                           f" execution={c.execution}"))
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _minus(offset, base: int):

@@ -17,6 +17,8 @@ import torch
 from .config import GRANULARITIES, NOT_QUANTIZED, check_bits, check_choice
 
 MIN_SCALE = 1e-8  # a constant tensor has zero range; any positive scale reproduces it exactly
+# 1e-8 is 0 in float16 (its smallest subnormal is 6e-8): scales are computed in float32, never in these
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def grid(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -93,7 +95,10 @@ def dynamic_fake_quant(
         return x
     if x.dim() < 2:
         raise ValueError(f"activations must have a batch dimension; got shape {tuple(x.shape)}")
-    return quantize_over(x, reduce_dims(x.dim(), granularity, channel_axis), bits, symmetric)
+    dims = reduce_dims(x.dim(), granularity, channel_axis)
+    if x.dtype in HALF_DTYPES:  # scales in float32 (see MIN_SCALE); the result in x's dtype
+        return quantize_over(x.float(), dims, bits, symmetric, inplace=True).to(x.dtype)
+    return quantize_over(x, dims, bits, symmetric)
 
 
 def dynamic_scale(x: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool):

@@ -381,7 +381,7 @@ FAKE_FP8 = {**FP8, "execution": "fake"}
     (FAKE_FP8, dict(a_bits=4), "a_bits=4"),
     (FAKE_FP8, dict(symmetric=False), "needs symmetric=True"),
     (INT8, dict(execution="int4"), "execution must be one of"),
-    (INT8, dict(compute_dtype="float16"), "compute_dtype must be one of"),
+    (INT8, dict(compute_dtype="float64"), "compute_dtype must be one of"),
     (INT8, dict(compile="yes"), "compile must be True or False"),
 ], ids=["int8-w16", "int8-a16", "int8-a32", "int8-channel", "int8-sample-channel", "int8-weight-asymmetric",
         "fp8-int-format", "int8-fp8-format", "fp8-format-a4", "fp8-format-asymmetric", "unknown-execution",
