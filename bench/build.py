@@ -101,6 +101,8 @@ def adapt_io(unet: nn.Module, dtype: torch.dtype, memory_format: torch.memory_fo
     ``memory_format``, and its output cast back to float32."""
 
     def cast(value: Any) -> Any:
+        if isinstance(value, dict):  # SDXL's added_cond_kwargs (pooled text embeddings, time ids)
+            return {k: cast(v) for k, v in value.items()}
         if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
             return value
         value = value.to(dtype)

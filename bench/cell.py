@@ -48,7 +48,7 @@ class CellSpec:
     a_granularity: str
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> its parameters
     execution: str = "fake"  # fake | int8 | fp8: how the quantized conv/linear layers run (modiff.ModiffConfig)
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the precision of what is not quantized, and of full precision
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the precision of what is not quantized, and of fp
     memory_format: str = "contiguous"  # contiguous | channels_last: the layout of the model's weights and input
 
     @property

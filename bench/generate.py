@@ -416,8 +416,8 @@ class Generator:
         quantized_attention = resolved.base.quantizes_attention(cell)
         out["gbops_honest"] = mac_fraction * gbops_honest(
             report, cell.w_bits, cell.a_bits, calls, cell.modulation, execution=cell.execution,
-            float_bits=16 if cell.dtype in ("bfloat16", "float16") else 32, warmup=warmup, attention_quantized=quantized_attention,
-            reused=record.reused)
+            float_bits=16 if cell.dtype in ("bfloat16", "float16") else 32, warmup=warmup,
+            attention_quantized=quantized_attention, reused=record.reused)
         out["reused_fraction"] = reused_share(report, record.reused) if record.reused else None
         return out
 

@@ -42,6 +42,9 @@ from .quant import (
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _FLOAT32_BUFFERS = ("w_scale", "static_scale", "static_zero_point")  # kept float32 whatever the model is cast to
+_WRAPPED_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                                 "padding", "dilation", "groups", "padding_mode", "transposed", "output_padding",
+                                 "weight", "bias"})
 MAX_OBSERVED = 1 << 16  # values kept per calibration call and layer for the MSE search
 
 
@@ -107,6 +110,14 @@ class QuantLayer(nn.Module):
                 self.w_q, self.w_scale = w_int.to(torch.int8), scale
         else:
             layer.weight.copy_(quantize_weight(layer.weight, config.w_bits, config.weight_method))
+
+    def __getattr__(self, name: str):
+        """The wrapped layer's shape and weights read through the wrapper (``in_features``, ``kernel_size``,
+        ``weight``...): pipelines read them off the model, e.g. diffusers' SDXL pipeline reads
+        ``unet.add_embedding.linear_1.in_features``, which raised AttributeError on the wrapper."""
+        if name in _WRAPPED_ATTRIBUTES:
+            return getattr(super().__getattr__("layer"), name)
+        return super().__getattr__(name)
 
     def _apply(self, fn, recurse: bool = True):
         """``model.half()`` / ``.to(torch.bfloat16)`` after quantizing cast the weights (``A`` then runs in that

@@ -37,6 +37,13 @@ it (the harness reports it as a one-line error).
 Noise is drawn per sample from that sample's own integer seed (as NVlabs/edm does), so image i
 depends only on seed i, never on the batch it was generated in.
 
+Every update is written for a noise prediction. A v-prediction model (Stable Diffusion 2.x at 768,
+``prediction_type="v_prediction"`` in its scheduler config) samples through ``prediction_type=
+"v_prediction"`` (``sample``, ``sample_batch``) or a denoiser wrapped once by ``epsilon_denoiser``:
+v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 and x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps give
+eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t exactly, so each algorithm stays what it is (diffusers' schedulers
+convert the same way).
+
 A caller's mistake (an unknown sampler, eta out of range, a number of steps the grid cannot have,
 a batch size below 1) raises ValueError with a one-line message.
 """
@@ -53,8 +60,9 @@ from tqdm.auto import tqdm
 from .schedules import SPACINGS, NoiseSchedule, final_timestep, step_pairs, timestep_sequence
 
 __all__ = [
-    "ALGORITHMS", "DETERMINISTIC", "MAX_SEED", "SAMPLERS", "SAMPLER_NAMES", "Denoiser", "NoiseStd", "PerSampleNoise",
-    "SamplerConfig", "check_seeds", "check_settings", "denoising_step", "dpm_solver_orders", "sample", "sample_batch",
+    "ALGORITHMS", "DETERMINISTIC", "MAX_SEED", "PREDICTION_TYPES", "SAMPLERS", "SAMPLER_NAMES", "Denoiser", "NoiseStd",
+    "PerSampleNoise", "SamplerConfig", "check_prediction_type", "check_seeds", "check_settings", "denoising_step",
+    "dpm_solver_orders", "epsilon_denoiser", "sample", "sample_batch",
 ]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,6 +82,7 @@ SAMPLERS = {
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
 _NAMES = {spec: name for name, spec in SAMPLERS.items()}
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the denoiser predicts, in diffusers' spelling
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,32 @@ def denoising_step(
     return mean + std * z
 
 
+def check_prediction_type(prediction_type: str) -> None:
+    """ValueError (one line) unless ``prediction_type`` is one of ``PREDICTION_TYPES``."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)} "
+                         "(the model's scheduler config says which)")
+
+
+def epsilon_denoiser(denoiser: Denoiser, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> Denoiser:
+    """``denoiser`` as a noise prediction: itself for ``"epsilon"``; for ``"v_prediction"`` the wrapper
+    ``eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t``, ab_t looked up per row of ``t`` (float64 schedule, float32
+    coefficients). Wrapping the denoiser once gives every consumer (calibration, statistics) eps."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return denoiser
+    alpha_bar = schedule._alpha_bar_ext  # index t + 1
+
+    def eps_from_v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = alpha_bar[torch.as_tensor(t).cpu().long() + 1].view(-1, *([1] * (x.dim() - 1)))
+        v = denoiser(x, t)
+        signal = ab.sqrt().to(device=v.device, dtype=torch.float32)
+        noise = (1.0 - ab).sqrt().to(device=v.device, dtype=torch.float32)
+        return signal * v + noise * x
+
+    return eps_from_v
+
+
 def _ddim0(x: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float) -> torch.Tensor:
     """The deterministic DDIM update (latent-diffusion's ``get_x_prev_and_pred_x0`` at eta = 0)."""
     x0 = (x - eps * math.sqrt(1.0 - ab_t)) / math.sqrt(ab_t)
@@ -285,13 +320,16 @@ def sample_batch(
     on_trajectory_start: Callable[[], None] | None = None,
     noise_std: NoiseStd | None = None,
     on_batch: Callable[[Sequence[int]], None] | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Sample one batch, one image per seed. ``on_trajectory_start`` runs once, before the first
     network evaluation (per-trajectory state such as MoDiff's must be reset there, never per step
     or per evaluation: PLMS and DPM-Solver++ evaluate the network more than once in some steps).
     ``noise_std`` (step index, sigma_t, eps coefficient) -> std replaces the std of each step's
     fresh noise (DDIM and DDPM only; the other samplers add none). ``on_batch(seeds)`` runs first
-    (per-batch conditioning, e.g. a zoo model's prompts)."""
+    (per-batch conditioning, e.g. a zoo model's prompts). ``prediction_type``: what ``denoiser``
+    predicts, ``"epsilon"`` or ``"v_prediction"`` (``epsilon_denoiser``)."""
+    denoiser = epsilon_denoiser(denoiser, schedule, prediction_type)
     if on_batch is not None:
         on_batch(list(seeds))
     noise = PerSampleNoise(seeds, device)
@@ -347,10 +385,13 @@ def sample(
     leave: bool = True,
     noise_std: NoiseStd | None = None,
     on_batch: Callable[[Sequence[int]], None] | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Sample ``len(seeds)`` images in batches; returns them on the CPU in seed order.
-    ``leave=False`` clears the progress bar when done (for bars nested in an outer one)."""
+    ``leave=False`` clears the progress bar when done (for bars nested in an outer one).
+    ``prediction_type``: ``"epsilon"`` or ``"v_prediction"`` (module docstring)."""
     check_settings(config, schedule, batch_size)  # before any work
+    check_prediction_type(prediction_type)
     seeds = list(seeds)
     out = []
     batches = [seeds[i: i + batch_size] for i in range(0, len(seeds), batch_size)]
@@ -358,6 +399,6 @@ def sample(
                       leave=leave):
         out.append(
             sample_batch(denoiser, schedule, config, chunk, image_shape, device, progress, on_trajectory_start,
-                         noise_std, on_batch).cpu()
+                         noise_std, on_batch, prediction_type).cpu()
         )
     return torch.cat(out) if out else torch.empty((0, *image_shape))

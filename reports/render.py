@@ -39,7 +39,7 @@ VISIBLE = ["model", "sampler", "steps", "eta", "n_samples", "seed", "batch_size"
 def paper_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """The rows of fake-quantized float32 contiguous uncompiled cells (``LATER_DEFAULTS``: what the
     paper-style tables and figures compare), and how many other rows there are (int8 / fp8 execution,
-    bfloat16, channels-last, compiled: in results.csv, Table 1's extra columns, the wall-clock table and
+    bfloat16 or float16, channels-last, compiled: in results.csv, Table 1's extra columns, the wall-clock table and
     the quality-vs-throughput figure)."""
     frame = with_later_defaults(frame)
     keep = (frame[list(LATER_DEFAULTS)] == pd.Series(LATER_DEFAULTS)).all(axis=1)
@@ -392,8 +392,8 @@ def build_report(directories: list[str | Path], out: str | Path | None = None, i
     notes = _notes(runs, everything)
     frame, others = paper_rows(everything)
     if others:
-        notes.append(f"{others} cell(s) with real low-bit execution, bfloat16, channels-last or compilation are in "
-                     "results.csv (columns execution, dtype, memory_format, speedup_fp32, speedup_bf16), in Table 1 "
+        notes.append(f"{others} cell(s) with real low-bit execution, half precision, channels-last or compilation are "
+                     "in results.csv (columns execution, dtype, memory_format, speedup_fp32, speedup_bf16), in Table 1 "
                      "under their own column groups, in the wall-clock table and in the quality-vs-throughput "
                      "figure; the other tables and figures compare the paper's fake-quantized float32 cells")
     tables: list[Table] = all_tables(frame, everything)

@@ -370,8 +370,8 @@ def table1(frame: pd.DataFrame) -> list[Table]:
                                                           grids[base, mod], acts[base, mod])))
             rows.append(row)
         arrows = ", ".join(f"{METRIC_LABELS[m][0]} {'↓' if METRIC_LABELS[m][1] == 'lower' else '↑'}" for m in metrics)
-        extra = (" Groups named int8 / fp8 run real low-bit kernels, bfloat16 / channels_last / compiled name the "
-                 "float precision, layout or compilation of what is not quantized; their FP row is the "
+        extra = (" Groups named int8 / fp8 run real low-bit kernels, bfloat16 / float16 / channels_last / compiled "
+                 "name the float precision, layout or compilation of what is not quantized; their FP row is the "
                  "full-precision cell run the same way." if (quantized.later != "").any() else "")
         tables.append(Table(
             name=f"table1-{setting['model']}-{setting['sampler']}-{setting['steps']}",

@@ -205,7 +205,8 @@ def test_the_report_keeps_the_new_rows_apart_and_says_so(tmp_path):
                    'dtype = ["float32", "bfloat16"]\n')
     assert main(["report", str(tmp_path / "o")]) == 0  # cells alike but for execution / dtype: not a clash
     text = (tmp_path / "o" / "report.md").read_text()
-    assert "4 cell(s) with real low-bit execution, bfloat16, channels-last or compilation are in results.csv" in text
+    assert ("4 cell(s) with real low-bit execution, half precision, channels-last or compilation are in results.csv"
+            in text)
     assert "skipped fp off W8A8 int8 bfloat16: the fp base quantizes nothing" in text
     wall = text[text.index("## Wall-clock"):text.index("## Figures")]
     lines = {tuple(c.strip() for c in line.split("|")[3:5]): line for line in wall.splitlines() if "| digits" in line}

@@ -4,12 +4,17 @@ the classifier-free-guidance batch, block reconstruction against that context (c
 
 The model is Stable Diffusion's kind at toy size: a random ``UNet2DConditionModel`` (SD's block types over three
 levels, cross-attention width 16) behind the sd-v1-4 entry's own prompt conditioning and guidance (one UNet call on
-``cat([x, x])`` with ``cat([uncond, cond])`` embeddings), a stand-in text encoder and tokenizer, 8x8 latents."""
+``cat([x, x])`` with ``cat([uncond, cond])`` embeddings), a stand-in text encoder and tokenizer, 8x8 latents.
+SDXL's kind (issue 27): the same with SDXL's block types and ``text_time`` addition embedding behind
+``bench.zoo.sdxl.SDXLConditioning`` (two stand-in text towers), whose ``added_cond_kwargs`` calibration keeps."""
 
+import io
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from baselines.qdiffusion import calibration
 from baselines.qdiffusion.attention import QUANTIZERS_ATTR, attention_modules
@@ -186,3 +191,85 @@ def test_qdiff_cells_on_a_text_to_image_model(tmp_path, monkeypatch, tiny_sd):
         images = torch.load(tmp_path / table.loc[method, "samples_file"], weights_only=True)["images"]
         assert images.shape == (2, 4, 8, 8) and images.isfinite().all()
     assert len(list((tmp_path / "cache" / "qdiff").glob("data-*"))) == 1  # one calibration set for both cells
+
+
+# -- SDXL: the added conditioning ---------------------------------------------------------------------------------
+class _Tokenizer:
+    model_max_length = 4
+
+    def __call__(self, prompts, max_length, **kwargs):
+        ids = [[1 + ord(ch) % 26 for ch in p[:max_length]] + [0] * max(0, max_length - len(p)) for p in prompts]
+        return SimpleNamespace(input_ids=torch.tensor(ids))
+
+
+class _TextTower(nn.Module):
+    """What ``SDXLConditioning`` asks of a CLIP text tower: hidden states of every layer, and a projected pooled
+    output (the second tower's ``text_embeds``)."""
+
+    def __init__(self, width: int, projection: int):
+        super().__init__()
+        self.embedding, self.layer = nn.Embedding(27, width), nn.Linear(width, width)
+        self.projection = nn.Linear(width, projection)
+
+    def forward(self, input_ids, output_hidden_states=False):
+        first = self.embedding(input_ids)
+        last = self.layer(first)
+        return SimpleNamespace(hidden_states=(first, last), text_embeds=self.projection(last[:, -1]))
+
+
+def tiny_sdxl_model():
+    from diffusers import UNet2DConditionModel
+
+    from bench.zoo import ZooModel, sd, sdxl
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=16,
+        use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+        norm_num_groups=4,
+    ).eval().requires_grad_(False)
+    towers = (_TextTower(8, 8).eval(), _TextTower(8, 8).eval())
+    conditioning = sdxl.SDXLConditioning((_Tokenizer(), _Tokenizer()), towers, ["a red cube", "a blue sphere"],
+                                         time_ids=sdxl.time_ids(64, 64))
+    return ZooModel("tiny-sdxl", unet, sd.schedule(), (4, 8, 8), "ddim-ldm", 10, make_denoiser=conditioning.denoiser,
+                    start_batch=conditioning.start_batch, default_batch_size=2)
+
+
+def test_calibration_keeps_sdxls_added_conditioning_and_replays_it():
+    """SDXL's UNet takes ``added_cond_kwargs`` (a dict: pooled text embedding and time ids) beside the context: the
+    calibration data keeps it row by row like the context (zeros in the unconditional half), through the cache's
+    format, and a replayed unit gets it: the addition embedding's first layer reads ``[text_embeds, time
+    features]`` of exactly the calibration rows. (Before issue 27 the dict was refused: only tensors were kept.)"""
+    model = tiny_sdxl_model()
+    conditioning = model.start_batch.__self__
+    data = calibration.collect(model.denoiser(), model.schedule, PLMS, 2, SEEDS, model.image_shape, 2,
+                               on_batch=model.start_batch, unet=model.unet)
+    assert set(data.cond) == {"encoder_hidden_states", "added_cond_kwargs"}
+    added = data.cond["added_cond_kwargs"]
+    assert set(added) == {"text_embeds", "time_ids"} and added["text_embeds"].shape == (2 * len(SEEDS), 8)
+    uncond, cond = [0, 1, 4], [2, 3, 5]  # batch [5, 6] gives rows u5 u6 c5 c6, batch [7] rows u7 c7
+    assert not added["text_embeds"][uncond].any() and not data.cond["encoder_hidden_states"][uncond].any()
+    for row, seed in zip(cond, SEEDS, strict=True):
+        assert torch.equal(added["text_embeds"][row], conditioning.pooled(conditioning.prompt(seed)))
+    assert torch.equal(added["time_ids"], torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(6, 1))
+
+    saved = io.BytesIO()
+    torch.save(data.to_dict(), saved)
+    saved.seek(0)
+    again = calibration.CalibrationData.from_dict(torch.load(saved, weights_only=True))
+    assert torch.equal(again.cond["added_cond_kwargs"]["text_embeds"], added["text_embeds"])
+
+    xs, ts = data.inputs()
+    rows = data.conditioning()
+    assert rows["added_cond_kwargs"]["time_ids"].shape == (len(xs), 6)
+    layer = model.unet.add_embedding.linear_1
+    recorded = capture_inputs(model.unet, layer, xs, ts, 4, CPU, rows)
+    assert recorded.n == len(xs) == 18
+    torch.testing.assert_close(recorded.args[0][:, :8], rows["added_cond_kwargs"]["text_embeds"], rtol=0, atol=0)
+    example = (xs[:2], ts[:2], calibration.map_cond(rows, lambda v: v[:2]))
+    q = prepare(model.unet, ReconConfig(w_bits=8, a_bits=8), example)
+    assert "add_embedding.linear_1" in [name for name, _ in units(q, example)]

@@ -1,6 +1,8 @@
 """The samplers with their own conventions or several network evaluations per step: ddim-ldm,
 plms, dpm-solver++ (grids, evaluation order, accuracy on an exact denoiser), MoDiff's state across
-their evaluations on the digits model, and the baselines that depend on the evaluation order."""
+their evaluations on the digits model, and the baselines that depend on the evaluation order. Where
+an algorithm is diffusers' too (DDIM, DDPM, PLMS, DPM-Solver++ up to order 2+1, v-prediction), the
+scheduler's loop from the same per-sample generators gives the same samples."""
 
 import copy
 import math
@@ -8,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverSinglestepScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler, PNDMScheduler
 
 import modiff
 from baselines.deepcache.method import DeepCacheMethod
@@ -16,7 +18,15 @@ from baselines.ptqd import collect_statistics
 from baselines.ptqd.method import PTQD
 from baselines.qdiffusion import calibration
 from bench.methods import BuildContext, CellSpec, Prepared
-from modiff.samplers import SAMPLER_NAMES, PerSampleNoise, SamplerConfig, _dpm_solver_pp, dpm_solver_orders, sample
+from modiff.samplers import (
+    SAMPLER_NAMES,
+    PerSampleNoise,
+    SamplerConfig,
+    _dpm_solver_pp,
+    dpm_solver_orders,
+    epsilon_denoiser,
+    sample,
+)
 from modiff.schedules import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.linear()
@@ -59,14 +69,19 @@ def ode_error(name: str, steps: int, mu: float, s: float, n: int = 256) -> float
     return float((out.double() - exact).abs().mean())
 
 
-def run_scheduler(scheduler, steps: int, denoise, seeds, shape) -> tuple[torch.Tensor, list[int]]:
-    """A diffusers scheduler's sampling loop from our per-sample initial noise."""
+def run_scheduler(scheduler, steps: int, denoise, seeds, shape, **step_kwargs) -> tuple[torch.Tensor, list[int]]:
+    """A diffusers scheduler's sampling loop from our per-sample initial noise. A stochastic scheduler draws its
+    fresh noise from the same per-sample generators (``generator=[...]``, one per row, as a pipeline's
+    ``generator`` list), after the initial noise: the streams our samplers draw."""
     scheduler.set_timesteps(steps)
-    x = PerSampleNoise(seeds).randn(shape)
+    noise = PerSampleNoise(seeds)
+    x = noise.randn(shape)
+    if isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
+        step_kwargs = {"generator": noise.generators, **step_kwargs}
     called = []
     for t in scheduler.timesteps:
         called.append(int(t))
-        x = scheduler.step(denoise(x, torch.full((x.shape[0],), int(t))), t, x).prev_sample
+        x = scheduler.step(denoise(x, torch.full((x.shape[0],), int(t))), t, x, **step_kwargs).prev_sample
     return x, called
 
 
@@ -153,6 +168,101 @@ def test_plms_is_diffusers_pndm_with_stable_diffusions_settings(steps):
     config = SamplerConfig.from_name("plms", steps)
     assert config.evaluation_timesteps(SCHEDULE) == called and len(called) == steps + 1
     assert torch.allclose(sample(denoise, SCHEDULE, config, seeds, shape, progress=False), reference, atol=1e-4)
+
+
+def _ddim_scheduler(name: str, **kw) -> DDIMScheduler:
+    """diffusers' DDIM with our grid's convention: the DDIM code base's (``ddim-uniform``: offset 0, last step to
+    alpha_bar = 1) or latent-diffusion's (``ddim-ldm``: offset 1, last step to alphas_cumprod[0], Stable
+    Diffusion's settings); never clipping x0, as neither does."""
+    ldm = name == "ddim-ldm"
+    return DDIMScheduler(trained_betas=SCHEDULE.betas.numpy(), clip_sample=False, timestep_spacing="leading",
+                         steps_offset=1 if ldm else 0, set_alpha_to_one=not ldm, **kw)
+
+
+@pytest.mark.parametrize("name", ["ddim-uniform", "ddim-ldm"])
+@pytest.mark.parametrize("steps,eta", [(10, 0.0), (50, 0.0), (10, 1.0), (25, 0.5)])
+def test_ddim_is_diffusers_ddim_scheduler(name, steps, eta):
+    """Same grid (when ``steps`` divides T: with a remainder our uniform grid keeps the DDIM code base's extra
+    entries), same update, and for eta > 0 the same noise: diffusers draws each row's noise from that row's
+    generator, after the initial noise, as our per-sample streams do. Equal up to diffusers' float32 alphas."""
+    seeds, shape, denoise = range(32), (1, 4, 4), gaussian_oracle(0.3, 0.5)
+    reference, called = run_scheduler(_ddim_scheduler(name), steps, denoise, seeds, shape, eta=eta)
+    config = SamplerConfig.from_name(name, steps, eta)
+    assert config.evaluation_timesteps(SCHEDULE) == called and len(called) == steps
+    ours = sample(denoise, SCHEDULE, config, seeds, shape, progress=False)
+    assert torch.allclose(ours, reference, atol=1e-4), float((ours - reference).abs().max())
+    if eta > 0:  # the noise is matched, not merely of the same law: another stream gives another sample
+        other = sample(denoise, SCHEDULE, config, range(100, 132), shape, progress=False)
+        assert (other - reference).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("steps", [10, 100, 1000])
+@pytest.mark.parametrize("name,clip,variance", [("ddpm-uniform", True, "fixed_large"),
+                                                ("ddpm-ldm-uniform", False, "fixed_small")])
+def test_ddpm_is_diffusers_ddpm_scheduler(name, clip, variance, steps):
+    """``ddpm-uniform`` (the DDIM code base's ddpm_steps: x0 clipped to [-1, 1], variance beta_t) is
+    ``DDPMScheduler(clip_sample=True, variance_type="fixed_large")``; ``ddpm-ldm-uniform`` (latent-diffusion: x0
+    unclipped, posterior variance) is ``clip_sample=False, variance_type="fixed_small"``. On a respaced grid both
+    take beta_t = 1 - alpha_bar_t / alpha_bar_prev and add no noise after the last step; diffusers draws no noise
+    there, we draw and drop it, so the streams stay aligned. N(0.3, 0.5^2) data puts x0 predictions outside [-1, 1],
+    so clipping is exercised."""
+    seeds, shape, denoise = range(32), (1, 4, 4), gaussian_oracle(0.3, 0.5)
+    scheduler = DDPMScheduler(trained_betas=SCHEDULE.betas.numpy(), clip_sample=clip, variance_type=variance,
+                              timestep_spacing="leading")
+    reference, called = run_scheduler(scheduler, steps, denoise, seeds, shape)
+    config = SamplerConfig.from_name(name, steps)
+    assert config.evaluation_timesteps(SCHEDULE) == called
+    ours = sample(denoise, SCHEDULE, config, seeds, shape, progress=False)
+    assert torch.allclose(ours, reference, atol=1e-4), float((ours - reference).abs().max())
+    other = {"ddpm-uniform": "ddpm-ldm-uniform", "ddpm-ldm-uniform": "ddpm-uniform"}[name]
+    assert (sample(denoise, SCHEDULE, SamplerConfig.from_name(other, steps), seeds, shape, progress=False)
+            - reference).abs().max() > 1e-2  # the two DDPMs are told apart
+
+
+def v_oracle(mu: float, s: float):
+    """The exact v-prediction of N(mu, s^2) data: v = sqrt(ab) eps - sqrt(1 - ab) x0, with x0 the prediction
+    that goes with the exact eps."""
+    eps_of = gaussian_oracle(mu, s)
+    ab_table = SCHEDULE._alpha_bar_ext.float()
+
+    def denoise(x, t):
+        ab = ab_table[t + 1].view(-1, *([1] * (x.dim() - 1)))
+        eps = eps_of(x, t)
+        return ab.sqrt() * eps - (1 - ab).sqrt() * (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    return denoise
+
+
+@pytest.mark.parametrize("name,eta", [("ddim-ldm", 0.0), ("ddim-ldm", 1.0), ("ddim-uniform", 0.0), ("plms", 0.0),
+                                      ("dpm-solver++", 0.0), ("ddpm-uniform", 0.0)])
+def test_a_v_prediction_model_samples_as_its_noise_prediction(name, eta):
+    """``prediction_type="v_prediction"`` turns v into eps exactly, so every sampler gives the samples of the
+    matching noise prediction; and DDIM on it is diffusers' DDIMScheduler(prediction_type="v_prediction")."""
+    seeds, shape, steps = range(16), (1, 3, 3), 20
+    config = SamplerConfig.from_name(name, steps, eta)
+    eps_samples = sample(gaussian_oracle(0.3, 0.5), SCHEDULE, config, seeds, shape, progress=False)
+    v_samples = sample(v_oracle(0.3, 0.5), SCHEDULE, config, seeds, shape, progress=False,
+                       prediction_type="v_prediction")
+    assert torch.allclose(v_samples, eps_samples, atol=1e-4), float((v_samples - eps_samples).abs().max())
+    read_as_eps = sample(v_oracle(0.3, 0.5), SCHEDULE, config, seeds, shape, progress=False)
+    assert (read_as_eps - eps_samples).abs().max() > 0.1  # without the option the v model is misread
+    if name.startswith("ddim"):
+        scheduler = _ddim_scheduler(name, prediction_type="v_prediction")
+        reference, _ = run_scheduler(scheduler, steps, v_oracle(0.3, 0.5), seeds, shape, eta=eta)
+        assert torch.allclose(v_samples, reference, atol=1e-4), float((v_samples - reference).abs().max())
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v-prediction", "eps"])
+def test_an_unknown_prediction_type_is_one_line(prediction_type):
+    config = SamplerConfig.from_name("ddim-ldm", 5)
+    with pytest.raises(ValueError) as err:
+        sample(gaussian_oracle(0.0, 1.0), SCHEDULE, config, range(2), (1, 2, 2), progress=False,
+               prediction_type=prediction_type)
+    message = str(err.value)
+    assert "\n" not in message and f"unknown prediction_type {prediction_type!r}" in message
+    assert "epsilon" in message and "v_prediction" in message
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        epsilon_denoiser(gaussian_oracle(0.0, 1.0), SCHEDULE, prediction_type)
 
 
 def test_plms_with_one_step_evaluates_twice_at_its_timestep_as_latent_diffusion():

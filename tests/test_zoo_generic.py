@@ -176,14 +176,12 @@ def _break(kind: str, directory: Path) -> None:
         shutil.rmtree(directory / "unet")
     elif kind == "no scheduler":
         shutil.rmtree(directory / "scheduler")
-    elif kind == "v-prediction":
-        edit(scheduler, prediction_type="v_prediction")
     elif kind == "sample prediction":
         edit(scheduler, prediction_type="sample")
     elif kind == "beta schedule":
         edit(scheduler, beta_schedule="sigmoid")
     elif kind == "scheduler class":
-        edit(scheduler, _class_name="EulerDiscreteScheduler")
+        edit(scheduler, _class_name="FlowMatchEulerDiscreteScheduler")
     elif kind == "zero snr":
         edit(scheduler, rescale_betas_zero_snr=True)
     elif kind == "garbage scheduler":
@@ -212,10 +210,9 @@ def _break(kind: str, directory: Path) -> None:
     ("a file", "is a file"),
     ("no unet", "holds no unet/config.json"),
     ("no scheduler", "has no scheduler/scheduler_config.json"),
-    ("v-prediction", "prediction_type is 'v_prediction'"),
     ("sample prediction", "epsilon-predicting models only"),
     ("beta schedule", "beta_schedule 'sigmoid' is not supported"),
-    ("scheduler class", "EulerDiscreteScheduler is not supported"),
+    ("scheduler class", "FlowMatchEulerDiscreteScheduler is not supported"),
     ("zero snr", "rescale_betas_zero_snr"),
     ("garbage scheduler", "cannot read scheduler config"),
     ("learned variance", "maps 3 channels to 6"),
@@ -234,6 +231,27 @@ def test_unusable_directories_are_one_line_errors_at_dry_run(kind, needle, pipel
     with pytest.raises(BenchError) as exc:  # and the same from the zoo directly
         load_model(f"diffusers:{directory}")
     assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("scheduler_class", ["DDIMScheduler", "EulerDiscreteScheduler", "PNDMScheduler"])
+def test_v_prediction_and_the_sd_schedulers_are_read(scheduler_class, tmp_path):
+    """A v-predicting UNet (SD 2.x at 768 is one) gives a denoiser that turns v into eps (was refused before issue
+    27); the schedulers SD and SDXL pipelines ship give their betas like DDPM's."""
+    directory = save_pipeline(tmp_path / "p", scheduler_class=scheduler_class, prediction_type="v_prediction",
+                              beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    model = load_model(f"diffusers:{directory}")
+    assert model.info["prediction_type"] == "v_prediction" and "v_prediction" in model_entry(
+        f"diffusers:{directory}").description
+    x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 90])
+    with torch.no_grad():
+        v = model.unet(x, t).sample
+        eps = model.denoiser()(x, t)
+    ab = torch.tensor([model.schedule.alpha_bar(10), model.schedule.alpha_bar(90)]).view(2, 1, 1, 1).float()
+    torch.testing.assert_close(eps, ab.sqrt() * v + (1 - ab).sqrt() * x, rtol=1e-5, atol=1e-6)
+    plain = load_model(f"diffusers:{save_pipeline(tmp_path / 'q', scheduler_class=scheduler_class)}")
+    with torch.no_grad():
+        assert torch.equal(plain.denoiser()(x, t), plain.unet(x, t).sample)
 
 
 def test_steps_are_checked_against_the_scheduler_T_at_dry_run(pipeline, tmp_path, capsys):
@@ -328,18 +346,19 @@ def test_a_hub_id_is_taken_from_the_local_cache_only(pipeline, tmp_path, monkeyp
 
 
 def test_registry_views_keep_their_meaning():
-    assert list(MODELS)[:6] == ["digits", "ddpm-cifar10", "ddpm-cifar10-random", "ldm-church", "ldm-bedroom",
-                                "sd-v1-4"]
+    assert list(MODELS)[:7] == ["digits", "ddpm-cifar10", "ddpm-cifar10-random", "ldm-church", "ldm-bedroom",
+                                "sd-v1-4", "sdxl-base-1.0"]
     assert {name: TRAIN_TIMESTEPS[name]() for name in MODELS} == {name: 1000 for name in MODELS}
     assert "CIFAR-10" in DESCRIPTIONS["ddpm-cifar10"] and DESCRIPTIONS.get("nope", "") == ""
     assert {name: model_entry(name).output_size for name in MODELS} == {
         "digits": (16, 16), "ddpm-cifar10": (32, 32), "ddpm-cifar10-random": (32, 32), "ldm-church": (256, 256),
-        "ldm-bedroom": (256, 256), "sd-v1-4": (512, 512)}
+        "ldm-bedroom": (256, 256), "sd-v1-4": (512, 512), "sdxl-base-1.0": (1024, 1024)}
     assert model_entry("digits").reference.dataset == "digits-train"
     assert model_entry("ddpm-cifar10").reference.dataset == "cifar10-train"
     with pytest.raises(TypeError):
         MODELS["x"] = None  # read-only
     assert "UNet2DModel pipeline" in schemes()["diffusers:<directory or hub id>"]
+    assert "SDXL" in schemes()["diffusers:<directory or hub id>"]
 
 
 def test_a_registered_model_is_everywhere_at_once(monkeypatch, tmp_path):
@@ -375,4 +394,4 @@ def test_models_lists_the_generic_entry(capsys):
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("digits ") for line in lines)
-    assert any(line.startswith("diffusers:<directory or hub id>  any unconditional") for line in lines)
+    assert any(line.startswith("diffusers:<directory or hub id>  an unconditional") for line in lines)

@@ -177,7 +177,7 @@ def macs_full_and_partial(unet, cache: DeepCache, image_shape, device,
     and, with classifier-free guidance, runs on the doubled batch, so the two counts are on the scale of ``macs_g``.
     Without it the UNet is called alone; a conditional UNet (``UNet2DConditionModel``, which cannot run without
     ``encoder_hidden_states``) then gets an all-zero context of ``CONTEXT_TOKENS`` tokens, whose MACs depend on
-    the shapes only."""
+    the shapes only, and an SDXL UNet (``addition_embed_type="text_time"``) all-zero ``added_cond_kwargs``."""
     from modiff.accounting import count_macs
 
     x = torch.zeros((1, *image_shape), device=device)
@@ -197,9 +197,15 @@ def macs_full_and_partial(unet, cache: DeepCache, image_shape, device,
 
         target, kwargs = Call(), {}
     else:
-        width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
-        context = None if width is None else torch.zeros((1, CONTEXT_TOKENS, width), device=device)
-        target, kwargs = unet, ({} if context is None else {"encoder_hidden_states": context})
+        config = getattr(unet, "config", None)
+        width = getattr(config, "cross_attention_dim", None)
+        kwargs = {} if width is None else {"encoder_hidden_states": torch.zeros((1, CONTEXT_TOKENS, width),
+                                                                                device=device)}
+        if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL: pooled embedding + 6 time ids
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros((1, pooled), device=device),
+                                           "time_ids": torch.zeros((1, 6), device=device)}
+        target = unet
     cache.reset()
     full = count_macs(target, x, t, **kwargs).total_macs
     with cache.partial():

@@ -22,6 +22,9 @@ conditional and the unconditional input of every sample. The UNet's keyword tens
 (``encoder_hidden_states``) are kept in ``CalibrationData.cond``, once per row of a step: the
 conditioning of a trajectory does not change along it (checked), so every kept step shares it.
 Block reconstruction then feeds the cross-attention blocks the context they see when sampling.
+A keyword that is a dict of tensors is kept as such: SDXL's ``added_cond_kwargs`` (``text_embeds``,
+the pooled text embedding, and ``time_ids``; ``bench.zoo.sdxl``), which the UNet's time embedding
+adds to every block's input, so its rows go with the calibration rows like the text context.
 """
 
 from __future__ import annotations
@@ -35,6 +38,31 @@ from torch import nn
 
 from modiff.samplers import SamplerConfig, sample
 from modiff.schedules import NoiseSchedule
+
+Cond = dict  # keyword -> (rows, ...) tensor, or a dict of them (``added_cond_kwargs``)
+
+
+def map_cond(cond: dict, fn) -> dict:
+    """``cond`` with ``fn`` applied to every tensor, nested dicts kept (``added_cond_kwargs``)."""
+    return {k: map_cond(v, fn) if isinstance(v, dict) else fn(v) for k, v in cond.items()}
+
+
+def cond_leaves(cond: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of ``cond`` by dotted name (``added_cond_kwargs.time_ids``)."""
+    leaves: dict[str, torch.Tensor] = {}
+    for name, value in cond.items():
+        if isinstance(value, dict):
+            leaves.update(cond_leaves(value, f"{prefix}{name}."))
+        else:
+            leaves[f"{prefix}{name}"] = value
+    return leaves
+
+
+def _join(conds: list[Cond]) -> Cond:
+    """The batches' conditioning, row after row (the same keywords in each)."""
+    first = conds[0]
+    return {k: _join([c[k] for c in conds]) if isinstance(first[k], dict) else torch.cat([c[k] for c in conds])
+            for k in first}
 
 
 def calibration_steps(n_steps: int, cali_st: int) -> list[int]:
@@ -56,7 +84,7 @@ class CalibrationData:
     x: dict[int, torch.Tensor]  # step index -> inputs (calibration steps and the steps before them)
     t: dict[int, int]
     seeds: list[int]
-    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # keyword -> (rows, ...), shared by every step
+    cond: Cond = field(default_factory=dict)  # keyword -> (rows, ...) or a dict of them, shared by every step
 
     @property
     def n(self) -> int:
@@ -68,10 +96,10 @@ class CalibrationData:
         ts = torch.cat([torch.full((len(self.x[i]),), self.t[i], dtype=torch.long) for i in self.steps])
         return xs, ts
 
-    def conditioning(self) -> dict[str, torch.Tensor]:
+    def conditioning(self) -> Cond:
         """The keyword inputs of every row of :meth:`inputs` (``cond`` repeated for each calibration
         step); empty for unconditional models."""
-        return {name: value.repeat(len(self.steps), *([1] * (value.dim() - 1))) for name, value in self.cond.items()}
+        return map_cond(self.cond, lambda value: value.repeat(len(self.steps), *([1] * (value.dim() - 1))))
 
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(x_prev, t_prev, x, t)`` for each calibration step that has a step before it (with the
@@ -98,12 +126,11 @@ class CalibrationData:
                    cond=dict(data.get("cond") or {}))
 
 
-def unet_inputs(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor,
-                                                                      dict[str, torch.Tensor]]:
+def unet_inputs(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Cond]:
     """``(sample, timestep, keyword tensors)`` of a call ``unet(*args, **kwargs)``: the first two
-    parameters of its ``forward``, then every other tensor argument by name (``encoder_hidden_states``).
-    ``None`` and ``return_dict`` are left out; any other argument (one that could not be replayed from
-    tensors) is a ValueError."""
+    parameters of its ``forward``, then every other tensor argument, or dict of tensors
+    (``added_cond_kwargs``), by name (``encoder_hidden_states``). ``None`` and ``return_dict`` are left
+    out; any other argument (one that could not be replayed from tensors) is a ValueError."""
     bound = inspect.signature(unet.forward).bind(*args, **kwargs)
     params = inspect.signature(unet.forward).parameters
     names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -122,9 +149,15 @@ def unet_inputs(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tenso
     for name, value in rest.items():
         if value is None or name == "return_dict":
             continue
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+            if all(isinstance(v, torch.Tensor) for v in value.values()):
+                if value:
+                    cond[name] = value
+                continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"cannot keep the argument {name!r} ({type(value).__name__}) of the UNet's calls as "
-                             "calibration data: only tensors are kept")
+                             "calibration data: only tensors (or dicts of tensors) are kept")
         cond[name] = value
     return sample_, timestep, cond
 
@@ -144,7 +177,7 @@ def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: 
     steps = calibration_steps(len(timesteps), cali_st)
     wanted = sorted({*steps, *(i - 1 for i in steps if i > 0)})
     kept: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-    batch_cond: list[dict[str, torch.Tensor] | None] = []  # per batch: the UNet's keyword tensors
+    batch_cond: list[Cond | None] = []  # per batch: the UNet's keyword tensors
     state = {"index": 0, "calls": 0}
 
     def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -172,15 +205,16 @@ def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: 
         if not bool((t.detach().cpu() == timesteps[index]).all()):
             raise ValueError(f"the denoiser gives the UNet other timesteps ({t.unique().tolist()}) than the "
                              f"sampler's ({timesteps[index]}); calibration data cannot be kept at the UNet's input")
-        cond = {name: value.detach().cpu() for name, value in cond.items()}
-        for name, value in cond.items():
+        cond = map_cond(cond, lambda value: value.detach().cpu())
+        leaves = cond_leaves(cond)
+        for name, value in leaves.items():
             if not value.dim() or value.shape[0] != len(x):
                 raise ValueError(f"the UNet's argument {name!r} has {tuple(value.shape)} for a batch of {len(x)}: "
                                  "only per-row tensors are kept")
-        first = batch_cond[-1]
-        if first is None:
+        if batch_cond[-1] is None:
             batch_cond[-1] = cond
-        elif first.keys() != cond.keys() or not all(torch.equal(first[k], cond[k]) for k in cond):
+        elif (first := cond_leaves(batch_cond[-1])).keys() != leaves.keys() or not all(
+                torch.equal(first[k], leaves[k]) for k in leaves):
             raise ValueError("the UNet's conditioning changes along a trajectory; calibration data keeps one per "
                              "trajectory")
         kept[index].append(x.detach().cpu())
@@ -196,10 +230,11 @@ def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: 
     finally:
         if handle is not None:
             handle.remove()
-    cond: dict[str, torch.Tensor] = {}
+    cond: Cond = {}
     if unet is not None and batch_cond and batch_cond[0]:
-        if any(c is None or c.keys() != batch_cond[0].keys() for c in batch_cond):
+        names = cond_leaves(batch_cond[0]).keys()
+        if any(c is None or cond_leaves(c).keys() != names for c in batch_cond):
             raise ValueError("the UNet's conditioning arguments differ between batches")
-        cond = {name: torch.cat([c[name] for c in batch_cond]) for name in batch_cond[0]}
+        cond = _join(batch_cond)
     return CalibrationData(steps=steps, x={i: torch.cat(v) for i, v in kept.items()},
                            t={i: timesteps[i] for i in wanted}, seeds=list(seeds), cond=cond)

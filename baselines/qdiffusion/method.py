@@ -208,7 +208,8 @@ class QDiffusion(BaseQuantizer):
         data = self.calibration_data(ctx, info)
         xs, ts = data.inputs()
         cond = data.conditioning()  # the UNet's keyword inputs of each row (text conditioning); {} without
-        example = (xs[:2].to(ctx.device), ts[:2].to(ctx.device), {k: v[:2].to(ctx.device) for k, v in cond.items()})
+        example = (xs[:2].to(ctx.device), ts[:2].to(ctx.device),
+                   calibration.map_cond(cond, lambda v: v[:2].to(ctx.device)))
         fp = ctx.model.unet
         qmodel = prepare(fp, config, example)
         data_key = self._data_key(ctx)
@@ -309,7 +310,7 @@ def to_modiff(qmodel: torch.nn.Module, cell: CellSpec, config: modiff.ModiffConf
         parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
         act = layer.act if own and not modulated else None
         setattr(parent, child, QuantLayer(layer.layer, config, layer.name, weight_quantized=True, act_quantizer=act))
-    return qmodel
+    return modiff.watch_trajectories(qmodel)  # as modiff.quantize's models: a new trajectory resets the state
 
 
 def calibrate_residual_scales(unet: torch.nn.Module, data: calibration.CalibrationData, batch_size: int,
@@ -324,7 +325,7 @@ def calibrate_residual_scales(unet: torch.nn.Module, data: calibration.Calibrati
         with torch.no_grad():
             for x_prev, t_prev, x, t in pairs:
                 for i in range(0, len(x), batch_size):
-                    cond = {k: v[i: i + batch_size].to(device) for k, v in data.cond.items()}  # same rows as x
+                    cond = calibration.map_cond(data.cond, lambda v, i=i: v[i: i + batch_size].to(device))  # x's rows
                     modiff.reset(unet)
                     unet(x_prev[i: i + batch_size].to(device), t_prev[i: i + batch_size].to(device), **cond)
                     unet(x[i: i + batch_size].to(device), t[i: i + batch_size].to(device), **cond)

@@ -32,11 +32,13 @@ Shortcut splitting: the 1x1 shortcut conv of a decoder residual block reads
 AdaRound grid per part (split along input channels). The split point is measured on a forward
 pass: ``channels(input) - channels(skip tensor the up block pops for that resnet)``.
 
-Conditioning: a text-conditioned UNet is called as ``unet(x, t, encoder_hidden_states=...)``. Every
-function that runs the model takes the calibration rows' keyword tensors as ``cond`` (name -> tensor
-with one row per row of ``xs``; ``CalibrationData.conditioning()``; an example is ``(x, t)`` or
-``(x, t, cond)``), so the inputs a unit records (and replays) carry what the UNet passed it: a
-transformer block's ``encoder_hidden_states``, for classifier-free guidance the doubled batch.
+Conditioning: a text-conditioned UNet is called as ``unet(x, t, encoder_hidden_states=...)`` (SDXL's
+also with ``added_cond_kwargs``, a dict of tensors). Every function that runs the model takes the
+calibration rows' keyword tensors as ``cond`` (name -> tensor, or dict of tensors, with one row per row
+of ``xs``; ``CalibrationData.conditioning()``; an example is ``(x, t)`` or ``(x, t, cond)``), so the
+inputs a unit records (and replays) carry what the UNet passed it: a transformer block's
+``encoder_hidden_states``, a residual block's time embedding (with SDXL's added embedding in it), for
+classifier-free guidance the doubled batch.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ from modiff.config import NOT_QUANTIZED
 from modiff.layers import QUANTIZABLE
 
 from .attention import fixed_step_sizes, quantize_attention
+from .calibration import cond_leaves
 from .quantizers import ActQuantizer, AdaRoundWeight, SplitActQuantizer, beta_schedule, lp_loss, minibatch
 
 BLOCK_TYPES = ("ResnetBlock2D", "ResnetBlockCondNorm2D", "Attention", "BasicTransformerBlock")
 EVAL_SAMPLES = 256  # calibration samples the before/after reconstruction losses are measured on
-Cond = dict[str, torch.Tensor]  # the UNet's keyword inputs (``encoder_hidden_states``), one row per input row
+Cond = dict  # the UNet's keyword inputs (``encoder_hidden_states``, ``added_cond_kwargs``), one row per input row
 
 
 @dataclass(frozen=True)
@@ -162,11 +165,11 @@ def _run_example(model: nn.Module, example: tuple) -> Any:
 
 def _example(xs: torch.Tensor, ts: torch.Tensor, cond: Cond | None, device: torch.device) -> tuple:
     """The first two calibration rows, as an example ``(x, t, cond)``."""
-    return xs[:2].to(device), ts[:2].to(device), {k: v[:2].to(device) for k, v in (cond or {}).items()}
+    return xs[:2].to(device), ts[:2].to(device), _map(cond or {}, lambda v: v[:2].to(device))
 
 
 def _check_cond(xs: torch.Tensor, cond: Cond | None) -> None:
-    for name, value in (cond or {}).items():
+    for name, value in cond_leaves(cond or {}).items():
         if not value.dim() or value.shape[0] != len(xs):
             raise ValueError(f"conditioning {name!r} has {tuple(value.shape)} rows for {len(xs)} calibration inputs")
 
@@ -302,7 +305,7 @@ def _collate(parts: list[Any], n_parts: list[int]) -> Any:
 def _batches(xs: torch.Tensor, ts: torch.Tensor, batch_size: int, cond: Cond | None = None):
     _check_cond(xs, cond)
     for i in range(0, len(xs), batch_size):
-        yield xs[i: i + batch_size], ts[i: i + batch_size], {k: v[i: i + batch_size] for k, v in (cond or {}).items()}
+        yield xs[i: i + batch_size], ts[i: i + batch_size], _map(cond or {}, lambda v, i=i: v[i: i + batch_size])
 
 
 def capture_inputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: torch.Tensor, batch_size: int,
@@ -321,7 +324,7 @@ def capture_inputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: to
         with torch.no_grad():
             for x, t, c in _batches(xs, ts, batch_size, cond):
                 sizes.append(len(x))
-                _call_model(model, x.to(device), t.to(device), {k: v.to(device) for k, v in c.items()})
+                _call_model(model, x.to(device), t.to(device), _map(c, lambda v: v.to(device)))
     finally:
         handle.remove()
     return UnitData(_collate([a for a, _ in store], sizes), _collate([k for _, k in store], sizes), len(xs))
@@ -340,7 +343,7 @@ def capture_outputs(model: nn.Module, module: nn.Module, xs: torch.Tensor, ts: t
     try:
         with torch.no_grad():
             for x, t, c in _batches(xs, ts, batch_size, cond):
-                _call_model(model, x.to(device), t.to(device), {k: v.to(device) for k, v in c.items()})
+                _call_model(model, x.to(device), t.to(device), _map(c, lambda v: v.to(device)))
     finally:
         handle.remove()
     return torch.cat(store)

@@ -36,7 +36,7 @@ import modiff
 from modiff.layers import QuantLayer
 from modiff.quant import MIN_SCALE, grid
 
-from .calibration import CalibrationData
+from .calibration import CalibrationData, cond_leaves, map_cond
 from .quantizers import lp_loss, minibatch, round_ste
 from .reconstruction import capture_inputs
 
@@ -61,10 +61,10 @@ def _pair_rows(data: CalibrationData, rows: int) -> tuple[torch.Tensor, ...]:
     pairs = data.pairs()
     x_prev, t_prev, x, t = (torch.cat([p[i] for p in pairs]) for i in range(4))
     per_step = len(pairs[0][0])
-    cond = {k: v.repeat(len(pairs), *([1] * (v.dim() - 1))) for k, v in data.cond.items()}
-    assert all(len(v) == per_step * len(pairs) for v in cond.values())
+    cond = map_cond(data.cond, lambda v: v.repeat(len(pairs), *([1] * (v.dim() - 1))))
+    assert all(len(v) == per_step * len(pairs) for v in cond_leaves(cond).values())
     pick = torch.linspace(0, len(x) - 1, min(rows, len(x))).round().long().unique()
-    return x_prev[pick], t_prev[pick], x[pick], t[pick], {k: v[pick] for k, v in cond.items()}
+    return x_prev[pick], t_prev[pick], x[pick], t[pick], map_cond(cond, lambda v: v[pick])
 
 
 def learn_residual_scales(unet: nn.Module, fp_unet: nn.Module, data: CalibrationData, splits: dict[str, int],

@@ -1,8 +1,9 @@
 """Model zoo: a name -> a loaded denoiser with its schedule and the sampler settings it uses.
 
 Every model is a :class:`~bench.zoo.registry.ZooEntry` (loader, training T, description, output size, reference
-data) registered beside its loader: ``digits``, ``ddpm_cifar10``, ``ldm`` and ``sd`` here, and the generic
-``diffusers:<directory or hub id>`` entry (``generic``) for any unconditional ``UNet2DModel`` pipeline. Checkpoint
+data) registered beside its loader: ``digits``, ``ddpm_cifar10``, ``ldm``, ``sd`` and ``sdxl`` here, and the generic
+``diffusers:<directory or hub id>`` entry (``generic``) for unconditional ``UNet2DModel`` pipelines and Stable
+Diffusion 1.x / 2.x / SDXL text-to-image pipelines. Checkpoint
 converters (the original DDPM and CompVis LDM layouts -> diffusers) live apart, in ``bench.zoo.convert``.
 
 A :class:`ZooModel` (defined in ``bench.zoo.model``, re-exported here) is what the samplers, methods and runner
@@ -51,4 +52,4 @@ __all__ = [
 ]
 
 # the built-in entries register themselves on import (registration order = listing order)
-from . import digits, ddpm_cifar10, ldm, sd, generic  # noqa: E402, F401, I001
+from . import digits, ddpm_cifar10, ldm, sd, sdxl, generic  # noqa: E402, F401, I001

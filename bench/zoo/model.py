@@ -10,7 +10,7 @@ A :class:`ZooModel` is what the samplers, methods and runner need from a model:
 - ``start_batch(seeds)``: per-batch conditioning chosen from the seeds (prompts), run before a batch's
   first step; None for unconditional models.
 
-The model modules (``digits``, ``ddpm_cifar10``, ``ldm``, ``sd``, ``generic``) and the registry build on this
+The model modules (``digits``, ``ddpm_cifar10``, ``ldm``, ``sd``, ``sdxl``, ``generic``) and the registry build on this
 module; ``bench.zoo`` re-exports both names.
 """
 

@@ -11,10 +11,10 @@ An entry says what the harness needs to know about a model before (or without) l
   (:class:`ReferenceData`, read by :mod:`bench.references`).
 
 The built-in entries register themselves with :func:`register_model` in their own modules (``bench.zoo.digits``,
-``bench.zoo.ddpm_cifar10``, ``bench.zoo.ldm``, ``bench.zoo.sd``), which ``bench.zoo`` imports; a plugin module named
-in a matrix's ``run.imports`` can register more the same way. A name with a scheme prefix (``diffusers:<directory or
-hub id>``) is not registered one by one: :func:`register_scheme` maps the prefix to a function that builds the entry
-from the rest of the name (``bench.zoo.generic``), reading only config files.
+``bench.zoo.ddpm_cifar10``, ``bench.zoo.ldm``, ``bench.zoo.sd``, ``bench.zoo.sdxl``), which ``bench.zoo`` imports; a
+plugin module named in a matrix's ``run.imports`` can register more the same way. A name with a scheme prefix
+(``diffusers:<directory or hub id>``) is not registered one by one: :func:`register_scheme` maps the prefix to a
+function that builds the entry from the rest of the name (``bench.zoo.generic``), reading only config files.
 
 ``MODELS``, ``TRAIN_TIMESTEPS`` and ``DESCRIPTIONS`` are read-only views of the registered names (live: a model
 registered later shows up in them).

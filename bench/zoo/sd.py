@@ -31,6 +31,12 @@ Prompts
     in SD. Each distinct prompt is encoded once, alone (so its embedding does not depend on which batch asked for it
     first), and cached on the CPU in the model's :class:`PromptConditioning`. ``info["prompts"]`` records the file's
     path, SHA-256 and length.
+
+Shared with the other text-to-image models
+    SDXL (``bench.zoo.sdxl``) and the generic ``diffusers:`` entry's SD 1.x / 2.x / SDXL pipelines
+    (``bench.zoo.generic``) use this module's machinery: :class:`PromptConditioning` (subclassed for SDXL's second
+    text encoder and ``added_cond_kwargs``), :func:`decode_latents`, and the safe, strict loading of a pipeline's
+    parts (:class:`Release`, :func:`find_files`, :func:`check_keys`, :func:`load_parts`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +70,7 @@ from .model import ZooModel
 from .registry import ReferenceData, ZooEntry, register_model
 
 NAME = "sd-v1-4"
+TITLE = "Stable Diffusion v1.4"
 HUB_ID = "CompVis/stable-diffusion-v1-4"
 GUIDANCE_SCALE = 7.5
 NEGATIVE_PROMPT = ""  # the unconditional half of classifier-free guidance
@@ -81,24 +89,7 @@ DEFAULT_PROMPTS = Path(__file__).resolve().with_name(PROMPTS_FILE)
 
 # what is fetched from the hub (and what the hint asks for): configs, tokenizer files and fp32 safetensors weights
 HUB_PATTERNS = ("*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
-HINT = (
-    f"download it with 'hf download {HUB_ID} --include {' '.join(repr(p) for p in HUB_PATTERNS)} --local-dir DIR' "
-    "and pass DIR as the checkpoint (--checkpoint DIR or run.checkpoint = DIR)"
-)
 
-# Each requirement: alternatives (tuples of files that together satisfy it), the hub's layout first.
-LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "unet config": (("unet/config.json",),),
-    "unet weights": (("unet/diffusion_pytorch_model.safetensors",), ("unet/diffusion_pytorch_model.bin",)),
-    "vae config": (("vae/config.json",),),
-    "vae weights": (("vae/diffusion_pytorch_model.safetensors",), ("vae/diffusion_pytorch_model.bin",)),
-    "text encoder config": (("text_encoder/config.json",),),
-    "text encoder weights": (("text_encoder/model.safetensors",), ("text_encoder/pytorch_model.bin",)),
-    "tokenizer config": (("tokenizer/tokenizer_config.json",),),
-    # the hub holds vocab.json + merges.txt; transformers >= 5 saves a tokenizer as tokenizer.json
-    "tokenizer vocabulary": (("tokenizer/vocab.json", "tokenizer/merges.txt"), ("tokenizer/tokenizer.json",)),
-    "scheduler config": (("scheduler/scheduler_config.json",),),
-}
 OPTIONAL_FILES = ("tokenizer/special_tokens_map.json", "tokenizer/added_tokens.json")  # hashed when present
 
 # Source: unet/config.json of CompVis/stable-diffusion-v1-4 on the Hugging Face Hub (diffusers layout, written by
@@ -203,57 +194,91 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def to_device(value, device: torch.device, dtype: torch.dtype | None = None):
+    """``value`` (a tensor, or a dict of them, as the UNet's ``added_cond_kwargs``) on ``device``, floating-point
+    tensors in ``dtype`` when given."""
+    if isinstance(value, dict):
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
+    if dtype is not None and value.is_floating_point():
+        return value.to(device=device, dtype=dtype)
+    return value.to(device)
+
+
 class PromptConditioning:
     """Seeds -> prompts -> CLIP text embeddings, and the guided denoiser that uses them.
 
     ``start_batch(seeds)`` sets the batch's conditioning; the denoiser refuses a batch it was not set for. Embeddings
-    are ``last_hidden_state`` of the text encoder on the prompt padded to 77 tokens (SD's FrozenCLIPEmbedder), one
-    ``(77, 768)`` tensor per distinct prompt, computed once and kept on the CPU."""
+    are ``last_hidden_state`` of the text encoder on the prompt padded to 77 tokens (SD's FrozenCLIPEmbedder, and
+    diffusers' ``StableDiffusionPipeline`` for SD 1.x and 2.x), one ``(77, width)`` tensor per distinct prompt,
+    computed once and kept on the CPU.
+
+    What the UNet gets besides the latents is :meth:`unet_kwargs`: here ``encoder_hidden_states``; a subclass adds
+    its own (``bench.zoo.sdxl.SDXLConditioning``: SDXL's ``added_cond_kwargs``). Every tensor in it has one row per
+    row of the doubled batch, the unconditional half first, so that calibration code can keep it row by row."""
 
     def __init__(self, tokenizer, text_encoder: nn.Module, prompts: Sequence[str],
-                 guidance_scale: float = GUIDANCE_SCALE):
+                 guidance_scale: float = GUIDANCE_SCALE, negative_prompt: str = NEGATIVE_PROMPT):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.prompts = list(prompts)
         self.guidance_scale = float(guidance_scale)
+        self.negative_prompt = negative_prompt
         self.embeddings: dict[str, torch.Tensor] = {}
         self.batch_prompts: list[str] = []
-        self._context: torch.Tensor | None = None  # (2B, 77, 768): B unconditional rows, then the B prompts
+        self._kwargs: dict | None = None  # the UNet's keyword inputs for the doubled batch (unet_kwargs)
 
     def prompt(self, seed: int) -> str:
         return self.prompts[int(seed) % len(self.prompts)]
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    @staticmethod
+    def token_ids(tokenizer, prompt: str) -> torch.Tensor:
+        """``(1, model_max_length)`` ids of ``prompt``, padded and truncated as SD's pipelines do."""
+        return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+
     @torch.no_grad()
     def embed(self, prompt: str) -> torch.Tensor:
         if prompt not in self.embeddings:
-            ids = self.tokenizer([prompt], padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            device = next(self.text_encoder.parameters()).device
-            hidden = self.text_encoder(input_ids=ids.to(device)).last_hidden_state
+            ids = self.token_ids(self.tokenizer, prompt).to(self.device)
+            hidden = self.text_encoder(input_ids=ids).last_hidden_state
             self.embeddings[prompt] = hidden[0].float().cpu()
         return self.embeddings[prompt]
 
+    def batch_kwargs(self, prompts: Sequence[str]) -> dict:
+        """The UNet's keyword inputs for ``prompts`` with guidance: ``len(prompts)`` unconditional rows, then the
+        prompts' rows, on the CPU."""
+        uncond = self.embed(self.negative_prompt)
+        rows = [uncond] * len(prompts) + [self.embed(p) for p in prompts]
+        return {"encoder_hidden_states": torch.stack(rows) if rows else uncond.new_empty((0, *uncond.shape))}
+
     def start_batch(self, seeds: Sequence[int]) -> None:
         self.batch_prompts = [self.prompt(s) for s in seeds]
-        uncond = self.embed(NEGATIVE_PROMPT)
-        rows = [uncond] * len(self.batch_prompts) + [self.embed(p) for p in self.batch_prompts]
-        device = next(self.text_encoder.parameters()).device
-        self._context = torch.stack(rows).to(device) if rows else uncond.new_empty((0, *uncond.shape)).to(device)
+        self._kwargs = to_device(self.batch_kwargs(self.batch_prompts), self.device)
 
-    def context(self, batch: int) -> torch.Tensor:
-        if self._context is None or self._context.shape[0] != 2 * batch:
-            have = "none" if self._context is None else f"one for {self._context.shape[0] // 2} samples"
+    def unet_kwargs(self, batch: int) -> dict:
+        """The keyword inputs of the UNet call on the doubled batch of ``batch`` samples (set by ``start_batch``)."""
+        rows = None if self._kwargs is None else self._kwargs["encoder_hidden_states"].shape[0]
+        if rows != 2 * batch:
+            have = "none" if rows is None else f"one for {rows // 2} samples"
             raise RuntimeError(f"no prompt conditioning for a batch of {batch} (have {have}): call "
                                "model.start_batch(seeds) before the batch's first step")
-        return self._context
+        return self._kwargs
+
+    def context(self, batch: int) -> torch.Tensor:
+        """The text embeddings of the doubled batch: ``(2 * batch, tokens, width)``."""
+        return self.unet_kwargs(batch)["encoder_hidden_states"]
 
     def denoiser(self, unet: nn.Module) -> Denoiser:
         """``unet`` with classifier-free guidance: one UNet call on the doubled batch (module docstring)."""
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            context = self.context(x.shape[0]).to(device=x.device, dtype=x.dtype)
+            kwargs = to_device(self.unet_kwargs(x.shape[0]), x.device, x.dtype)
             t2 = torch.cat([t, t]) if t.dim() else t
-            eps_uncond, eps_cond = unet(torch.cat([x, x]), t2, encoder_hidden_states=context).sample.chunk(2)
+            eps_uncond, eps_cond = unet(torch.cat([x, x]), t2, **kwargs).sample.chunk(2)
             return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
         return denoise
@@ -261,35 +286,101 @@ class PromptConditioning:
 
 @torch.no_grad()
 def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """``vae.decode(latents / 0.18215)`` clamped to [-1, 1], one sample at a time (a 512x512 decode of a whole batch
-    needs tens of GB; one at a time also keeps an image independent of its batch); on the latents' device."""
+    """``vae.decode(latents / scaling_factor)`` clamped to [-1, 1], one sample at a time (a 512x512 decode of a whole
+    batch needs tens of GB; one at a time also keeps an image independent of its batch); on the latents' device.
+    ``scaling_factor`` is the autoencoder config's (0.18215 for SD 1.x / 2.x, 0.13025 for SDXL). The latents are
+    cast to the autoencoder's dtype, which the zoo keeps in float32 (SDXL's overflows in float16: diffusers'
+    ``force_upcast``)."""
     param = next(vae.parameters())
-    images = [vae.decode(z[None].to(param.device, param.dtype) / LATENT_SCALE).sample for z in latents]
+    scale = float(vae.config.scaling_factor)
+    images = [vae.decode(z[None].to(param.device, param.dtype) / scale).sample for z in latents]
     if not images:
-        return latents.new_empty((0, *OUTPUT_SHAPE))
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (vae.config.out_channels, latents.shape[-2] * factor, latents.shape[-1] * factor)
+        return latents.new_empty((0, *shape))
     return torch.cat(images).to(latents.device, torch.float32).clamp(-1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class Release:
+    """A published checkpoint the zoo loads by name: where it lives on the hub, the files it needs, what its
+    messages call it. The loading helpers below take one, so that SD v1.4 and SDXL share them."""
+
+    title: str  # in messages: "Stable Diffusion v1.4"
+    hub_id: str
+    hub_patterns: tuple[str, ...]  # what is fetched from the hub, and what the hint asks to download
+    layout: dict[str, tuple[tuple[str, ...], ...]]  # requirement -> alternatives (files that together satisfy it)
+    optional_files: tuple[str, ...] = ()  # hashed when present
+    download: bool = True  # False: the Hugging Face cache only, whatever HF_HUB_OFFLINE says
+    how_to: str = ""  # what messages say to do instead of the download hint
+
+    @property
+    def hint(self) -> str:
+        if self.how_to:
+            return self.how_to
+        return (f"download it with 'hf download {self.hub_id} --include {' '.join(repr(p) for p in self.hub_patterns)} "
+                "--local-dir DIR' and pass DIR as the checkpoint (--checkpoint DIR or run.checkpoint = DIR)")
+
+
+# part -> (library, class, what messages call it); tokenizers are the parts without weights
+TEXT_PARTS: dict[str, tuple[str, str, str]] = {
+    "unet": ("diffusers", "UNet2DConditionModel", "UNet"),
+    "vae": ("diffusers", "AutoencoderKL", "autoencoder"),
+    "text_encoder": ("transformers", "CLIPTextModel", "text encoder"),
+    "tokenizer": ("transformers", "CLIPTokenizer", "tokenizer"),
+}
+
+
+def layout_of(parts: dict[str, tuple[str, str, str]]) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """The files a pipeline directory needs for ``parts`` (as ``TEXT_PARTS``) and its scheduler, in the diffusers
+    layout: each requirement -> alternatives (files that together satisfy it), the hub's layout first."""
+    layout: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for part, (library, class_name, _) in parts.items():
+        if class_name.startswith("CLIPTokenizer"):
+            layout[f"{part} config"] = ((f"{part}/tokenizer_config.json",),)
+            # the hub holds vocab.json + merges.txt; transformers >= 5 saves a tokenizer as tokenizer.json
+            layout[f"{part} vocabulary"] = ((f"{part}/vocab.json", f"{part}/merges.txt"), (f"{part}/tokenizer.json",))
+            continue
+        layout[f"{part} config"] = ((f"{part}/config.json",),)
+        stem = "diffusion_pytorch_model" if library == "diffusers" else "model"
+        legacy = "diffusion_pytorch_model" if library == "diffusers" else "pytorch_model"
+        layout[f"{part} weights"] = ((f"{part}/{stem}.safetensors",), (f"{part}/{legacy}.bin",))
+    layout["scheduler config"] = (("scheduler/scheduler_config.json",),)
+    return layout
+
+
+SD_V14 = Release(TITLE, HUB_ID, HUB_PATTERNS, layout_of(TEXT_PARTS), OPTIONAL_FILES)
+
+
+def locate(release: Release, checkpoint: str | Path | None) -> tuple[Path, dict]:
+    """``(directory, source)`` of ``checkpoint``: None or the hub id -> the hub snapshot, else a directory."""
+    path = None if checkpoint is None else Path(checkpoint)
+    if path is None or (str(checkpoint) == release.hub_id and not path.exists()):
+        directory = _hub_snapshot(release)
+        return directory, {"source": "hub", "checkpoint": release.hub_id, "revision": directory.name}
+    if path.is_dir():
+        return path, {"source": "diffusers", "checkpoint": str(path)}
+    raise BenchError(f"{release.title} checkpoint directory {path} does not exist; {release.hint}")
+
+
+def require_transformers(name: str) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise BenchError(f"the {name} model needs the 'transformers' package (CLIP text encoder and tokenizer): "
+                         "pip install 'modiff-bench[sd]'")
+
+
 def load(checkpoint: str | Path | None = None) -> ZooModel:
     """The zoo entry (module docstring): UNet, VAE and text encoder in fp32, eval mode, no gradients, on the CPU."""
-    if importlib.util.find_spec("transformers") is None:
-        raise BenchError("the sd-v1-4 model needs the 'transformers' package (CLIP text encoder and tokenizer): "
-                         "pip install 'modiff-bench[sd]'")
-    path = None if checkpoint is None else Path(checkpoint)
-    if path is None or (str(checkpoint) == HUB_ID and not path.exists()):
-        directory, source = _hub_snapshot(), {"source": "hub", "checkpoint": HUB_ID}
-        source["revision"] = directory.name
-    elif path.is_dir():
-        directory, source = path, {"source": "diffusers", "checkpoint": str(path)}
-    else:
-        raise BenchError(f"Stable Diffusion v1.4 checkpoint directory {path} does not exist; {HINT}")
-
-    files = _find_files(directory)
+    require_transformers(NAME)
+    directory, source = locate(SD_V14, checkpoint)
+    files = find_files(directory, SD_V14)
     _check_configs(directory)
-    unet, vae, text_encoder, tokenizer = _load_parts(directory, files)
+    parts = load_parts(directory, files, SD_V14.title, TEXT_PARTS)
+    unet, vae, text_encoder, tokenizer = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
+    check_tokenizer(tokenizer, directory / "tokenizer")
     prompts_path = prompt_file(None if source["source"] == "hub" else directory)
     prompts = read_prompts(prompts_path)
     conditioning = PromptConditioning(tokenizer, text_encoder, prompts)
@@ -301,8 +392,7 @@ def load(checkpoint: str | Path | None = None) -> ZooModel:
         "negative_prompt": NEGATIVE_PROMPT,
         "guidance": "one UNet call on cat([x, x]) with cat([uncond, cond]) embeddings",
         "latent_scale": LATENT_SCALE,
-        "prompts": {"file": str(prompts_path), "sha256": sha256_file(prompts_path), "count": len(prompts),
-                    "rule": "prompt of seed s = prompts[s % count]"},
+        "prompts": prompts_info(prompts_path, prompts),
     }
     return ZooModel(
         name=NAME, unet=unet, schedule=schedule(), image_shape=IMAGE_SHAPE, default_sampler="plms", default_steps=50,
@@ -310,6 +400,12 @@ def load(checkpoint: str | Path | None = None) -> ZooModel:
         start_batch=conditioning.start_batch, output_shape=OUTPUT_SHAPE, default_eta=0.0,
         default_batch_size=DEFAULT_BATCH_SIZE, parts={"vae": vae, "text_encoder": text_encoder},
     )
+
+
+def prompts_info(path: Path, prompts: Sequence[str]) -> dict:
+    """What ``info["prompts"]`` records of the prompt list."""
+    return {"file": str(path), "sha256": sha256_file(path), "count": len(prompts),
+            "rule": "prompt of seed s = prompts[s % count]"}
 
 
 ENTRY = register_model(ZooEntry(
@@ -327,34 +423,37 @@ def _hub_offline() -> bool:
     return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
-def _hub_snapshot() -> Path:
+def _hub_snapshot(release: Release) -> Path:
     from huggingface_hub import snapshot_download
 
-    offline = _hub_offline()
+    offline = _hub_offline() or not release.download
     try:
-        snapshot = snapshot_download(HUB_ID, local_files_only=offline, allow_patterns=list(HUB_PATTERNS))
+        snapshot = snapshot_download(release.hub_id, local_files_only=offline,
+                                     allow_patterns=list(release.hub_patterns))
     except (OSError, ValueError) as exc:
-        why = "HF_HUB_OFFLINE is set" if offline else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BenchError(f"{HUB_ID} is not in the Hugging Face cache ({why}); {HINT}") from None
+        why = ("HF_HUB_OFFLINE is set" if _hub_offline() else "only the local cache is read" if offline
+               else str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise BenchError(f"{release.hub_id} is not in the Hugging Face cache ({why}); {release.hint}") from None
     return Path(snapshot)
 
 
-def _find_files(directory: Path) -> list[str]:
-    """The files each :data:`LAYOUT` requirement resolves to (first complete alternative), plus optional ones."""
+def find_files(directory: Path, release: Release) -> list[str]:
+    """The files each ``release.layout`` requirement resolves to (first complete alternative), plus optional ones."""
     found, missing = [], []
-    for what, alternatives in LAYOUT.items():
+    for what, alternatives in release.layout.items():
         chosen = next((alt for alt in alternatives if all((directory / f).is_file() for f in alt)), None)
         if chosen is None:
             missing.append(f"{what} ({' or '.join(' + '.join(alt) for alt in alternatives)})")
         else:
             found.extend(chosen)
     if missing:
-        raise BenchError(f"{directory} is not a complete Stable Diffusion v1.4 checkpoint: missing "
-                         f"{'; '.join(missing)}; {HINT}")
-    return found + [f for f in OPTIONAL_FILES if (directory / f).is_file()]
+        raise BenchError(f"{directory} is not a complete {release.title} checkpoint: missing "
+                         f"{'; '.join(missing)}; {release.hint}")
+    return found + [f for f in release.optional_files if (directory / f).is_file()]
 
 
-def _check(path: Path, config: dict, expected: dict, what: str, optional: bool = False) -> None:
+def check_keys(path: Path, config: dict, expected: dict, what: str, release: Release = SD_V14,
+               optional: bool = False) -> None:
     """``config`` against ``expected`` (a tuple value lists the accepted values). ``optional``: ``config`` is the
     file over the installed class's constructor defaults, and a key neither sets (one the installed library does
     not know) is skipped; otherwise every key must be in ``config``."""
@@ -365,8 +464,14 @@ def _check(path: Path, config: dict, expected: dict, what: str, optional: bool =
         accepted = want if isinstance(want, tuple) else (want,)
         if not any(same_json(have, w) for w in accepted):
             wanted = " or ".join(repr(w) for w in accepted)
-            raise BenchError(f"{path} is not Stable Diffusion v1.4's {what}: {key} is {have!r}, expected {wanted}; "
-                             f"point the checkpoint at a {HUB_ID} download")
+            raise BenchError(f"{path} is not {release.title}'s {what}: {key} is {have!r}, expected {wanted}; "
+                             f"point the checkpoint at a {release.hub_id} download")
+
+
+def check_unet_class(path: Path, raw: dict, what: str) -> None:
+    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise BenchError(f"{path} is not {what}'s UNet: _class_name is {raw['_class_name']!r}, "
+                         "expected 'UNet2DConditionModel'")
 
 
 def _check_configs(directory: Path) -> None:
@@ -375,65 +480,78 @@ def _check_configs(directory: Path) -> None:
 
     path = directory / "unet" / "config.json"
     raw = read_config(path, "Stable Diffusion v1.4 UNet")
-    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise BenchError(f"{path} is not Stable Diffusion v1.4's UNet: _class_name is {raw['_class_name']!r}, "
-                         "expected 'UNet2DConditionModel'")
+    check_unet_class(path, raw, SD_V14.title)
     effective = {**constructor_defaults(UNet2DConditionModel), **raw}
-    _check(path, raw, UNET_ARCH, "UNet")  # the original file has every one of these keys
-    _check(path, effective, {**UNET_LATER_KEYS, **UNET_EITHER}, "UNet", optional=True)
+    check_keys(path, raw, UNET_ARCH, "UNet")  # the original file has every one of these keys
+    check_keys(path, effective, {**UNET_LATER_KEYS, **UNET_EITHER}, "UNet", optional=True)
 
     path = directory / "scheduler" / "scheduler_config.json"
-    _check(path, {"trained_betas": None, **read_config(path, "scheduler")}, SCHEDULER_CONFIG, "noise schedule")
+    check_keys(path, {"trained_betas": None, **read_config(path, "scheduler")}, SCHEDULER_CONFIG, "noise schedule")
 
     path = directory / "vae" / "config.json"
     defaults = constructor_defaults(AutoencoderKL)
-    _check(path, {**defaults, **read_config(path, "autoencoder")}, VAE_INTERFACE, "autoencoder", optional=True)
+    check_keys(path, {**defaults, **read_config(path, "autoencoder")}, VAE_INTERFACE, "autoencoder", optional=True)
 
     path = directory / "text_encoder" / "config.json"
+    check_keys(path, text_config(path), {"hidden_size": TEXT_WIDTH, "max_position_embeddings": TEXT_TOKENS},
+               "text encoder")
+
+
+def text_config(path: Path) -> dict:
+    """A text encoder's config (the text tower's, when the file is a full CLIPConfig)."""
     text = read_config(path, "text encoder")
-    text = text.get("text_config", text)  # a full CLIPConfig nests the text tower's
-    _check(path, text, {"hidden_size": TEXT_WIDTH, "max_position_embeddings": TEXT_TOKENS}, "text encoder")
+    return text.get("text_config", text)
 
 
-def _from_pretrained(what: str, load, path: Path, weights: str | None = None, **kwargs):
+def from_pretrained(title: str, what: str, load, path: Path, weights: str | None = None, **kwargs):
     """``load(path)`` offline; with ``weights`` (the file it reads) the loading report is checked too: the
     libraries leave a missing tensor randomly initialised, and a pickled file must hold no code."""
     if weights is not None and Path(weights).suffix in PICKLE_SUFFIXES:
-        check_weights_only(path.parent / weights, f"Stable Diffusion v1.4 {what} weights")
+        check_weights_only(path.parent / weights, f"{title} {what} weights")
     if weights is not None:
         kwargs["output_loading_info"] = True
     try:
         loaded = load(path, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise BenchError(f"cannot load the Stable Diffusion v1.4 {what} from {path}: {first_line(exc)}") from None
+        raise BenchError(f"cannot load the {title} {what} from {path}: {first_line(exc)}") from None
     if weights is None:
         return loaded
     model, loading = loaded
-    check_loading_info(loading, f"Stable Diffusion v1.4 {what} weights {path.parent / weights}")
+    check_loading_info(loading, f"{title} {what} weights {path.parent / weights}")
     return model
 
 
-def _load_parts(directory: Path, files: list[str]):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def weights_file(files: Sequence[str], part: str) -> str | None:
+    """The weights file of ``part`` among ``files`` (the first listed: safetensors before .bin), or None."""
+    return next((f for f in files if f.startswith(f"{part}/") and f.endswith((".safetensors", ".bin"))), None)
 
-    def weights(part: str) -> str:  # the weights file _find_files chose for the part (safetensors first)
-        return next(f for f in files if f.startswith(f"{part}/") and f.endswith((".safetensors", ".bin")))
 
-    def safetensors(part: str) -> bool:
-        return weights(part).endswith(".safetensors")
+def load_parts(directory: Path, files: Sequence[str], title: str, parts: dict[str, tuple[str, str, str]]) -> dict:
+    """Each of ``parts`` from ``directory/<part>``, safely and strictly (``from_pretrained``), offline: models in
+    float32, eval mode, without gradients; tokenizers as they are. ``files``: the files found, whose safetensors
+    (else ``.bin``) weights each model reads."""
+    import diffusers
+    import transformers
 
+    libraries = {"diffusers": diffusers, "transformers": transformers}
     # without accelerate, diffusers cannot skip the random initialisation and warns when asked to
     low_mem = importlib.util.find_spec("accelerate") is not None
-    unet = _from_pretrained("UNet", UNet2DConditionModel.from_pretrained, directory / "unet", weights("unet"),
-                            use_safetensors=safetensors("unet"), low_cpu_mem_usage=low_mem)
-    vae = _from_pretrained("autoencoder", AutoencoderKL.from_pretrained, directory / "vae", weights("vae"),
-                           use_safetensors=safetensors("vae"), low_cpu_mem_usage=low_mem)
-    text_encoder = _from_pretrained("text encoder", CLIPTextModel.from_pretrained, directory / "text_encoder",
-                                    weights("text_encoder"), use_safetensors=safetensors("text_encoder"))
-    tokenizer = _from_pretrained("tokenizer", CLIPTokenizer.from_pretrained, directory / "tokenizer")
-    if tokenizer.model_max_length != TEXT_TOKENS:
-        raise BenchError(f"the tokenizer in {directory / 'tokenizer'} pads to {tokenizer.model_max_length} tokens, "
-                         f"expected {TEXT_TOKENS} (model_max_length in tokenizer_config.json)")
-    parts = [m.float().eval().requires_grad_(False) for m in (unet, vae, text_encoder)]
-    return (*parts, tokenizer)
+    loaded = {}
+    for part, (library, class_name, what) in parts.items():
+        cls = getattr(libraries[library], class_name)
+        weights = weights_file(files, part)
+        if weights is None:  # a tokenizer
+            loaded[part] = from_pretrained(title, what, cls.from_pretrained, directory / part)
+            continue
+        kwargs = {"use_safetensors": weights.endswith(".safetensors")}
+        if library == "diffusers":
+            kwargs["low_cpu_mem_usage"] = low_mem
+        model = from_pretrained(title, what, cls.from_pretrained, directory / part, weights, **kwargs)
+        loaded[part] = model.float().eval().requires_grad_(False)
+    return loaded
+
+
+def check_tokenizer(tokenizer, path: Path, tokens: int = TEXT_TOKENS) -> None:
+    if tokenizer.model_max_length != tokens:
+        raise BenchError(f"the tokenizer in {path} pads to {tokenizer.model_max_length} tokens, "
+                         f"expected {tokens} (model_max_length in tokenizer_config.json)")
