@@ -10,6 +10,7 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
     nox -s bench         # speed / memory of int8, fp8 and fake execution vs FP32 and BF16
     nox -s bench-deepcache  # DeepCache's measured speed-ups beside the paper's
+    nox -s gpu-check     # the prepared GPU check, one table ('-- --prepare' first; '-- --device cpu --quick' here)
     nox -s speed         # the 'cifar10-speed' matrix (random weights): wall-clock table, ratios to FP32 and BF16
     nox -s qdiff-act-digits  # Q-Diffusion's activation quantizers: ours vs the authors' CIFAR-10 setting, digits
     nox -s psnr-table    # PSNR to FP on digits: modulation x activation bits x granularity
@@ -157,6 +158,18 @@ def bench_deepcache(session: nox.Session) -> None:
     Extra arguments go to benchmarks/deepcache_speedup.py (e.g. '-- --device cuda')."""
     env = _shared_env(session)
     _run(session, env, "python", "benchmarks/deepcache_speedup.py", *session.posargs)
+
+
+@nox.session(name="gpu-check", venv_backend="none")
+def gpu_check(session: nox.Session) -> None:
+    """The prepared GPU check (benchmarks/gpu_check.py): CUDA-only tests, the execution benchmark at batch 256,
+    a tiny digits matrix on CUDA with its report, and a paper preset's estimate, in one table (runs/gpu-check/).
+
+    '-- --prepare' downloads the wheels a GPU machine without diffusers needs into .gpu-wheels/ (needs the package
+    registry); '-- --device cpu --quick' runs every check at CPU size, as CI does. On the lent GPU machine, which
+    has no nox, the script runs on its own: docs/performance.md#gpu-check gives the command."""
+    env = _shared_env(session)
+    _run(session, env, "python", "benchmarks/gpu_check.py", *session.posargs)
 
 
 @nox.session(name="authors-digits", venv_backend="none")

@@ -2,17 +2,22 @@
 
 Models: the CIFAR-10 DDPM architecture (google/ddpm-cifar10-32 config, random weights: speed
 does not depend on the values) and the embedded digits model. Configurations (``--configs``,
-default: all except fp8 on CPU):
+default: all except fp8 and FP16 on CPU):
 
 - ``fp32``, ``fp32-cl``: full precision, NCHW and channels-last;
 - ``bf16-autocast-cl``, ``bf16-cl``: BF16 autocast, and the whole model cast to BF16, both
   channels-last. The FP32 and BF16 baselines are the faster of their variants, measured here;
+- ``fp16-cl``: the whole model cast to float16, channels-last: what diffusers users run
+  (``torch_dtype=torch.float16``) and the harness's ``dtype = "float16"`` cell, not autocast (which keeps
+  float32 weights and casts them at every call). Not a ratio baseline; not in the CPU default (CPUs without
+  AVX512-FP16 / AMX-FP16 emulate float16 about 100x slower than FP32);
 - ``fake-ptq``, ``fake-modiff``: fake quantization W8A8 (modulation off / MoDiff), and
   ``fake-modiff-compiled`` with its elementwise passes fused by torch.compile;
 - ``int8-ptq-w8a8-sample``, ``int8-modiff-w8a{8,4}-{tensor,sample}``: real int8
   execution, symmetric activation and weight grids; ``...-compiled``: the same with
   ``compile=True`` (and ``int8-ptq-w8a4-sample-compiled``);
-- ``fp8-modiff``, ``fp8-modiff-compiled``: float8 e4m3 through ``torch._scaled_mm`` (GPU).
+- ``fp8-ptq``, ``fp8-modiff`` and their ``-compiled``: float8 e4m3 through ``torch._scaled_mm`` (GPU), W8A8
+  per-sample scales, modulation off / MoDiff.
 
 Every quantized configuration runs channels-last. Timing: all configurations live in one process
 and run one trajectory each per round, round-robin, so machine drift hits them alike. Round 0
@@ -55,6 +60,7 @@ CONFIGS: dict[str, dict] = {
     "fp32-cl": {"memory_format": "channels_last"},
     "bf16-autocast-cl": {"memory_format": "channels_last", "autocast": True},
     "bf16-cl": {"memory_format": "channels_last", "dtype": "bfloat16"},
+    "fp16-cl": {"memory_format": "channels_last", "dtype": "float16"},
     "fake-ptq": _modiff("fake", "off", 8, "sample"),
     "fake-modiff": _modiff("fake", "ec", 8, "sample"),
     "fake-modiff-compiled": _modiff("fake", "ec", 8, "sample", True),
@@ -66,15 +72,19 @@ for _mod, _name in (("off", "ptq"), ("ec", "modiff")):
 for _name, _mod, _bits in (("ptq-w8a8", "off", 8), ("ptq-w8a4", "off", 4), ("modiff-w8a8", "ec", 8),
                            ("modiff-w8a4", "ec", 4)):
     CONFIGS[f"int8-{_name}-sample-compiled"] = _modiff("int8", _mod, _bits, "sample", True)
-CONFIGS["fp8-modiff"] = _modiff("fp8", "ec", 8, "sample")
-CONFIGS["fp8-modiff-compiled"] = _modiff("fp8", "ec", 8, "sample", True)
-GPU_ONLY = ("fp8-modiff", "fp8-modiff-compiled")  # torch._scaled_mm on CPU is a slow reference kernel
+for _mod, _name in (("off", "ptq"), ("ec", "modiff")):
+    CONFIGS[f"fp8-{_name}"] = _modiff("fp8", _mod, 8, "sample")
+    CONFIGS[f"fp8-{_name}-compiled"] = _modiff("fp8", _mod, 8, "sample", True)
+# torch._scaled_mm on CPU is a slow reference kernel
+GPU_ONLY = ("fp8-ptq", "fp8-ptq-compiled", "fp8-modiff", "fp8-modiff-compiled")
+# float16 convolutions on a CPU without AVX512-FP16 / AMX-FP16 run as reference loops (~100x FP32): named only
+CPU_NAMED_ONLY = ("fp16-cl",)
 
 
 def default_configs(device, flags: str) -> list[str]:
-    """Everything but fp8 on a CPU. A CPU without BF16 instructions (no avx512_bf16 / amx_bf16) emulates
+    """Everything but fp8 and FP16 on a CPU. A CPU without BF16 instructions (no avx512_bf16 / amx_bf16) emulates
     BF16 about 8x slower than FP32: there only ``bf16-cl`` is timed (autocast measured the same)."""
-    names = [c for c in CONFIGS if device.type == "cuda" or c not in GPU_ONLY]
+    names = [c for c in CONFIGS if device.type == "cuda" or c not in GPU_ONLY + CPU_NAMED_ONLY]
     if device.type == "cpu" and not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")):
         names.remove("bf16-autocast-cl")
     return names
@@ -183,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cifar10", "digits"], choices=["cifar10", "digits"])
     parser.add_argument("--configs", nargs="+", metavar="NAME",
-                        help=f"default: all but {', '.join(GPU_ONLY)} on CPU (and bf16-autocast-cl where the CPU "
-                        f"emulates BF16); one of: {', '.join(CONFIGS)}")
+                        help=f"default: all but {', '.join(GPU_ONLY + CPU_NAMED_ONLY)} on CPU (and bf16-autocast-cl "
+                        f"where the CPU emulates BF16); one of: {', '.join(CONFIGS)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps-cifar10", type=int, default=2,
@@ -251,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             s["x_fp32"] = fp32 / s["modulated_call"] if fp32 else None
             s["x_bf16"] = bf16 / s["modulated_call"] if bf16 else None
             s["weight_bytes"] = _weight_bytes(built[name].unet)
+            s["images_per_s"] = args.batch / s["modulated_call"]  # at the modulated call's speed
             results[f"{model_name}/{name}"] = s
 
             def ratio(v):
