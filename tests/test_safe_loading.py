@@ -609,7 +609,7 @@ def test_models_check_with_a_garbage_ckpt_is_one_line_and_exit_2(tmp_path, capsy
 
 
 def _tiny_sd(root: Path, unet_bin: bool = False) -> Path:
-    """unet / vae / text_encoder / tokenizer / scheduler folders with tiny models, as sd._load_parts reads them."""
+    """unet / vae / text_encoder / tokenizer / scheduler folders with tiny models, as sd.load_parts reads them."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -648,10 +648,16 @@ def _sd_copy(tiny_sd: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_sd, tmp_path / "sd"))
 
 
-def test_the_tiny_sd_stand_in_loads(tiny_sd):
+def _sd_load_parts(directory: Path) -> tuple:
+    """What ``bench.zoo.sd.load`` reads, without its config checks (the tiny models are not SD's architecture)."""
     from bench.zoo import sd
 
-    unet, vae, text_encoder, tokenizer = sd._load_parts(tiny_sd, sd._find_files(tiny_sd))
+    parts = sd.load_parts(directory, sd.find_files(directory, sd.SD_V14), sd.SD_V14.title, sd.TEXT_PARTS)
+    return tuple(parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
+
+
+def test_the_tiny_sd_stand_in_loads(tiny_sd):
+    unet, vae, text_encoder, tokenizer = _sd_load_parts(tiny_sd)
     assert tokenizer.model_max_length == 77 and not unet.training
 
 
@@ -659,15 +665,13 @@ def test_the_tiny_sd_stand_in_loads(tiny_sd):
                                            ("vae", "diffusion_pytorch_model.bin"),
                                            ("text_encoder", "pytorch_model.bin")])
 def test_sd_bin_components_never_run_pickled_code(part, weights, payload, tiny_sd, tmp_path):
-    from bench.zoo import sd
-
     obj, marker = payload
     directory = _sd_copy(tiny_sd, tmp_path)
     for f in (directory / part).glob("*.safetensors"):
         f.unlink()
     _malicious(directory / part / weights, obj)
     with pytest.raises(BenchError, match="cannot read Stable Diffusion v1.4") as exc:
-        sd._load_parts(directory, sd._find_files(directory))
+        _sd_load_parts(directory)
     assert f"{part}/{weights}" in _one_line(exc)
     assert not marker.exists()
 
@@ -685,14 +689,12 @@ def test_transformers_itself_reads_bin_files_weights_only(payload, tmp_path):
                                            ("vae", "diffusion_pytorch_model.safetensors"),
                                            ("text_encoder", "model.safetensors")])
 def test_sd_weights_with_a_tensor_removed_are_an_error(part, weights, tiny_sd, tmp_path):
-    from bench.zoo import sd
-
     directory = _sd_copy(tiny_sd, tmp_path)
     state = load_file(directory / part / weights)
     removed = sorted(k for k in state if k.endswith(".weight"))[0]
     del state[removed]
     save_file(state, directory / part / weights, metadata={"format": "pt"})
     with pytest.raises(BenchError) as exc:
-        sd._load_parts(directory, sd._find_files(directory))
+        _sd_load_parts(directory)
     message = _one_line(exc)
     assert f"{part}/{weights}" in message and "missing keys" in message and removed in message

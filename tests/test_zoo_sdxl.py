@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import sys
 
@@ -267,6 +268,35 @@ def test_loading_problems_are_one_line_errors(sdxl_dir, tmp_path, monkeypatch):
     with pytest.raises(BenchError) as exc:
         sdxl.load(sdxl_dir)
     assert "pip install 'modiff-bench[sd]'" in _one_line(exc)
+
+
+class _Payload:
+    """Unpickling this object runs a shell command that creates ``marker`` (if anything runs its reduction)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("entry", ["sdxl-base-1.0", "diffusers"])
+@pytest.mark.parametrize("part", ["text_encoder_2", "unet"])
+def test_a_pickled_bin_component_never_runs_code(sdxl_dir, tmp_path, monkeypatch, entry, part):
+    """SDXL's second text encoder (a class SD v1.4 does not have) and its UNet as .bin files holding a payload:
+    loading refuses them in one line, through the named entry and the generic one, and nothing runs."""
+    monkeypatch.setattr(sdxl, "ARCHITECTURE", tiny_architecture(sdxl_dir))
+    directory = shutil.copytree(sdxl_dir, tmp_path / "bin")
+    for weights in (directory / part).glob("*.safetensors"):
+        weights.unlink()
+    bin_name = "pytorch_model.bin" if part.startswith("text") else "diffusion_pytorch_model.bin"
+    marker = tmp_path / "marker"
+    torch.save({"text_projection.weight": torch.zeros(2), "x": _Payload(marker)}, directory / part / bin_name)
+    with pytest.raises(BenchError) as exc:
+        sdxl.load(directory) if entry == "sdxl-base-1.0" else load_model(f"diffusers:{directory}")
+    message = _one_line(exc)
+    assert f"{part}/{bin_name}" in message and "Weights only load failed" in message  # torch.load(weights_only=True)
+    assert not marker.exists()
 
 
 def test_the_hub_id_is_read_from_the_local_cache_only(sdxl_dir, tmp_path, monkeypatch):
