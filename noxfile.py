@@ -55,7 +55,7 @@ def _shared_env(session: nox.Session) -> dict[str, str]:
         # --no-cache-dir: the wheels would double the ~6 GB footprint on small disks.
         session.run(
             str(BIN / "python"), "-m", "pip", "install", "--no-cache-dir", "-c", "constraints.txt",
-            "-e", ".[dev,sd,cluster]", external=True,
+            "-e", ".[dev,sd,cluster,torchao]", external=True,
         )
         STAMP.write_text(fingerprint + "\n")
     else:

@@ -189,6 +189,11 @@ class BaseQuantizer(Method):
     def build(self, ctx: BuildContext) -> Prepared:
         raise NotImplementedError
 
+    def device_check(self, cell: CellSpec, device: Any) -> str | None:
+        """Why this method cannot run the valid ``cell`` on ``device`` (e.g. no float8 matmul there), or None;
+        the runner skips such cells with the reason before anything runs."""
+        return None
+
     def quantizes_attention(self, cell: CellSpec) -> bool:
         """Whether the attention matmuls (QK^T, softmax x V) run quantized in this cell (honest GBops
         charge them at w x a bits then, else at the float width). modiff wraps conv/linear layers only."""
@@ -260,7 +265,7 @@ def register_method(name: str, aliases: tuple[str, ...] = ()) -> Callable[[type[
 # Modules that register the built-in methods; imported on first use of the registry. The baselines'
 # ``method`` modules are their glue to the harness (the libraries beside them never import bench).
 BUILTIN_MODULES = ("bench.quantizers", "baselines.deepcache.method", "baselines.ptqd.method",
-                   "baselines.qdiffusion.method", "baselines.modiff_authors_act.method")
+                   "baselines.qdiffusion.method", "baselines.modiff_authors_act.method", "baselines.torchao.method")
 DICT_PARAMS_WARNING = r"method '.*' declares its parameters with PARAMS/PARAM_TYPES dicts"  # bench.plugins shows it
 
 

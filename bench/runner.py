@@ -62,9 +62,14 @@ class RunSummary:
 FP8_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm) on CUDA: Ada Lovelace / Hopper and newer
 
 
-def device_skip_reason(cell: CellSpec, device: torch.device, capability: tuple[int, int] | None = None) -> str | None:
+def device_skip_reason(cell: CellSpec, device: torch.device, capability: tuple[int, int] | None = None,
+                       base=None) -> str | None:
     """Why ``cell`` cannot run on ``device`` although its settings are valid (fp8 on a GPU without float8
-    kernels), or None. ``capability``: the CUDA compute capability (default: asked of the device)."""
+    kernels; what its base's ``device_check`` says), or None. ``capability``: the CUDA compute capability
+    (default: asked of the device); ``base``: the cell's resolved base quantizer."""
+    reason = None if base is None else base.device_check(cell, device)
+    if reason:
+        return reason
     if cell.execution != "fp8" or device.type != "cuda":
         return None
     capability = tuple(capability or torch.cuda.get_device_capability(device))
@@ -78,7 +83,7 @@ def without_device_skips(matrix: Matrix, device: torch.device, capability: tuple
     """``matrix`` with the cells this device cannot run moved to its skipped combinations, with reasons."""
     keep, skipped = [], list(matrix.skipped)
     for cell in matrix.cells:
-        reason = device_skip_reason(cell, device, capability)
+        reason = device_skip_reason(cell, device, capability, matrix.resolution(cell).base)
         if reason is None:
             keep.append(cell)
         else:

@@ -328,6 +328,7 @@ def _notes(runs: list[Run], frame: pd.DataFrame) -> list[str]:
         notes.append(f"{column} not computed for {count} cell(s): {reason}")
     for _, cell in frame[frame.status != "ok"].iterrows():
         notes.append(f"cell {cell.cell_id} ({cell.method} W{cell.w_bits}A{cell.a_bits}) failed: {cell.error}")
+    notes.extend(_torchao_notes(frame))
     for run in runs:
         for skip in _skipped(run.info):
             later = "".join(f" {value}" for value in later_settings(skip))
@@ -339,6 +340,23 @@ def _notes(runs: list[Run], frame: pd.DataFrame) -> list[str]:
     measured = [m for m in ("fid", "fd_domain", "psnr_to_fp") if m in frame and frame[m].notna().any()]
     if not measured:
         notes.append("no quality metric was measured: the tables show costs only")
+    return notes
+
+
+def _torchao_notes(frame: pd.DataFrame) -> list[str]:
+    """torchao quantizes linears only: on a UNet its cells leave the convolutions in float (their ``method_info``)."""
+    if "method_info" not in frame:
+        return []
+    notes, seen = [], set()
+    for _, cell in frame[(frame.status == "ok") & frame.base.astype(str).str.startswith("torchao-")].iterrows():
+        info = json.loads(cell.method_info) if isinstance(cell.method_info, str) else {}
+        convs, share = info.get("torchao_float_convs"), info.get("torchao_quantized_mac_share")
+        if convs and (cell.model, cell.base) not in seen:
+            seen.add((cell.model, cell.base))
+            ran = f"; {share:.1%} of the conv/linear MACs run quantized" if isinstance(share, float) else ""
+            notes.append(f"{cell.base} on {cell.model}: torchao quantizes linears only, so on a UNet the convolutions "
+                         f"stay in float ({convs} convolutions{ran}); the gbops columns charge them at the cell's bit "
+                         "widths")
     return notes
 
 
