@@ -22,8 +22,8 @@ reason names ``pip install 'modiff-bench[torchao]'``). Only linears are quantize
 in float, and ``info`` says how many of each and which share of the conv/linear MACs torchao runs
 (``torchao_quantized_mac_share``; 5.5% on digits). The ``gbops`` columns charge every conv and linear at the
 cell's bit widths, so on a UNet they overstate the saving: only that share runs at 8 bits. ``torchao-fp8`` needs
-float8 matmuls (CUDA compute capability 8.9+): on a GPU below that the runner skips ``execution = "fp8"`` cells;
-elsewhere (CPU) its build stops with that one-line reason (``device_check`` gives it for a runner that asks).
+float8 matmuls (CUDA compute capability 8.9+): the runner skips it, with the reason, on a GPU below that (as every
+``execution = "fp8"`` cell) and on a CPU (``device_check``); a build called directly there stops with that one line.
 """
 
 from __future__ import annotations
