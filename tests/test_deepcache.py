@@ -41,6 +41,29 @@ def test_full_steps_equal_the_plain_unet_exactly(unet):
     assert not cache.cache_block._forward_pre_hooks
 
 
+def test_scheduled_runs_the_listed_calls_in_full_and_restarts_on_reset(unet):
+    """``cache.scheduled(fn, full)``: what the harness wraps its denoiser with and docs/pipelines.md wraps
+    ``pipe.unet.forward`` with; calls counted from 0 since the last reset."""
+    cache = DeepCache(unet, branch=0)
+    x, t = _inputs()
+    seen = []
+
+    def forward(x, t):
+        seen.append(cache._partial)
+        return unet(x, t).sample
+
+    call = cache.scheduled(forward, uniform_full_steps(7, 3))
+    with torch.no_grad():
+        outputs = [call(x, t) for _ in range(7)]
+        assert seen == [False, True, True, False, True, True, False]
+        assert cache.calls == 7 and torch.equal(outputs[4], outputs[1])  # partial steps reuse the cached feature
+        cache.reset()
+        assert cache.calls == 0 and cache.cached is None
+        call(x, t)
+    assert seen[-1] is False and cache.cached is not None  # after a reset the first call runs in full
+    cache.remove()
+
+
 @pytest.mark.parametrize("branch", [0, 1, 2])
 def test_a_partial_step_runs_only_the_shallow_blocks(unet, branch):
     n = len(unet.down_blocks)

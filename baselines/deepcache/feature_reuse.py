@@ -14,7 +14,7 @@ the skipped blocks' ``forward`` is swapped for a pass-through only while a parti
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -93,6 +93,7 @@ class DeepCache:
                                          *unet.up_blocks[: n - 1 - branch]]
         self.skipped = [m for m in self.skipped if m is not None]
         self.cached: torch.Tensor | None = None
+        self.calls = 0  # network calls since the last reset, counted by scheduled()
         self._partial = False
         self._handle = self.cache_block.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
@@ -119,8 +120,27 @@ class DeepCache:
             for block in self.skipped:
                 del block.forward  # back to the class's forward
 
+    def scheduled(self, fn: Callable, full: Iterable[int]) -> Callable:
+        """``fn`` (the UNet's forward, or a denoiser that calls the UNet once) as DeepCache runs it: the calls
+        numbered in ``full`` (from 0, counted since the last :meth:`reset`) run in full, the others as partial
+        steps. The count is per network call, so a sampler evaluating the network twice in a step (PLMS's first
+        step, Heun) counts twice."""
+        full = frozenset(full)
+
+        def call(*args, **kwargs):
+            index = self.calls
+            self.calls += 1
+            if index in full:
+                return fn(*args, **kwargs)
+            with self.partial():
+                return fn(*args, **kwargs)
+
+        return call
+
     def reset(self) -> None:
+        """A new trajectory: no cached feature, the call count from 0."""
         self.cached = None
+        self.calls = 0
 
     def remove(self) -> None:
         self._handle.remove()

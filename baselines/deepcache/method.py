@@ -113,28 +113,13 @@ class DeepCacheMethod(CacheMethod):
             raise BenchError(f"{self.value}: {exc}") from None
         if self.interval == 1:  # every evaluation, PLMS's extra one too: DeepCache never caches at N = 1
             full = set(range(n_eval))
-        step = {"index": 0}
         inner_wrap = prepared.wrap
 
         def wrap(denoiser):
-            inner = inner_wrap(denoiser) if inner_wrap is not None else denoiser
-
-            def call(x, t):
-                index = step["index"]
-                step["index"] += 1
-                if index in full:
-                    return inner(x, t)
-                with cache.partial():
-                    return inner(x, t)
-
-            return call
-
-        def start() -> None:
-            step["index"] = 0
-            cache.reset()
+            return cache.scheduled(inner_wrap(denoiser) if inner_wrap is not None else denoiser, full)
 
         prepared.wrap = wrap
-        prepared.on_trajectory_start = [*prepared.on_trajectory_start, start]
+        prepared.on_trajectory_start = [*prepared.on_trajectory_start, cache.reset]
         full_macs, partial_macs = macs_full_and_partial(unet, cache, ctx.model.image_shape, ctx.device, ctx.model)
         n_full = sum(1 for i in full if i < n_eval)
         prepared.mac_fraction = (n_full * full_macs + (n_eval - n_full) * partial_macs) / (n_eval * full_macs)
