@@ -1,3 +1,4 @@
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -6,6 +7,28 @@ from torch import nn
 
 from bench.zoo import load_model
 from bench.zoo.digits import load_classifier
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and getattr(item, "module", None) is not None:
+        item.module._pytest_failed = True
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temp_folders(request, tmp_path_factory):
+    """Removes the folders ``tmp_path_factory`` made during a module (its module-scoped fixtures: random
+    paper-scale checkpoints of several GB) when the module ends with every test passed; a failed module keeps
+    them to look at. Session-scoped fixtures here make no folders, so nothing a later module needs is removed."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if getattr(request.module, "_pytest_failed", False):
+        return
+    for folder in set(base.iterdir()) - before:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
