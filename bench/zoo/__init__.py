@@ -52,4 +52,10 @@ __all__ = [
 ]
 
 # the built-in entries register themselves on import (registration order = listing order)
-from . import digits, ddpm_cifar10, ldm, sd, sdxl, generic  # noqa: E402, F401, I001
+# (one module per line, so that adding one touches one line; generic, the catch-all scheme, stays last)
+from . import digits  # noqa: E402, F401, I001
+from . import ddpm_cifar10  # noqa: E402, F401, I001
+from . import ldm  # noqa: E402, F401, I001
+from . import sd  # noqa: E402, F401, I001
+from . import sdxl  # noqa: E402, F401, I001
+from . import generic  # noqa: E402, F401, I001
