@@ -264,8 +264,9 @@ def register_method(name: str, aliases: tuple[str, ...] = ()) -> Callable[[type[
 
 # Modules that register the built-in methods; imported on first use of the registry. The baselines'
 # ``method`` modules are their glue to the harness (the libraries beside them never import bench).
-BUILTIN_MODULES = ("bench.quantizers", "baselines.deepcache.method", "baselines.ptqd.method",
-                   "baselines.qdiffusion.method", "baselines.modiff_authors_act.method", "baselines.torchao.method")
+BUILTIN_MODULES = ("bench.quantizers", "baselines.deepcache.method", "baselines.diffusers_cache.method",
+                   "baselines.ptqd.method", "baselines.qdiffusion.method", "baselines.modiff_authors_act.method",
+                   "baselines.torchao.method")
 DICT_PARAMS_WARNING = r"method '.*' declares its parameters with PARAMS/PARAM_TYPES dicts"  # bench.plugins shows it
 
 

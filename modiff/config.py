@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODULATIONS = ("off", "plain", "ec")
-GRANULARITIES = ("tensor", "sample", "channel", "sample-channel")
+GRANULARITIES = ("tensor", "sample", "channel", "sample-channel", "token")
 WEIGHT_METHODS = ("minmax", "mse")
 ACT_SCALES = ("dynamic", "static")
 EXECUTIONS = ("fake", "int8", "fp8")
 NUMBER_FORMATS = ("int", "fp8")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 NOT_QUANTIZED = 32
-REAL_GRANULARITIES = ("tensor", "sample")  # scales that factor out of the reduction over input channels
+REAL_GRANULARITIES = ("tensor", "sample", "token")  # scales that factor out of the reduction over input channels
 
 
 def check_bits(name: str, bits: int, allow_zero: bool = False) -> None:
@@ -38,8 +38,8 @@ class ModiffConfig:
     ``a_bits = 0`` (modulated modes only) forces zero residuals: every step after the warm-up
     returns the cached output. ``residual_tolerance`` reuses the cache for the samples whose
     residual range (max - min) is at or below it (adaptive caching, paper Remark 4.1).
-    ``granularity`` applies to dynamic activation scales; only ``sample`` and ``sample-channel``
-    make an image's result independent of the rest of its batch. The channel axis is dim 1 of a
+    ``granularity`` applies to dynamic activation scales; only ``sample``, ``sample-channel`` and
+    ``token`` make an image's result independent of the rest of its batch. The channel axis is dim 1 of a
     conv input and the last dim of a linear input. On a 2-D linear input ``(batch, features)`` (the
     time-embedding MLP, every ``time_emb_proj``) ``sample-channel`` is ``sample``, one scale per row:
     one per (sample, feature) would be one per element, an exact layer charged at ``a_bits``.
@@ -48,6 +48,10 @@ class ModiffConfig:
     timestep, so under ``channel`` scales the time-embedding MLP (and ``time_emb_proj``, unless class
     labels differ) is not quantized. That is the definition (LCQ), kept as it is; ``sample`` or
     ``tensor`` quantize those layers.
+    ``token``: one scale per row of a linear's input (per token of a transformer's ``(batch, tokens,
+    features)``; per sample on a 2-D input), reducing over the features only, so it factors out of the
+    matmul and runs on the integer kernels too; on a conv input it is ``sample`` (an output position
+    of a conv reads a window of input positions, so a per-position scale would not factor out).
     Static scales (``act_scale="static"``) are fitted on the true temporal residuals in the modulated
     modes, so they need the full-precision warm-up (``warmup=True``): without it the first step would
     quantize a whole activation with a residual's scale, and the combination is refused.
@@ -57,7 +61,7 @@ class ModiffConfig:
     or in the modulated modes the residual, on the ``a_bits`` grid in an 8-bit container;
     ``fp8`` runs them through ``torch._scaled_mm`` on float8 e4m3 values. Real execution needs
     symmetric per-output-channel weights (``weight_symmetric=True``), ``w_bits`` and ``a_bits`` of at
-    most 8 and ``tensor`` or ``sample`` scales: see ``modiff/kernels.py``. ``weight_symmetric`` puts
+    most 8 and ``tensor``, ``sample`` or ``token`` scales: see ``modiff/kernels.py``. ``weight_symmetric`` puts
     the fake path on the same weight grid, so the two can be compared.
     ``number_format``: ``int`` (uniform integer grids) or ``fp8`` (float8 e4m3 with a max-abs
     scale: ``w_bits = a_bits = 8``, symmetric); ``execution="fp8"`` needs ``number_format="fp8"``
@@ -136,7 +140,7 @@ class ModiffConfig:
             raise ValueError(f"{real} needs a_bits <= 8 (an 8-bit container; 32 means not quantized, "
                              f"which has nothing to run on integers); got a_bits={self.a_bits}")
         if self.granularity not in REAL_GRANULARITIES:
-            raise ValueError(f"{real} needs granularity 'tensor' or 'sample' (channel scales do not factor out of "
-                             f"the reduction over input channels); got granularity={self.granularity!r}")
+            raise ValueError(f"{real} needs granularity 'tensor', 'sample' or 'token' (channel scales do not factor "
+                             f"out of the reduction over input channels); got granularity={self.granularity!r}")
         if not self.weight_symmetric:
             raise ValueError(f"{real} needs weight_symmetric=True (the integer kernels take no weight zero point)")

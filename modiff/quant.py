@@ -77,11 +77,20 @@ def reduce_dims(ndim: int, granularity: str, channel_axis: int) -> tuple[int, ..
     ``time_emb_proj`` -- is ``sample``: keeping both dims would reduce over nothing, one scale per
     element, so the layer would run exactly while the accounting charges it at ``a_bits``. ``channel``
     keeps its definition there (per feature, over the batch); see ``ModiffConfig`` for when that is
-    exact too."""
+    exact too.
+
+    ``token`` keeps every dim but the channel axis of a linear input (its channel axis is the last dim): one scale
+    per row, which factors out of the matmul. A conv input (channel axis 1, spatial dims after it) gets ``sample``:
+    each output position of a conv reads a window of input positions, so no finer scale factors out of it."""
     check_choice("granularity", granularity, GRANULARITIES)
     channel_axis %= ndim
     if granularity == "sample-channel" and ndim == 2:
         granularity = "sample"
+    if granularity == "token":
+        if channel_axis != ndim - 1:
+            granularity = "sample"
+        else:
+            return (channel_axis,)
     keep = {"tensor": (), "sample": (0,), "channel": (channel_axis,), "sample-channel": (0, channel_axis)}[granularity]
     return tuple(d for d in range(ndim) if d not in keep)
 

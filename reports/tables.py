@@ -534,6 +534,68 @@ def cache_table(frame: pd.DataFrame) -> list[Table]:
                   "caching on the same device, and quality.", columns, rows)]
 
 
+def model_family(model: str) -> str | None:
+    """``"unet"`` or ``"transformer"`` for a registered zoo model (``ZooEntry.family``), None for any other name
+    (a ``diffusers:`` path is not looked at: a report reads its results, never the models)."""
+    from bench.zoo import model_entry, model_names
+
+    return model_entry(model).family if model in model_names() else None
+
+
+# metrics the DiT quantization papers report, in their order, then the suite's other quality columns
+TRANSFORMER_ORDER = ("fid", "sfid", "is_mean", "precision")
+
+
+def _arrow_label(column, name: str) -> str:
+    """A metric's label with the arrow of its better direction (``column``: its ``bench.metrics`` column info)."""
+    label = (column.label or name) if column else name
+    better = column.better if column else None
+    return label + (" ↓" if better == "lower" else " ↑" if better == "higher" else "")
+
+
+def transformer_table(frame: pd.DataFrame) -> list[Table]:
+    """The DiT quantization papers' layout (PTQ4DiT, Q-DiT, ViDiT-Q: one row per bit width and method, the metrics
+    side by side, timesteps as the outer grouping) for the transformer models of ``frame``: rows = W/A (full
+    precision first), then each method and what it runs on; columns = GBops, the quality metrics (FID, sFID, IS,
+    precision first where measured), images/s and its ratios to the float32 and bfloat16 full-precision cells."""
+    frame = with_later_defaults(ok_rows(frame))
+    frame = frame[[model_family(str(m)) == "transformer" for m in frame.model]] if not frame.empty else frame
+    if frame.empty:
+        return []
+    frame = frame.copy()
+    frame["runs_on"] = [execution_label(row) for _, row in frame.iterrows()]
+    info = column_info()
+    metrics = [m for m in (*TRANSFORMER_ORDER, *QUALITY_LABELS) if m in frame and frame[m].notna().any()]
+    metrics = list(dict.fromkeys(metrics))
+    tables = []
+    for setting, group in _setting_groups(frame):
+        rows = []
+        for w, a in _ordered_bits(group):
+            bits = group[(group.w_bits == w) & (group.a_bits == a)]
+            for (method, runs_on), cells in bits.groupby(["method", "runs_on"], sort=False):
+                row = [bits_label(w, a), method, runs_on,
+                       fmt(cells.gbops.dropna().iloc[0] if cells.gbops.notna().any() else None)]
+                row += [fmt(measured(cells, metric)) for metric in metrics]
+                row += [fmt(cells.img_per_s.mean(), 1) if "img_per_s" in cells else MISSING,
+                        fmt(cells.speedup_fp32.mean()) if "speedup_fp32" in cells else MISSING,
+                        fmt(cells.speedup_bf16.mean()) if "speedup_bf16" in cells else MISSING]
+                rows.append(row)
+        if not rows:
+            continue
+        columns = [("", "W/A"), ("", "method"), ("", "runs on"), ("", "GBops"),
+                   *(("", _arrow_label(info.get(m), m)) for m in metrics), ("", "images/s"), ("", "x FP32"),
+                   ("", "x BF16")]
+        tables.append(Table(
+            name=f"transformer-{setting['model']}-{setting['sampler']}-{setting['steps']}",
+            title=f"Transformer results: {setting['model']}, {setting['sampler']} {setting['steps']} steps",
+            caption="Layout of the DiT quantization papers (one row per bit width and method, metrics side by side). "
+                    "GBops per image per step, paper convention; the method names its base, modulation and cache "
+                    "(e.g. ltq+ec+fbcache-0.1); images/s and its ratios to the float32 and bfloat16 full-precision "
+                    "cells of the same run and device (see the wall-clock table for their spread).",
+            columns=columns, rows=rows))
+    return tables
+
+
 def with_later_defaults(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with the settings added later (``bench.cell.LATER_DEFAULTS``: execution, dtype,
     memory format) filled in at their defaults where a table written before them lacks them."""
@@ -607,6 +669,7 @@ def all_tables(frame: pd.DataFrame, everything: pd.DataFrame | None = None) -> l
     out: list[Table] = []
     everything = frame if everything is None else everything
     out.extend(table1(everything))
+    out.extend(transformer_table(everything))
     for builder in (ablation_ec, warmup_table, memory_table, cache_table):
         out.extend(builder(frame))
     out.extend(wallclock_table(everything))

@@ -48,7 +48,7 @@ def test_combinations_wrong_only_together_are_skipped_with_reasons():
     matrix = build_matrix(data)
     reasons = {(s["base"], s["execution"], s["dtype"]): s["reason"] for s in matrix.skipped}
     assert "quantizes nothing" in reasons[("fp", "int8", "float32")]
-    assert "needs granularity 'tensor' or 'sample'" in reasons[("lcq", "int8", "float32")]
+    assert "needs granularity 'tensor', 'sample' or 'token'" in reasons[("lcq", "int8", "float32")]
     assert "no real low-bit execution" in reasons[("qdiff", "int8", "float32")]
     assert "runs in float32 only" in reasons[("qdiff", "fake", "bfloat16")]
     kept = {(c.base, c.execution, c.dtype) for c in matrix.cells}

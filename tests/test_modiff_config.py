@@ -69,7 +69,7 @@ def test_sample_channel_residuals_of_a_2d_input_are_quantized_per_sample(modulat
     assert (outs[-1][1] - LINEAR(seq[-1])).norm() > 1e-3 * LINEAR(seq[-1]).norm()  # not exact
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("granularity", [g for g in GRANULARITIES if g != "token"])  # token came later (its own tests)
 @pytest.mark.parametrize("ndim,channel_axis", [(2, 1), (2, -1), (3, 1), (3, -1), (4, 1), (5, 1)])
 def test_only_sample_channel_on_2d_inputs_changed(ndim, channel_axis, granularity):
     new, old = reduce_dims(ndim, granularity, channel_axis), old_reduce_dims(ndim, granularity, channel_axis)

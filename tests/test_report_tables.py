@@ -157,3 +157,33 @@ def test_paper_qdiffusion_numbers_stand_only_beside_the_authors_activation_setti
     header = [f"{g}|{c}" for g, c in table.columns]
     assert "QDIFF alone|FID (paper)" in header
     assert {r[0]: r for r in table.rows}["W8A4"][header.index("QDIFF alone|FID (paper)")] == fmt(value)
+
+
+def test_transformer_models_get_the_dit_papers_layout_and_unets_do_not():
+    from bench.zoo import ReferenceData, ZooEntry, model_entry, model_names, register_model
+    from reports.tables import all_tables, transformer_table
+
+    if "test-tiny-transformer" not in model_names():
+        register_model(ZooEntry(name="test-tiny-transformer", load=lambda checkpoint: None, train_timesteps=1000,
+                                output_size=(16, 16), description="a report test's transformer",
+                                reference=ReferenceData(), family="transformer"))
+    assert model_entry("test-tiny-transformer").family == "transformer" and model_entry("digits").family == "unet"
+    model = "test-tiny-transformer"
+    rows = [_row("fp", "off", 32, 32, model=model, speedup_fp32=1.0),
+            _row("fp", "off", 32, 32, model=model, dtype="bfloat16", cell_id="bf16", img_per_s=190.0,
+                 speedup_fp32=1.9),
+            _row("ltq", "off", 8, 4, model=model, speedup_fp32=0.5),
+            _row("ltq", "ec", 8, 4, model=model, fd_domain=float("nan"), speedup_fp32=0.5),
+            _row("ltq", "ec", 8, 4, model=model, execution="int8", cell_id="int8", speedup_fp32=1.2)]
+    (table,) = transformer_table(_frame(rows))
+    assert [c for _, c in table.columns] == ["W/A", "method", "runs on", "GBops", "FD (domain) ↓", "images/s",
+                                             "x FP32", "x BF16"]
+    assert [row[:3] for row in table.rows] == [
+        ["FP (W32A32)", "fp", "fake float32"], ["FP (W32A32)", "fp", "fake bfloat16"],
+        ["W8A4", "ltq", "fake float32"], ["W8A4", "ltq+ec", "fake float32"], ["W8A4", "ltq+ec", "int8 float32"]]
+    assert table.rows[3][4] == MISSING and table.rows[2][4] == "12.00"
+    assert table.rows[4][6] == "1.20" and table.rows[1][6] == "1.90"
+    # a UNet's results (digits) get Table 1 only, not this layout
+    assert transformer_table(_frame([_row("fp", "off", 32, 32), _row("ltq", "ec", 8, 4)])) == []
+    names = [t.name for t in all_tables(_frame(rows))]
+    assert "transformer-test-tiny-transformer-ddim-quad-100" in names

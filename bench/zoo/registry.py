@@ -8,7 +8,9 @@ An entry says what the harness needs to know about a model before (or without) l
 - ``description``: one line for ``modiff-bench models``;
 - ``output_size``: ``(height, width)`` of the decoded images, the size reference images are brought to;
 - ``reference``: the real data its Inception metrics (FID, sFID, precision / recall) compare against
-  (:class:`ReferenceData`, read by :mod:`bench.references`).
+  (:class:`ReferenceData`, read by :mod:`bench.references`);
+- ``family``: ``"unet"`` or ``"transformer"``, the kind of denoiser; reports lay out a transformer's results as the
+  DiT quantization papers do.
 
 The built-in entries register themselves with :func:`register_model` in their own modules (``bench.zoo.digits``,
 ``bench.zoo.ddpm_cifar10``, ``bench.zoo.ldm``, ``bench.zoo.sd``, ``bench.zoo.sdxl``), which ``bench.zoo`` imports; a
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from .model import ZooModel
 
 Loader = Callable[[Path | None], "ZooModel"]
+FAMILIES = ("unet", "transformer")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class ZooEntry:
     description: str
     output_size: tuple[int, int]  # (height, width) of the decoded images
     reference: ReferenceData = field(default_factory=ReferenceData)
+    family: str = "unet"  # the kind of denoiser: one of FAMILIES
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -73,6 +77,9 @@ class ZooEntry:
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
             raise ValueError(f"zoo entry {self.name!r}: output_size must be (height, width), got {self.output_size!r}")
         object.__setattr__(self, "output_size", size)
+        if self.family not in FAMILIES:
+            raise ValueError(f"zoo entry {self.name!r}: family must be one of {', '.join(FAMILIES)}, "
+                             f"got {self.family!r}")
         if not isinstance(self.reference, ReferenceData):
             raise TypeError(f"zoo entry {self.name!r}: reference must be a ReferenceData, got {self.reference!r}")
 
