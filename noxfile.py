@@ -8,6 +8,7 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s tests         # the full test suite (what CI runs)
     nox -s lint          # ruff
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
+    nox -s train-dit     # retrain the embedded transformer (digits-dit) from scratch, check the bar
     nox -s bench         # speed / memory of int8, fp8 and fake execution vs FP32 and BF16
     nox -s bench-deepcache  # DeepCache's measured speed-ups beside the paper's
     nox -s gpu-check     # the prepared GPU check, one table ('-- --prepare' first; '-- --device cpu --quick' here)
@@ -16,7 +17,8 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s psnr-table    # PSNR to FP on digits: modulation x activation bits x granularity
     nox -s reproduce-cifar10 [-- --nproc 8 --set run.checkpoint=...]   # paper-scale presets (GPU), and
         reproduce-cifar10-quick, reproduce-cifar10-ablations, reproduce-cifar10-deepcache,
-        reproduce-lsun-church, reproduce-lsun-bedroom, reproduce-lsun-bedroom-ddpm
+        reproduce-lsun-church, reproduce-lsun-bedroom, reproduce-lsun-bedroom-ddpm,
+        reproduce-dit-imagenet256
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
-    """The main job on the embedded default: the 'digits' matrix preset (runs/demo/, about 22 min on 2 CPU cores).
+    """The main job on the embedded models: the 'digits' matrix preset, the digits UNet and the digits DiT
+    (runs/demo/, about 36 min on 2 CPU cores).
 
     Resumable: interrupt it and run it again. Extra arguments go to 'modiff-bench run'
     (e.g. '-- --force' to start over, '-- --set run.n_samples=128' for a quicker look)."""
@@ -139,6 +142,16 @@ def train_tiny(session: nox.Session) -> None:
     checkpoint with it."""
     env = _shared_env(session)
     _run(session, env, "modiff-bench", "train-tiny", "--out", "runs/train-tiny", *session.posargs)
+
+
+@nox.session(name="train-dit", venv_backend="none")
+def train_dit(session: nox.Session) -> None:
+    """Retrain the embedded digits transformer (digits-dit) from scratch (runs/train-dit), check the bar.
+
+    Fails unless the result meets the quality bar; pass '--install' to replace the packaged
+    checkpoint with it."""
+    env = _shared_env(session)
+    _run(session, env, "modiff-bench", "train-dit", "--out", "runs/train-dit", *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -283,6 +296,12 @@ def reproduce_lsun_bedroom(session: nox.Session) -> None:
 def reproduce_lsun_bedroom_ddpm(session: nox.Session) -> None:
     """MoDiff Table 5 on LDM-4 LSUN-Bedrooms with latent-diffusion's DDPM (needs --set run.checkpoint=... and stats)."""
     _reproduce(session, "lsun-bedroom-ddpm")
+
+
+@nox.session(name="reproduce-dit-imagenet256", venv_backend="none")
+def reproduce_dit_imagenet256(session: nox.Session) -> None:
+    """DiT-XL/2 ImageNet 256 in the DiT quantization papers' setting (needs the weights and reference statistics)."""
+    _reproduce(session, "dit-imagenet256")
 
 
 @nox.session(venv_backend="none")

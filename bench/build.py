@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from modiff.flow import FLOW_SAMPLER_NAMES, FlowSamplerConfig
 from modiff.samplers import SamplerConfig
 
 from .cell import CellSpec
@@ -39,11 +40,17 @@ class ResolvedCell:
 
     spec: CellSpec
     skip: str | None = None
-    sampler: SamplerConfig | None = None
+    sampler: SamplerConfig | FlowSamplerConfig | None = None
     base: BaseQuantizer | None = None
     cache: CacheMethod | None = None
     config: Any = None
     methods: tuple[str, ...] = ()
+
+
+def sampler_from_name(name: str, steps: int, eta: float = 0.0) -> SamplerConfig | FlowSamplerConfig:
+    """The sampler ``name`` of either kind, flow matching's or the DDPM family's (ValueError for a bad setting)."""
+    kind = FlowSamplerConfig if name in FLOW_SAMPLER_NAMES else SamplerConfig
+    return kind.from_name(name, steps, eta)
 
 
 def resolve_cell(cell: CellSpec, tables: Mapping[str, Mapping[str, Any]] | None = None) -> ResolvedCell:
@@ -57,7 +64,7 @@ def resolve_cell(cell: CellSpec, tables: Mapping[str, Mapping[str, Any]] | None 
     used += [(name, base_quantizer(name, tables.get(name))) for name in base.depends_on()]
     methods = tuple(name for name, _ in used)
     try:  # eta > 0 with a deterministic solver (plms, dpm-solver++) is only wrong in combination
-        sampler = SamplerConfig.from_name(cell.sampler, cell.steps, float(cell.eta))
+        sampler = sampler_from_name(cell.sampler, cell.steps, float(cell.eta))
     except ValueError as exc:
         return ResolvedCell(cell, skip=str(exc), methods=methods)
     spec = base.normalise(dataclasses.replace(cell, params={name: dict(m.params) for name, m in used if m.params}))

@@ -34,7 +34,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, n_default: int, batch_default
                    help="weights to load instead of the model's packaged/default ones: a directory, a checkpoint "
                         "file or a hub id, depending on the model ('modiff-bench models')")
     p.add_argument("--sampler", default="ddim-quad",
-                   help="ddim-quad | ddim-uniform | ddpm-quad | ddpm-uniform (default: ddim-quad, as in the paper)")
+                   help="ddim-quad | ddim-uniform | ddpm-quad | ddpm-uniform | plms | dpm-solver++ | ... for the DDPM "
+                        "family, flow-euler | flow-heun for flow-matching models (SD3, FLUX) (default: ddim-quad, as "
+                        "in the paper)")
     p.add_argument("--steps", type=int, default=100, help="sampling steps, 1..T (default: 100)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]; 0 = deterministic (default: 0)")
     p.add_argument("--n", type=_positive_int, default=n_default, help=f"number of images (default: {n_default})")
@@ -88,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the quality evaluation after training")
     p.add_argument("--install", action="store_true",
                    help="copy the result over the packaged checkpoint (bench/assets/digits) if it meets the bar")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("train-dit", help="retrain the embedded digits transformer (digits-dit)",
+                       description="Train the class-conditional digits DiT from scratch (DDPM with EMA and 10% "
+                                   "class dropout for classifier-free guidance), then sample it with guidance and "
+                                   "check the quality bar with the digits model's domain classifier, and how often "
+                                   "samples are classified as their class. Exit status 1 if the bar is not met.")
+    p.add_argument("--out", default="runs/train-dit", help="output checkpoint directory (default: runs/train-dit)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: 6000)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality evaluation after training")
+    p.add_argument("--install", action="store_true",
+                   help="copy the result over the packaged checkpoint (bench/assets/digits-dit) if it meets the bar")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     p = sub.add_parser(
@@ -252,20 +267,26 @@ def check_run_dir(out: Path, force: bool) -> None:
 def _sample_fp(args):
     import torch
 
-    from modiff.samplers import SamplerConfig, check_seeds, sample
+    from modiff.flow import FlowSamplerConfig
+    from modiff.samplers import check_seeds, sample
 
+    from .build import sampler_from_name
+    from .generate import sample_model
     from .zoo import load_model
 
     with user_input():  # cheap checks first
-        config = SamplerConfig.from_name(args.sampler, args.steps, args.eta)
+        config = sampler_from_name(args.sampler, args.steps, args.eta)
         check_seeds(args.seed, args.n, "--seed")
     model = load_model(args.model, args.checkpoint, args.device)
     with user_input():
         config.timesteps(model.schedule)
     seeds = list(range(args.seed, args.seed + args.n))
     start = time.perf_counter()
-    images = sample(model.denoiser(), model.schedule, config, seeds, model.image_shape, args.batch_size,
-                    args.device, progress=not args.no_progress, on_batch=model.start_batch)
+    if isinstance(config, FlowSamplerConfig) or model.flow is not None:  # flow matching (or the mismatch's one line)
+        images = sample_model(model.denoiser(), model, config, seeds, args.batch_size, torch.device(args.device))
+    else:
+        images = sample(model.denoiser(), model.schedule, config, seeds, model.image_shape, args.batch_size,
+                        args.device, progress=not args.no_progress, on_batch=model.start_batch)
     seconds = time.perf_counter() - start
     if model.decoder is not None:  # latent models: decode in batches, in full precision
         images = torch.cat([model.decode(images[i: i + args.batch_size].to(args.device)).cpu()
@@ -288,7 +309,7 @@ def cmd_models(args) -> int:
         raise BenchError("--checkpoint needs --check NAME (the model to load it as)")
     if args.check is None:
         for name in MODELS:
-            print(f"{name:13s} {DESCRIPTIONS.get(name, '')}")
+            print(f"{name:{max(map(len, MODELS))}s}  {DESCRIPTIONS.get(name, '')}")
         for usage, description in schemes().items():
             print(f"{usage}  {description}")
         return 0
@@ -323,10 +344,12 @@ def cmd_quality(args) -> int:
     from .provenance import provenance, write_json_atomic
     from .zoo import digits
 
-    if args.model != "digits":
-        raise BenchError(f"the quality bar is defined for the embedded 'digits' model only, not {args.model!r}")
+    if args.model not in ("digits", "digits-dit"):
+        raise BenchError(f"the quality bar is defined for the embedded models 'digits' and 'digits-dit' only, not "
+                         f"{args.model!r}")
     out = check_out_dir(args.out)
-    classifier = digits.load_classifier(args.checkpoint)
+    # a digits-dit checkpoint holds no classifier: the packaged digits one judges both models
+    classifier = digits.load_classifier(args.checkpoint if args.model == "digits" else None)
     _, images, _, settings, seconds = _sample_fp(args)
     report = quality_report(classifier, images).to_dict()
     report["sampling"] = {**settings, "seconds": seconds}
@@ -389,6 +412,49 @@ def cmd_train_tiny(args) -> int:
             shutil.copytree(out / sub, digits.ASSET_DIR / sub)
         shutil.copy2(out / "manifest.json", digits.ASSET_DIR / "manifest.json")
         print(f"installed into {digits.ASSET_DIR}")
+    return 0
+
+
+def cmd_train_dit(args) -> int:
+    from modiff.samplers import MAX_SEED
+
+    from .train import DEFAULT_DIT_EVAL, DiTTrainConfig, train_dit_checkpoint
+    from .zoo import digits_dit
+
+    if args.install and args.no_eval:
+        raise BenchError("--install replaces the packaged model only after it passes the quality bar; drop --no-eval")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise BenchError(f"--seed must be between 0 and 2^64 - 1, got {args.seed}")
+    check_out_dir(args.out)
+    cfg = DiTTrainConfig(seed=args.seed)
+    if args.steps:
+        cfg.steps = args.steps
+    out = Path(args.out)
+    manifest = train_dit_checkpoint(out, cfg, None if args.no_eval else DEFAULT_DIT_EVAL,
+                                    progress=not args.no_progress)
+    net = manifest["transformer"]
+    print(f"DiT: {net['parameters']} parameters, final loss {net['loss_curve'][-1]['loss']:.4f}, "
+          f"{net['train_seconds']:.0f} s")
+    if "quality" not in manifest:
+        print(f"-> {out} (not evaluated)")
+        return 0
+    quality = manifest["quality"]
+    print(f"guidance scale {quality['sampling']['guidance_scale']}: "
+          f"{quality['class_accuracy']['accuracy']:.3f} of the samples classified as their class")
+    _print_quality(quality)
+    for row in quality["guidance_sweep"]:
+        print(f"  guidance {row['guidance_scale']}: {'PASS' if row['passes'] else 'FAIL'}, FD ratio "
+              f"{row['fd_ratio']:.2f}, confident {row['confident_rate']:.3f}, "
+              f"class accuracy {row['class_accuracy']:.3f}")
+    print(f"-> {out}")
+    if not quality["passes"]:
+        print("modiff-bench: the retrained model does not meet the quality bar", file=sys.stderr)
+        return 1
+    if args.install:
+        shutil.rmtree(digits_dit.ASSET_DIR / "transformer", ignore_errors=True)
+        shutil.copytree(out / "transformer", digits_dit.ASSET_DIR / "transformer")
+        shutil.copy2(out / "manifest.json", digits_dit.ASSET_DIR / "manifest.json")
+        print(f"installed into {digits_dit.ASSET_DIR}")
     return 0
 
 
@@ -554,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"models": cmd_models, "sample": cmd_sample, "quality": cmd_quality, "train-tiny": cmd_train_tiny,
+               "train-dit": cmd_train_dit,
                "run": cmd_run, "presets": cmd_presets, "methods": cmd_methods, "evaluate": cmd_evaluate,
                "report": cmd_report}[args.command]
     terminated = []

@@ -1,4 +1,4 @@
-"""Domain metrics for the embedded digits model.
+"""Domain metrics for the embedded digits models (``digits``, and ``digits-dit``, which reuses its classifier).
 
 The Inception network has nothing meaningful to say about 16x16 greyscale digits, so the digits
 preset measures quality with a small CNN classifier the project trains on the digits training

@@ -18,9 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from modiff.samplers import SamplerConfig
-
-from .build import build, resolve_cell
+from .build import build, resolve_cell, sampler_from_name
 from .cell import CellSpec, later_settings
 from .context import Prepared
 from .zoo import ZooModel
@@ -72,7 +70,8 @@ def _time_call(model: ZooModel, prepared: Prepared, batch: int, device: torch.de
                repeats: int = 2) -> float:
     denoiser = prepared.denoiser()
     x = torch.randn((batch, *model.image_shape), generator=torch.Generator().manual_seed(0)).to(device)
-    steps = torch.full((batch,), t, dtype=torch.long, device=device)
+    # a DDPM model's integer timestep, a flow model's float time (sigma * 1000)
+    steps = torch.full((batch,), t, dtype=torch.long if model.flow is None else torch.float32, device=device)
     if model.start_batch is not None:
         model.start_batch(list(range(batch)))
     prepared.start_trajectory()
@@ -105,7 +104,7 @@ def estimate(cells: list[CellSpec], models: dict[str, ZooModel], device: torch.d
     seconds = 0.0
     for cell in cells:
         model = models[cell.model]
-        sampler = SamplerConfig.from_name(cell.sampler, cell.steps, cell.eta)  # the cell's own: valid
+        sampler = sampler_from_name(cell.sampler, cell.steps, cell.eta)  # the cell's own (either kind): valid
         calls = len(sampler.evaluation_timesteps(model.schedule))
         batch = min(cell.batch_size, cell.n_samples)
         seconds += math.ceil(cell.n_samples / cell.batch_size) * calls * timed[(cell.model, batch)][_kind(cell)]

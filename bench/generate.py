@@ -27,15 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 import modiff
+from modiff.flow import FlowSamplerConfig
 from modiff.layers import QuantLayer
-from modiff.samplers import SamplerConfig, sample
+from modiff.samplers import NoiseStd, SamplerConfig, sample
 
-from .build import build, resolve_cell
+from .build import build
 from .cell import CellSpec, fp_reference_cell, is_compiled
 from .context import Prepared
 from .distributed import World
 from .errors import BenchError
-from .matrix import Matrix
+from .matrix import Matrix, resolve, sampler_mismatch, trace_layer
 from .measure import measured
 from .provenance import git_revision, is_disk_full, package_versions, save_torch_atomic, timing_environment
 from .registry import method_versions
@@ -128,7 +129,7 @@ class Generator:
     """Generates cells of one run directory on this rank (every rank builds its own)."""
 
     def __init__(self, store: RunStore, models: dict[str, ZooModel], device: torch.device, world: World,
-                 progress: bool = False, trace_layer: str = "", trace_samples: int = 1,
+                 progress: bool = False, trace_layer: str | dict[str, str] = "", trace_samples: int = 1,
                  needs_fp_reference: bool = False, timing_repeats: int = 1):
         self.store = store
         self.matrix: Matrix = store.matrix  # its cells resolved (bench.matrix.Matrix.resolution)
@@ -260,7 +261,7 @@ class Generator:
                 return SampleRecord(**{k: v for k, v in data.items() if k in SampleRecord.__dataclass_fields__})
             fp_cell = CellSpec(**{**asdict(cell), "base": "fp", "cache": "none", "modulation": "off", "w_bits": 32,
                                   "a_bits": 32, "a_granularity": "none", "params": {}, "execution": "fake"})
-            resolved = resolve_cell(fp_cell)
+            resolved = resolve(fp_cell)
             prepared = build(resolved, model, self.device)
             record = self._sample_chunks(prepared, model, fp_cell, resolved.sampler, path.stem,
                                          path.with_suffix(".chunks"))
@@ -272,8 +273,8 @@ class Generator:
                 lock.__exit__(None, None, None)
 
     # -- sampling ----------------------------------------------------------------------------
-    def _sample_chunks(self, prepared: Prepared, model: ZooModel, cell: CellSpec, sampler: SamplerConfig,
-                       tag: str, chunk_dir: Path) -> SampleRecord | None:
+    def _sample_chunks(self, prepared: Prepared, model: ZooModel, cell: CellSpec,
+                       sampler: SamplerConfig | FlowSamplerConfig, tag: str, chunk_dir: Path) -> SampleRecord | None:
         """Sample this rank's missing chunks (chunk k = seeds[k*B:(k+1)*B], rank k % world_size) into
         ``chunk_dir``; once every rank is done, rank 0 returns the whole cell's record."""
         seeds = list(cell.seeds)
@@ -292,9 +293,8 @@ class Generator:
             desc = cell.label if cell.base != "fp" else f"full precision {cell.dtype}".removesuffix(" float32")
             for k in tqdm(todo, desc=desc, unit="batch", disable=not self.progress, leave=False):
                 def run(k=k):
-                    return sample(denoiser, model.schedule, sampler, chunks[k], model.image_shape, size, self.device,
-                                  progress=False, on_trajectory_start=prepared.start_trajectory,
-                                  noise_std=prepared.noise_std, on_batch=model.start_batch)
+                    return sample_model(denoiser, model, sampler, chunks[k], size, self.device,
+                                        prepared.start_trajectory, prepared.noise_std)
 
                 images, m = measured(run, self.device)
                 reused = {name: list(counts) for name, counts in modiff.reused_samples(prepared.unet).items()}
@@ -340,12 +340,13 @@ class Generator:
         together(self.world, work)
         return together(self.world, assemble)
 
-    def _warm_up(self, prepared: Prepared, denoiser, model: ZooModel, cell: CellSpec, sampler: SamplerConfig) -> None:
+    def _warm_up(self, prepared: Prepared, denoiser, model: ZooModel, cell: CellSpec,
+                 sampler: SamplerConfig | FlowSamplerConfig) -> None:
         """Untimed: two denoiser calls at the batch size (allocator, kernel selection, caches)."""
         n = min(cell.batch_size, cell.n_samples)
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((n, *model.image_shape), generator=generator).to(self.device)
-        t = torch.full((n,), sampler.evaluation_timesteps(model.schedule)[0], dtype=torch.long, device=self.device)
+        t = timestep_batch(model, sampler.evaluation_timesteps(model.schedule)[0], n, self.device)
         if model.start_batch is not None:
             model.start_batch(list(cell.seeds)[:n])
         prepared.start_trajectory()
@@ -353,12 +354,13 @@ class Generator:
             for _ in range(2):
                 denoiser(x, t)
 
-    def _trace(self, prepared: Prepared, model: ZooModel, cell: CellSpec, sampler: SamplerConfig) -> dict | None:
+    def _trace(self, prepared: Prepared, model: ZooModel, cell: CellSpec,
+               sampler: SamplerConfig | FlowSamplerConfig) -> dict | None:
         """Paper Fig. 3: per step, the relative L2 error of one layer's output against the same
         layer (same, possibly quantized, weights) with float activations on the same input, over
         an untimed pass on the first ``trace_samples`` seeds. It isolates the activation error
         that modulation and error compensation act on."""
-        name = self.trace_layer
+        name = trace_layer({"trace_layer": self.trace_layer}, cell.model)
         layer = dict(prepared.unet.named_modules()).get(name) if name else None
         if not isinstance(layer, QuantLayer):
             return None
@@ -383,9 +385,7 @@ class Generator:
         seeds = list(cell.seeds)[: self.trace_samples]
         handle = layer.register_forward_hook(hook)
         try:
-            sample(denoiser, model.schedule, sampler, seeds, model.image_shape, len(seeds), self.device,
-                   progress=False, on_trajectory_start=start, noise_std=prepared.noise_std,
-                   on_batch=model.start_batch)
+            sample_model(denoiser, model, sampler, seeds, len(seeds), self.device, start, prepared.noise_std)
         finally:
             handle.remove()
         return {"layer": name, "timesteps": timesteps, "rel_l2": errors, "seeds": [seeds[0], seeds[-1]],
@@ -422,6 +422,31 @@ class Generator:
         return out
 
 
+def sample_model(denoiser, model: ZooModel, sampler: SamplerConfig | FlowSamplerConfig, seeds: list[int],
+                 batch_size: int, device: torch.device, on_trajectory_start: Callable[[], None] | None = None,
+                 noise_std: NoiseStd | None = None) -> torch.Tensor:
+    """Sample ``seeds`` of ``model`` with ``sampler`` (the DDPM family through ``modiff.samplers.sample``, the
+    flow-matching samplers through ``FlowSamplerConfig.sample``), on the CPU in seed order. A sampler of the other
+    kind than the model is a BenchError (one line)."""
+    reason = sampler_mismatch(model.name, model.flow is not None, sampler.name)
+    if reason is not None:
+        raise BenchError(reason)
+    if isinstance(sampler, FlowSamplerConfig):
+        if noise_std is not None:
+            raise ValueError(f"{sampler.name} adds no fresh noise: a method's noise std cannot apply to it")
+        return sampler.sample(denoiser, model.schedule, seeds, model.image_shape, batch_size, device,
+                              on_trajectory_start=on_trajectory_start, on_batch=model.start_batch)
+    return sample(denoiser, model.schedule, sampler, seeds, model.image_shape, batch_size, device, progress=False,
+                  on_trajectory_start=on_trajectory_start, noise_std=noise_std, on_batch=model.start_batch)
+
+
+def timestep_batch(model: ZooModel, value: float, n: int, device: torch.device) -> torch.Tensor:
+    """``n`` copies of the timestep ``value`` as the model's sampler passes them: float32 model times for a
+    flow-matching model, integer timesteps (int64) for a DDPM-family one."""
+    dtype = torch.float32 if model.flow is not None else torch.long
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
 def throughput_spread(batch_seconds: list) -> dict:
     """``img_per_s_lo`` / ``img_per_s_hi``: the slowest and fastest of the timed batches (images over
     seconds of each), and ``timed_batches``, how many there were: the spread beside ``img_per_s``."""
@@ -450,7 +475,7 @@ def count_model_macs(model: ZooModel, device: torch.device):
 
     denoiser = model.denoiser()
     x = torch.zeros((1, *model.image_shape), device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)
+    t = timestep_batch(model, 0, 1, device)
     if model.start_batch is not None:
         model.start_batch([0])
 

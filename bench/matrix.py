@@ -7,6 +7,11 @@ only together (modulation at 32-bit activations, a granularity that contradicts 
 0-bit activations without modulation) are skipped, each with its reason, and recorded in
 ``run.json``. Cells that resolve to the same settings (every bit width of the ``fp`` base) are run
 once.
+
+Flow-matching samplers (``flow-euler``, ``flow-heun``: ``modiff.flow.FlowSamplerConfig``) run on flow-matching
+models (SD3, FLUX; ``bench.zoo.model.is_flow_model``) and the DDPM-family samplers (``modiff.samplers``) on the
+others; a matrix that pairs a model with a sampler of the other kind is refused before anything runs.
+``bench.build.resolve_cell`` resolves a cell of either kind (:func:`resolve` is its former name here).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from modiff.config import COMPUTE_DTYPES, EXECUTIONS, GRANULARITIES, MODULATIONS, check_bits
+from modiff.flow import FLOW_SAMPLER_NAMES
 from modiff.samplers import SAMPLER_NAMES, check_seeds
 
-from .build import ResolvedCell, resolve_cell
+from .build import ResolvedCell, resolve_cell, sampler_from_name  # noqa: F401 (sampler_from_name: its old home)
 from .cell import AUTO, MEMORY_FORMATS, CellSpec, IdRules
 from .errors import BenchError, user_input
 from .matrix_file import (
@@ -36,6 +42,7 @@ from .matrix_file import (
     matrix_blocks,
 )
 from .metrics import check_metrics
+from .params import OrNone
 from .plugins import import_plugins
 from .registry import ID_RULES, base_quantizer, cache_method, cell_id, methods, registered_name
 
@@ -43,6 +50,30 @@ from .registry import ID_RULES, base_quantizer, cache_method, cell_id, methods, 
 # n_samples is refused when that would pass 1 TiB at 3 channels (the most any zoo model decodes): beyond any
 # machine's memory, while 50,000 Stable Diffusion images at 512x512 (73 GiB, the papers' largest sets) pass
 MAX_SAMPLE_BYTES = 2**40
+ALL_SAMPLER_NAMES = (*SAMPLER_NAMES, *FLOW_SAMPLER_NAMES)
+
+
+def sampler_mismatch(model: str, is_flow: bool, sampler: str) -> str | None:
+    """Why ``sampler`` cannot sample ``model`` (a flow-matching model or not), or None."""
+    if is_flow and sampler not in FLOW_SAMPLER_NAMES:
+        return (f"model {model} is a flow-matching model: sampler {sampler!r} is a DDPM-family sampler; use one of "
+                f"{', '.join(FLOW_SAMPLER_NAMES)} (another [[matrix]] block can pair other models with other samplers)")
+    if not is_flow and sampler in FLOW_SAMPLER_NAMES:
+        return (f"sampler {sampler!r} samples flow-matching models (SD3, FLUX); model {model} is a DDPM-family "
+                "model: use a DDPM-family sampler (another [[matrix]] block can pair other models with other samplers)")
+    return None
+
+
+def trace_layer(run: dict[str, Any], model: str) -> str:
+    """The layer ``run.trace_layer`` names for ``model``: the one name (every model), or the model's entry of a
+    table of names per model ("" for a model it does not name: not traced)."""
+    layer = run.get("trace_layer", "")
+    return layer.get(model, "") if isinstance(layer, dict) else layer
+
+
+def resolve(cell: CellSpec, tables: dict[str, Any] | None = None) -> ResolvedCell:
+    """``bench.build.resolve_cell``, which resolves cells of either sampler kind (its former home)."""
+    return resolve_cell(cell, tables)
 
 
 @dataclass
@@ -75,7 +106,7 @@ class Matrix:
         """``cell`` (one of ``cells``) resolved: what building and sampling it reads."""
         key = cell_id(cell)
         if key not in self.resolutions:
-            resolved = resolve_cell(cell)
+            resolved = resolve(cell)
             if resolved.skip is not None:
                 raise BenchError(f"cell {key} ({cell.label}) cannot run under this version: {resolved.skip}")
             self.resolutions[key] = resolved
@@ -100,7 +131,7 @@ def _check_type(where: str, value: Any, expected) -> None:
 
 RUN_TYPES: dict[str, Any] = {
     "description": str, "model": str, "checkpoint": str, "sampler": str, "steps": int, "eta": (int, float),
-    "n_samples": int, "seed": int, "batch_size": int, "metrics": list, "imports": list, "trace_layer": str,
+    "n_samples": int, "seed": int, "batch_size": int, "metrics": list, "imports": list, "trace_layer": (str, dict),
     "trace_samples": int, "timing_repeats": int,
 }
 AXIS_TYPES: dict[str, Any] = {"model": str, "sampler": str, "steps": int, "eta": (int, float), "w_bits": int,
@@ -136,6 +167,9 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
     for key in ("metrics", "imports"):
         for item in run[key]:
             _check_type(f"run.{key} item", item, str)
+    if isinstance(run["trace_layer"], dict):  # one layer per model: {digits = "mid_block...", digits-dit = "..."}
+        for model, layer in run["trace_layer"].items():
+            _check_type(f"run.trace_layer.{model}", layer, str)
     import_plugins(run["imports"], base_dir)
 
     blocks = [_block_axes(raw_axes, run, source) for raw_axes in raw_blocks]
@@ -196,7 +230,7 @@ def build_matrix(data: dict, source: str = "<dict>", base_dir: Path | None = Non
         values = dict(zip(AXES, combo, strict=True))
         cell = CellSpec(checkpoint=run["checkpoint"] or None, n_samples=run["n_samples"], seed=run["seed"],
                         batch_size=run["batch_size"], **{**values, "eta": float(values["eta"])})
-        resolved = resolve_cell(cell, variant)
+        resolved = resolve(cell, variant)
         named[index].update(resolved.methods)
         if resolved.skip is not None:
             skipped.append({**values, "reason": resolved.skip})
@@ -256,6 +290,12 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.3g} {unit}"
 
 
+def _declares_list(kind: Any) -> bool:
+    """Whether a parameter type takes a list as one value: ``list``, or ``list`` or unset (``OrNone(list)``: e.g.
+    TaylorSeer's ``cache_identifiers``, MagCache's ``mag_ratios``)."""
+    return kind is list or (isinstance(kind, OrNone) and _declares_list(kind.of))
+
+
 def _param_sweep(table: dict[str, dict[str, Any]], registered: dict) -> list[dict[str, dict[str, Any]]]:
     """A parameter given as a list where its method declares a single value (``warmup = [true, false]``)
     is an axis: one table per combination of the listed values, in order. A parameter declared as a
@@ -265,7 +305,7 @@ def _param_sweep(table: dict[str, dict[str, Any]], registered: dict) -> list[dic
         fields = registered[name].param_fields()
         for key, value in values.items():
             kind = fields[key].type if key in fields else None
-            if isinstance(value, list) and kind is not None and kind is not list:
+            if isinstance(value, list) and kind is not None and not _declares_list(kind):
                 if not value:
                     raise BenchError(f"params.{name}.{key} = []: a swept parameter needs at least one value")
                 sweeps.append((name, key, value))
@@ -302,7 +342,11 @@ def _block_axes(raw_axes: dict, run: dict, source: str) -> dict[str, list]:
 
 def _validate_axes(axes: dict[str, list]) -> None:
     from .zoo import model_entry
+    from .zoo.model import is_flow_model
 
+    for sampler in axes["sampler"]:
+        if sampler not in ALL_SAMPLER_NAMES:
+            raise BenchError(f"unknown sampler {sampler!r}; available: {', '.join(ALL_SAMPLER_NAMES)}")
     for model in axes["model"]:
         # a registered name, or diffusers:<directory or hub id> (its configs are read and checked, no weights);
         # anything else is a one-line BenchError naming what is available
@@ -310,9 +354,10 @@ def _validate_axes(axes: dict[str, list]) -> None:
         for steps in axes["steps"]:
             if steps > T:
                 raise BenchError(f"steps must be between 1 and {T} (T of {model}), got {steps}")
-    for sampler in axes["sampler"]:
-        if sampler not in SAMPLER_NAMES:
-            raise BenchError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLER_NAMES)}")
+        for sampler in axes["sampler"]:
+            reason = sampler_mismatch(model, is_flow_model(model), sampler)
+            if reason is not None:
+                raise BenchError(reason)
     for steps in axes["steps"]:
         if steps < 1:
             raise BenchError(f"steps must be >= 1, got {steps}")

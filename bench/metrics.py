@@ -26,7 +26,7 @@ Built in:
   same noise (same seeds, sampler and steps).
 - ``fd_domain`` / ``is_domain`` / ``kid_domain``: Frechet distance to the held-out digits, an
   Inception-score analogue and the kernel distance (KID) to the held-out digits, in the feature space
-  of the digits model's domain classifier (digits only).
+  of the digits model's domain classifier (digits and digits-dit only).
 - ``fid``, ``is``, ``sfid``, ``prc``, ``kid``: Inception-based, through torch-fidelity and pytorch-fid
   (``bench.inception``), against each model's reference data (``bench.references``); missing with
   a reason when the weights or the reference data are unavailable. They share one feature pass
@@ -229,6 +229,16 @@ def kid_domain(samples: torch.Tensor, checkpoint: str | None = None) -> tuple[fl
     return kernel_distance(features_and_logits(classifier, samples)[0], heldout)  # torch-fidelity's 100 x 1000
 
 
+# the models the digits domain classifier measures: digits-dit (bench.zoo.digits_dit) reuses the digits model's
+DOMAIN_MODELS = ["digits", "digits-dit"]
+
+
+def _domain_checkpoint(inputs: MetricInputs) -> str | None:
+    """Where the domain classifier is: a digits checkpoint holds its own, a digits-dit one none (the packaged
+    digits classifier)."""
+    return inputs.checkpoint if inputs.model == "digits" else None
+
+
 register_metric("psnr_to_fp", [Column("psnr_to_fp", "PSNR to FP (dB)", "higher")],
                 "PSNR (dB) of the [0, 1]-clipped samples vs full precision from the same noise",
                 needs=["fp_reference"], _builtin=True)(
@@ -238,12 +248,12 @@ register_metric("mse_to_fp", [Column("mse_to_fp", "MSE to FP", "lower", quality=
                 _builtin=True)(lambda inputs: {"mse_to_fp": mse_to_fp(inputs.samples, inputs.fp_reference)})
 register_metric("fd_domain", [Column("fd_domain", "FD (domain)", "lower")],
                 "Frechet distance to the held-out digits in the domain classifier's 64-d features",
-                models=["digits"], min_images=65, version=2, _builtin=True)(  # 2: samples clamped to [-1, 1]
-    lambda inputs: {"fd_domain": fd_domain(inputs.samples, inputs.checkpoint)})
+                models=DOMAIN_MODELS, min_images=65, version=2, _builtin=True)(  # 2: samples clamped to [-1, 1]
+    lambda inputs: {"fd_domain": fd_domain(inputs.samples, _domain_checkpoint(inputs))})
 register_metric("is_domain", [Column("is_domain", "IS (domain)", "higher"), Column("is_domain_std", quality=False)],
                 "Inception-score analogue on the domain classifier's logits (10 splits of at least 2 images)",
-                models=["digits"], min_images=20, version=2, _builtin=True)(  # 2: clamped, splits of >= 2
-    lambda inputs: dict(zip(("is_domain", "is_domain_std"), is_domain(inputs.samples, inputs.checkpoint),
+                models=DOMAIN_MODELS, min_images=20, version=2, _builtin=True)(  # 2: clamped, splits of >= 2
+    lambda inputs: dict(zip(("is_domain", "is_domain_std"), is_domain(inputs.samples, _domain_checkpoint(inputs)),
                             strict=True)))
 # kid_domain stays out of the report's quality tables (quality=False): its scale is the classifier's features'
 # (thousands), and the digits tables already carry FD and IS in those features; results.csv has it
@@ -251,8 +261,8 @@ register_metric("kid_domain", [Column("kid_domain", "KID (domain)", "lower", qua
                                Column("kid_domain_std", quality=False),
                                Column("kid_domain_subset_size", quality=False)],
                 "KID (torch-fidelity) to the held-out digits in the domain classifier's features; subset size "
-                "min(1000, N, 364)", models=["digits"], min_images=2, _builtin=True)(
-    lambda inputs: kid_domain(inputs.samples, inputs.checkpoint))
+                "min(1000, N, 364)", models=DOMAIN_MODELS, min_images=2, _builtin=True)(
+    lambda inputs: kid_domain(inputs.samples, _domain_checkpoint(inputs)))
 for _name, _columns, _summary, _min in (
     ("fid", [Column("fid", "FID", "lower"), Column("fid_pytorch_fid", "FID (pytorch-fid)", "lower", quality=False)],
      "FID via torch-fidelity, and pytorch-fid as a cross-check", 2049),  # 2048-d pool features

@@ -36,7 +36,7 @@ from .distributed import World
 from .errors import BenchError, plain, user_input
 from .evaluate import Evaluator
 from .generate import Generator, together
-from .matrix import AXES, Matrix
+from .matrix import AXES, Matrix, trace_layer
 from .metrics import METRICS
 from .provenance import git_revision, provenance
 from .store import RESULT_COLUMNS, RunStore, collect_rows, describe, now, read_results, table_frame, write_tables
@@ -122,13 +122,15 @@ class Runner:
 
     def load_models(self) -> None:
         """Load every model of the matrix and check the matrix against them (trace layer, timesteps)."""
-        layer = self.matrix.run.get("trace_layer")
         for cell in self.matrix.cells:
             if cell.model not in self.models:
                 self.models[cell.model] = load_model(cell.model, cell.checkpoint, str(self.device))
                 names = dict(self.models[cell.model].unet.named_modules())
+                layer = trace_layer(self.matrix.run, cell.model)
                 if layer and not isinstance(names.get(layer), QUANTIZABLE):
-                    raise BenchError(f"run.trace_layer {layer!r} is not a conv/linear layer of model {cell.model!r}")
+                    raise BenchError(f"run.trace_layer {layer!r} is not a conv/linear layer of model {cell.model!r}"
+                                     + (" (give one layer per model: trace_layer = {model = \"layer\", ...})"
+                                        if isinstance(self.matrix.run.get("trace_layer"), str) else ""))
             with user_input():  # steps the model's timestep grid cannot have
                 self.matrix.resolution(cell).sampler.timesteps(self.models[cell.model].schedule)
 

@@ -22,6 +22,11 @@ stochastic sampling) are not used by SD3 or FLUX and are refused, one line namin
 
 Noise is drawn per sample from that sample's integer seed (``modiff.samplers.PerSampleNoise``), so
 image i depends only on seed i. A caller's mistake raises ValueError with a one-line message.
+
+For the benchmark harness, ``FlowSamplerConfig`` (``flow-euler``, ``flow-heun``) offers what it uses of
+``modiff.samplers.SamplerConfig`` (``name``, ``steps``, ``eta``, ``timesteps``, ``evaluation_timesteps``, ``sample``)
+over a ``FlowGrid``: a flow model's ``FlowSchedule`` with the spacing and mu its pipeline samples with, which stands
+where a DDPM model has its ``NoiseSchedule``. Given a ``NoiseSchedule``, its methods raise ValueError (one line).
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from .config import check_choice
 from .samplers import MAX_SEED, PerSampleNoise
 
 __all__ = [
-    "FLOW_SCHEDULERS", "FLOW_SOLVERS", "FLOW_SPACINGS", "TIME_SHIFT_TYPES", "FlowSchedule", "Velocity",
-    "check_flow_settings", "flow_evaluation_timesteps", "sample_flow", "sample_flow_batch",
+    "FLOW_SAMPLERS", "FLOW_SAMPLER_NAMES", "FLOW_SCHEDULERS", "FLOW_SOLVERS", "FLOW_SPACINGS", "TIME_SHIFT_TYPES",
+    "FlowGrid", "FlowSamplerConfig", "FlowSchedule", "Velocity", "check_flow_settings", "flow_evaluation_timesteps",
+    "sample_flow", "sample_flow_batch",
 ]
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t float of shape (batch,)) -> v
@@ -47,6 +53,8 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteSche
 FLOW_SOLVERS = ("euler", "heun")
 FLOW_SPACINGS = ("scheduler", "flux")
 TIME_SHIFT_TYPES = ("exponential", "linear")
+FLOW_SAMPLERS = {"flow-euler": "euler", "flow-heun": "heun"}  # the harness's sampler names -> solver
+FLOW_SAMPLER_NAMES = tuple(FLOW_SAMPLERS)
 # Keys of FlowMatchEulerDiscreteScheduler that change the sigmas or the step, supported only at the value
 # that leaves them off (none of SD3 / FLUX schnell / FLUX dev sets them), and what each is for.
 _OFF = {
@@ -310,3 +318,81 @@ def sample_flow(
                              solver, spacing, on_batch).cpu()
            for chunk in tqdm(batches, desc=f"flow-{solver} {steps} steps", unit="batch", disable=not progress)]
     return torch.cat(out) if out else torch.empty((0, *shape))
+
+
+@dataclass(frozen=True)
+class FlowGrid:
+    """How a flow model's pipeline samples: its scheduler's ``FlowSchedule``, the ``spacing`` of its sigmas
+    (SD3: ``"scheduler"``, FLUX: ``"flux"``) and ``mu`` (the dynamic shift, FLUX dev: ``FlowSchedule.mu`` of its
+    image sequence length; None with a static shift). A flow model's ``schedule`` in the harness, where a DDPM
+    model has a ``NoiseSchedule``; ``FlowSamplerConfig`` reads it."""
+
+    schedule: FlowSchedule
+    spacing: str = "scheduler"
+    mu: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.schedule, FlowSchedule):
+            raise ValueError(f"schedule must be a FlowSchedule, got {type(self.schedule).__name__}")
+        check_choice("spacing", self.spacing, FLOW_SPACINGS)
+        self.schedule.check_mu(self.mu)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+
+@dataclass(frozen=True)
+class FlowSamplerConfig:
+    """A flow-matching sampler of the harness (``flow-euler``, ``flow-heun``) and its number of steps; the part of
+    ``modiff.samplers.SamplerConfig``'s interface the harness uses, over a ``FlowGrid`` instead of a
+    ``NoiseSchedule``. ``from_name`` checks the settings (ValueError)."""
+
+    solver: str  # euler | heun
+    steps: int
+    eta: float = 0.0  # always 0: both solvers are deterministic (the field the harness records beside the others)
+
+    @classmethod
+    def from_name(cls, name: str, steps: int, eta: float = 0.0) -> FlowSamplerConfig:
+        if name not in FLOW_SAMPLERS:
+            raise ValueError(f"unknown flow sampler {name!r}; choose one of {', '.join(FLOW_SAMPLER_NAMES)}")
+        if eta != 0.0:  # also NaN
+            raise ValueError(f"{name} is deterministic: eta must be 0, got {eta}")
+        check_steps(steps)
+        return cls(FLOW_SAMPLERS[name], steps, 0.0)
+
+    @property
+    def name(self) -> str:
+        return f"flow-{self.solver}"
+
+    @property
+    def algorithm(self) -> str:
+        """The sampler's name: no DDPM-family algorithm (``modiff.samplers.ALGORITHMS``) matches it."""
+        return self.name
+
+    def _grid(self, grid: object) -> FlowGrid:
+        if not isinstance(grid, FlowGrid):
+            raise ValueError(f"{self.name} samples flow-matching models (a FlowGrid schedule); this model has a "
+                             f"{type(grid).__name__}: use a DDPM-family sampler (ddim-*, ddpm-*, plms, dpm-solver++)")
+        return grid
+
+    def timesteps(self, grid: FlowGrid) -> list[float]:
+        """The model times of the ``steps`` steps, increasing (the sampler walks them backwards), as
+        ``SamplerConfig.timesteps`` lists its grid; float, ``sigma * num_train_timesteps``. Checks ``grid``."""
+        grid = self._grid(grid)
+        return grid.schedule.grid(self.steps, grid.mu, grid.spacing)[1].tolist()[::-1]
+
+    def evaluation_timesteps(self, grid: FlowGrid) -> list[float]:
+        """The (float) timestep of every velocity evaluation of one trajectory, in call order
+        (``flow_evaluation_timesteps``: ``steps`` for Euler, ``2 * steps - 1`` for Heun)."""
+        grid = self._grid(grid)
+        return flow_evaluation_timesteps(grid.schedule, self.steps, grid.mu, self.solver, grid.spacing)
+
+    def sample(self, velocity: Velocity, grid: FlowGrid, seeds: Sequence[int], shape: Sequence[int],
+               batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = False,
+               on_trajectory_start: Callable[[], None] | None = None,
+               on_batch: Callable[[Sequence[int]], None] | None = None) -> torch.Tensor:
+        """``sample_flow`` with this sampler on ``grid``: ``len(seeds)`` samples, on the CPU in seed order."""
+        grid = self._grid(grid)
+        return sample_flow(velocity, grid.schedule, self.steps, seeds, shape, device, on_trajectory_start, grid.mu,
+                           progress, batch_size, self.solver, grid.spacing, on_batch)

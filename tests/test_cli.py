@@ -95,7 +95,7 @@ def test_sample_writes_grid_tensor_and_provenance(tmp_path, capsys):
 def test_console_script_is_installed_and_helps():
     exe = shutil.which("modiff-bench") or pytest.fail("modiff-bench console script is not on PATH")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("sample", "quality", "train-tiny", "models", "run", "presets", "methods", "report"):
+    for command in ("sample", "quality", "train-tiny", "train-dit", "models", "run", "presets", "methods", "report"):
         assert command in out
     bad = subprocess.run([sys.executable, "-m", "bench", "sample", "--steps", "0", "--no-progress"],
                          capture_output=True, text=True)

@@ -406,3 +406,38 @@ def test_the_dynamic_shifts_at_their_neutral_mu_leave_the_grid_unshifted():
         shifted = FlowSchedule(use_dynamic_shifting=True, time_shift_type=time_shift_type).grid(7, mu=mu)
         torch.testing.assert_close(shifted, plain, rtol=1e-6, atol=1e-7)
     assert math.isclose(plain[0][3].item(), 1 - 3 * (1 - 0.001) / 6, rel_tol=1e-6)
+
+
+# -- the harness's sampler interface (FlowSamplerConfig over a FlowGrid) -----------------------------------------------
+
+
+def test_flow_sampler_config_is_the_library_over_a_grid():
+    from modiff.flow import FlowGrid, FlowSamplerConfig
+    from modiff.schedules import NoiseSchedule
+
+    schedule = FlowSchedule.from_config(FLUX_DEV)
+    grid = FlowGrid(schedule, "flux", schedule.mu(4096))
+    for name, solver in (("flow-euler", "euler"), ("flow-heun", "heun")):
+        sampler = FlowSamplerConfig.from_name(name, 4)
+        assert sampler.name == sampler.algorithm == name and sampler.steps == 4 and sampler.eta == 0.0
+        assert sampler.evaluation_timesteps(grid) == flow_evaluation_timesteps(schedule, 4, grid.mu, solver, "flux")
+        assert sampler.timesteps(grid) == sorted(schedule.grid(4, grid.mu, "flux")[1].tolist())
+
+        def velocity(x, t):
+            return 0.1 * x + t.view(-1, 1, 1, 1) / 1000
+
+        expected = sample_flow(velocity, schedule, 4, [3, 4], SHAPE, mu=grid.mu, solver=solver, spacing="flux")
+        assert torch.equal(sampler.sample(velocity, grid, [3, 4], SHAPE, batch_size=1), expected)
+    assert grid.num_train_timesteps == 1000
+    with pytest.raises(ValueError, match="mu is required"):
+        FlowGrid(schedule, "flux")
+    with pytest.raises(ValueError, match="spacing"):
+        FlowGrid(FlowSchedule.from_config(SD3), "karras")
+    with pytest.raises(ValueError, match="unknown flow sampler 'ddim-quad'"):
+        FlowSamplerConfig.from_name("ddim-quad", 4)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        FlowSamplerConfig.from_name("flow-heun", 0)
+    with pytest.raises(ValueError, match="flow-heun is deterministic"):
+        FlowSamplerConfig.from_name("flow-heun", 4, 0.1)
+    with pytest.raises(ValueError, match="this model has a NoiseSchedule: use a DDPM-family sampler"):
+        FlowSamplerConfig.from_name("flow-euler", 4).timesteps(NoiseSchedule.linear())

@@ -266,3 +266,18 @@ def test_library_checks_reach_the_user_as_one_line_errors_at_the_boundary():
     with pytest.raises(RuntimeError, match="a bug"):
         with user_input():
             raise RuntimeError("a bug")
+
+
+def test_a_parameter_declared_as_an_optional_list_keeps_its_list():
+    """TaylorSeer's ``cache_identifiers`` is ``list | None``: a list there is the value, not a sweep (it was swept,
+    one cell per pattern, and each refused as "must be a list")."""
+    patterns = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.attn2"]
+    matrix = build_matrix({"run": {"model": "digits-dit", "steps": 5}, "matrix": {"base": ["fp"],
+                                                                                  "cache": ["taylorseer-2"]},
+                           "params": {"taylorseer": {"cache_identifiers": patterns}}})
+    (cell,) = matrix.cells
+    assert cell.params["taylorseer"]["cache_identifiers"] == patterns
+    # a parameter declared as one value still sweeps
+    swept = build_matrix({"run": {"steps": 5}, "matrix": {"base": ["lcq"], "a_bits": [4], "modulation": ["ec"]},
+                          "params": {"lcq": {"warmup": [True, False]}}})
+    assert sorted(c.params["lcq"]["warmup"] for c in swept.cells) == [False, True]

@@ -129,7 +129,8 @@ def test_kid_domain_is_registered_with_a_subset_that_fits_and_is_recorded(digits
     from bench.zoo.digits import load_classifier
 
     spec = METRICS["kid_domain"]
-    assert spec.columns == ("kid_domain", "kid_domain_std", "kid_domain_subset_size") and spec.models == ("digits",)
+    assert spec.columns == ("kid_domain", "kid_domain_std", "kid_domain_subset_size")
+    assert spec.models == ("digits", "digits-dit")
     real = load_digits_split("train").images[:50]
     values, missing = compute_metrics(["kid_domain"], MetricInputs(real.half(), "digits"))
     assert missing == {} and values["kid_domain_subset_size"] == 50

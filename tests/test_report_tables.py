@@ -159,14 +159,14 @@ def test_paper_qdiffusion_numbers_stand_only_beside_the_authors_activation_setti
     assert {r[0]: r for r in table.rows}["W8A4"][header.index("QDIFF alone|FID (paper)")] == fmt(value)
 
 
-def test_transformer_models_get_the_dit_papers_layout_and_unets_do_not():
-    from bench.zoo import ReferenceData, ZooEntry, model_entry, model_names, register_model
+def test_transformer_models_get_the_dit_papers_layout_and_unets_do_not(monkeypatch):
+    from bench.zoo import ReferenceData, ZooEntry, model_entry, registry
     from reports.tables import all_tables, transformer_table
 
-    if "test-tiny-transformer" not in model_names():
-        register_model(ZooEntry(name="test-tiny-transformer", load=lambda checkpoint: None, train_timesteps=1000,
-                                output_size=(16, 16), description="a report test's transformer",
-                                reference=ReferenceData(), family="transformer"))
+    # in the zoo for this test only
+    monkeypatch.setitem(registry._ENTRIES, "test-tiny-transformer", ZooEntry(
+        name="test-tiny-transformer", load=lambda checkpoint: None, train_timesteps=1000, output_size=(16, 16),
+        description="a report test's transformer", reference=ReferenceData(), family="transformer"))
     assert model_entry("test-tiny-transformer").family == "transformer" and model_entry("digits").family == "unet"
     model = "test-tiny-transformer"
     rows = [_row("fp", "off", 32, 32, model=model, speedup_fp32=1.0),

@@ -348,3 +348,28 @@ def test_torch_escape_codes_never_reach_the_terminal_or_run_log(tmp_path, capsys
     from bench.store import one_line  # the store's own notes (repairs of damaged files) and the results' error column
     assert one_line(raised.value).startswith("UnpicklingError: Weights only load failed") and "\x1b" not in one_line(
         raised.value)
+
+
+def test_trace_layer_per_model(tmp_path):
+    """A matrix of two models traces one layer of each (``trace_layer = {model = layer}``); one name that only one
+    model has is refused with the hint (it was the only way, so the demo could not trace both models)."""
+    layers = {"digits": "mid_block.resnets.0.conv1", "digits-dit": "transformer_blocks.2.ff.net.2"}
+    data = {"run": {"n_samples": 2, "batch_size": 2, "steps": 4, "metrics": ["psnr_to_fp"], "trace_layer": layers,
+                    "trace_samples": 2},
+            "matrix": [{"model": [model], "base": ["ltq"], "w_bits": [8], "a_bits": [4], "modulation": ["ec"]}
+                       for model in layers]}
+    _run(build_matrix(data), tmp_path / "a")
+    table = pd.read_csv(tmp_path / "a" / "results.csv").set_index("model")
+    for model, layer in layers.items():
+        trace = json.loads((tmp_path / "a" / table.loc[model, "trace_file"]).read_text())
+        assert trace["layer"] == layer and len(trace["rel_l2"]) == 4
+    data["run"]["trace_layer"] = {"digits": layers["digits"]}  # the DiT is not traced
+    _run(build_matrix(data), tmp_path / "b")
+    table = pd.read_csv(tmp_path / "b" / "results.csv").set_index("model")
+    assert pd.notna(table.loc["digits", "trace_file"]) and pd.isna(table.loc["digits-dit", "trace_file"])
+    data["run"]["trace_layer"] = layers["digits"]
+    with pytest.raises(BenchError, match="is not a conv/linear layer of model 'digits-dit' .*one layer per model"):
+        _run(build_matrix(data), tmp_path / "c")
+    data["run"]["trace_layer"] = {"digits": 3}
+    with pytest.raises(BenchError, match="run.trace_layer.digits must be str"):
+        build_matrix(data)

@@ -346,13 +346,23 @@ def test_a_hub_id_is_taken_from_the_local_cache_only(pipeline, tmp_path, monkeyp
 
 
 def test_registry_views_keep_their_meaning():
-    assert list(MODELS)[:7] == ["digits", "ddpm-cifar10", "ddpm-cifar10-random", "ldm-church", "ldm-bedroom",
-                                "sd-v1-4", "sdxl-base-1.0"]
+    assert list(MODELS)[:8] == ["digits", "digits-dit", "ddpm-cifar10", "ddpm-cifar10-random", "ldm-church",
+                                "ldm-bedroom", "sd-v1-4", "sdxl-base-1.0"]
     assert {name: TRAIN_TIMESTEPS[name]() for name in MODELS} == {name: 1000 for name in MODELS}
     assert "CIFAR-10" in DESCRIPTIONS["ddpm-cifar10"] and DESCRIPTIONS.get("nope", "") == ""
     assert {name: model_entry(name).output_size for name in MODELS} == {
-        "digits": (16, 16), "ddpm-cifar10": (32, 32), "ddpm-cifar10-random": (32, 32), "ldm-church": (256, 256),
-        "ldm-bedroom": (256, 256), "sd-v1-4": (512, 512), "sdxl-base-1.0": (1024, 1024)}
+        "digits": (16, 16), "digits-dit": (16, 16), "ddpm-cifar10": (32, 32), "ddpm-cifar10-random": (32, 32),
+        "ldm-church": (256, 256), "ldm-bedroom": (256, 256), "sd-v1-4": (512, 512), "sdxl-base-1.0": (1024, 1024),
+        "dit-xl-2-256": (256, 256), "dit-xl-2-256-random": (256, 256), "pixart-alpha-512": (512, 512),
+        "pixart-alpha-512-random": (512, 512), "sd3-medium": (1024, 1024), "sd3-medium-random": (1024, 1024),
+        "flux-1-schnell": (1024, 1024), "flux-1-schnell-random": (1024, 1024), "flux-1-dev": (1024, 1024),
+        "flux-1-dev-random": (1024, 1024)}
+    # the kind of denoiser: the DiT papers' table layout and diffusers' caches follow it
+    transformers = {"digits-dit", "dit-xl-2-256", "dit-xl-2-256-random", "pixart-alpha-512", "pixart-alpha-512-random",
+                    "sd3-medium", "sd3-medium-random", "flux-1-schnell", "flux-1-schnell-random", "flux-1-dev",
+                    "flux-1-dev-random"}
+    assert {name for name in MODELS if model_entry(name).family == "transformer"} == transformers
+    assert {model_entry(name).family for name in MODELS if name not in transformers} == {"unet"}
     assert model_entry("digits").reference.dataset == "digits-train"
     assert model_entry("ddpm-cifar10").reference.dataset == "cifar10-train"
     with pytest.raises(TypeError):

@@ -23,7 +23,10 @@ The non-uniform schedule's ``center`` and ``power`` default to what DeepCache's 
 - pixel space (DDPM, CIFAR-10): DeepCache's DDPM runner takes ``--pow``/``--center`` without defaults (its
   README runs uniform schedules only), so ``sample_from_quad_center``'s own default ``power`` 1.2 and the middle
   step ``steps // 2``.
-Either setting overrides its default; ``info`` records the values used."""
+Either setting overrides its default; ``info`` records the values used.
+
+Flow-matching cells (``flow-euler``, ``flow-heun``: SD3, FLUX) are skipped: DeepCache reuses the features of a U-Net's
+skip branches, and those models are transformers (MMDiT) without up blocks to cache around."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.methods import BuildContext, CacheMethod, CellSpec, Prepared, register_method
+from modiff.flow import FLOW_SAMPLER_NAMES
 
 from .feature_reuse import DeepCache, nonuniform_full_steps, uniform_full_steps
 
@@ -92,6 +96,15 @@ class DeepCacheMethod(CacheMethod):
         return nonuniform_full_steps(steps, self.interval, *self.schedule_settings(steps, kind))
 
     def check(self, cell: CellSpec) -> str | None:
+        from bench.zoo import model_entry
+
+        try:
+            family = model_entry(cell.model).family
+        except BenchError:  # an unknown model: the matrix's own check names it
+            family = None
+        if family == "transformer" or cell.sampler in FLOW_SAMPLER_NAMES:
+            return (f"DeepCache caches a U-Net's skip-branch features; model {cell.model} is a transformer without up "
+                    "blocks (its caches: fbcache, taylorseer, pab, fastercache, magcache)")
         center = self.settings.center
         if center is not None and not 0 <= center < cell.steps:
             return f"deepcache center {center} is not a step index for {cell.steps} steps"

@@ -31,6 +31,7 @@ from bench.calibration_cache import DiskCache, key
 from bench.errors import BenchError
 from bench.methods import BaseQuantizer, BuildContext, CellSpec, Prepared, base_quantizer, register_method
 from modiff.config import NOT_QUANTIZED
+from modiff.flow import FLOW_SAMPLER_NAMES
 from modiff.samplers import ALGORITHMS, SAMPLERS
 
 from .noise_correction import PTQDCorrection, PTQDStats, collect_statistics
@@ -80,6 +81,9 @@ class PTQD(BaseQuantizer):
         return self.base(cell).configure(cell)
 
     def check(self, cell: CellSpec) -> str | None:
+        if cell.sampler in FLOW_SAMPLER_NAMES:
+            return (f"PTQD's noise correction is derived from the DDPM/DDIM step's variance; no flow-matching "
+                    f"analogue is published ({cell.sampler})")
         reason = self.base(cell).check(cell)
         if reason:
             return reason

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modiff.flow import FlowGrid, FlowSamplerConfig
 from modiff.samplers import SamplerConfig, sample
 from modiff.schedules import NoiseSchedule
 
@@ -82,7 +83,7 @@ class CalibrationData:
 
     steps: list[int]  # the calibration steps
     x: dict[int, torch.Tensor]  # step index -> inputs (calibration steps and the steps before them)
-    t: dict[int, int]
+    t: dict[int, int | float]  # int for the DDPM family, float (the model time, float32) for a flow sampler
     seeds: list[int]
     cond: Cond = field(default_factory=dict)  # keyword -> (rows, ...) or a dict of them, shared by every step
 
@@ -93,7 +94,7 @@ class CalibrationData:
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All calibration inputs ``(x, t)``, step after step."""
         xs = torch.cat([self.x[i] for i in self.steps])
-        ts = torch.cat([torch.full((len(self.x[i]),), self.t[i], dtype=torch.long) for i in self.steps])
+        ts = torch.cat([_timesteps(len(self.x[i]), self.t[i]) for i in self.steps])
         return xs, ts
 
     def conditioning(self) -> Cond:
@@ -109,8 +110,7 @@ class CalibrationData:
             if i == 0:
                 continue
             n = len(self.x[i])
-            out.append((self.x[i - 1], torch.full((n,), self.t[i - 1], dtype=torch.long),
-                        self.x[i], torch.full((n,), self.t[i], dtype=torch.long)))
+            out.append((self.x[i - 1], _timesteps(n, self.t[i - 1]), self.x[i], _timesteps(n, self.t[i])))
         return out
 
     def to_dict(self) -> dict:
@@ -122,24 +122,52 @@ class CalibrationData:
     @classmethod
     def from_dict(cls, data: dict) -> CalibrationData:
         return cls(steps=list(data["steps"]), x={int(k): v for k, v in data["x"].items()},
-                   t={int(k): int(v) for k, v in data["t"].items()}, seeds=list(data["seeds"]),
-                   cond=dict(data.get("cond") or {}))
+                   t={int(k): v if isinstance(v, float) else int(v) for k, v in data["t"].items()},
+                   seeds=list(data["seeds"]), cond=dict(data.get("cond") or {}))
+
+
+def _timesteps(n: int, t: int | float) -> torch.Tensor:
+    """``n`` copies of a kept timestep as the sampler passed it: int64 (DDPM family) or float32 (flow samplers)."""
+    return torch.full((n,), t, dtype=torch.float32 if isinstance(t, float) else torch.long)
+
+
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")  # a network's timestep parameter, by name (as modiff.api's)
+
+
+def _parameters(net: nn.Module) -> tuple[str, str]:
+    """The names of ``net.forward``'s sample and timestep parameters: the first positional one, and the first of
+    :data:`TIMESTEP_NAMES` it has (else its second positional one). A UNet takes ``(sample, timestep, ...)``; a
+    transformer may take the timestep later, by keyword (PixArt: ``(hidden_states, encoder_hidden_states,
+    timestep, ...)``; SD3, FLUX)."""
+    params = inspect.signature(net.forward).parameters
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    timestep = next((n for n in TIMESTEP_NAMES if n in params), names[1] if len(names) > 1 else None)
+    if not names or timestep is None or timestep == names[0]:
+        raise ValueError(f"cannot tell the sample and the timestep parameters of {type(net).__name__}")
+    return names[0], timestep
+
+
+def call_network(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None):
+    """``net`` on a recorded input: the sample positionally, the timestep by its parameter's name, the rest
+    (``unet_inputs``' keyword tensors) by name."""
+    return net(x, **{_parameters(net)[1]: t}, **(cond or {}))
 
 
 def unet_inputs(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Cond]:
-    """``(sample, timestep, keyword tensors)`` of a call ``unet(*args, **kwargs)``: the first two
-    parameters of its ``forward``, then every other tensor argument, or dict of tensors
+    """``(sample, timestep, keyword tensors)`` of a call ``unet(*args, **kwargs)``: its ``forward``'s sample and
+    timestep parameters (``_parameters``), then every other tensor argument, or dict of tensors
     (``added_cond_kwargs``), by name (``encoder_hidden_states``). ``None`` and ``return_dict`` are left
-    out; any other argument (one that could not be replayed from tensors) is a ValueError."""
+    out; any other argument (one that could not be replayed from tensors) is a ValueError. :func:`call_network`
+    replays such a call."""
     bound = inspect.signature(unet.forward).bind(*args, **kwargs)
     params = inspect.signature(unet.forward).parameters
-    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(names) < 2 or names[0] not in bound.arguments or names[1] not in bound.arguments:
+    sample_name, timestep_name = _parameters(unet)
+    if sample_name not in bound.arguments or timestep_name not in bound.arguments:
         raise ValueError(f"cannot tell the sample and the timestep of a call of {type(unet).__name__}")
-    sample_, timestep = bound.arguments[names[0]], bound.arguments[names[1]]
+    sample_, timestep = bound.arguments[sample_name], bound.arguments[timestep_name]
     rest: dict = {}
     for name, value in bound.arguments.items():
-        if name in names[:2]:
+        if name in (sample_name, timestep_name):
             continue
         if params[name].kind == params[name].VAR_KEYWORD:
             rest.update(value)
@@ -162,8 +190,8 @@ def unet_inputs(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tenso
     return sample_, timestep, cond
 
 
-def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: int, seeds: Sequence[int],
-            image_shape: Sequence[int], batch_size: int, device: torch.device | str = "cpu",
+def collect(denoiser, schedule: NoiseSchedule | FlowGrid, sampler: SamplerConfig | FlowSamplerConfig, cali_st: int,
+            seeds: Sequence[int], image_shape: Sequence[int], batch_size: int, device: torch.device | str = "cpu",
             progress: bool = False, on_batch=None, unet: nn.Module | None = None) -> CalibrationData:
     """Run the full-precision ``denoiser`` along ``sampler``'s trajectories from ``seeds`` and keep
     the inputs of the calibration steps (and of the steps just before them).
@@ -172,7 +200,9 @@ def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: 
     of the denoiser's: for a guided text-conditioned model the doubled batch and its text
     conditioning (module docstring). ValueError when the denoiser does not call it exactly once per
     evaluation, gives it other timesteps than the sampler's, or changes a trajectory's conditioning
-    between steps."""
+    between steps. A flow-matching sampler (``modiff.flow.FlowSamplerConfig``, ``schedule`` then the model's
+    ``FlowGrid``) gives float timesteps; they are kept as the sampler passes them (float32), and the UNet's are
+    compared with them in float32."""
     timesteps = sampler.evaluation_timesteps(schedule)
     steps = calibration_steps(len(timesteps), cali_st)
     wanted = sorted({*steps, *(i - 1 for i in steps if i > 0)})
@@ -225,8 +255,12 @@ def collect(denoiser, schedule: NoiseSchedule, sampler: SamplerConfig, cali_st: 
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True) if unet is not None else None
     try:
-        sample(recording, schedule, sampler, list(seeds), image_shape, batch_size, device, progress=progress,
-               on_trajectory_start=start, leave=False, on_batch=on_batch)
+        if isinstance(sampler, FlowSamplerConfig):
+            sampler.sample(recording, schedule, list(seeds), image_shape, batch_size, device, progress=progress,
+                           on_trajectory_start=start, on_batch=on_batch)
+        else:
+            sample(recording, schedule, sampler, list(seeds), image_shape, batch_size, device, progress=progress,
+                   on_trajectory_start=start, leave=False, on_batch=on_batch)
     finally:
         if handle is not None:
             handle.remove()

@@ -327,7 +327,9 @@ def calibrate_residual_scales(unet: torch.nn.Module, data: calibration.Calibrati
                 for i in range(0, len(x), batch_size):
                     cond = calibration.map_cond(data.cond, lambda v, i=i: v[i: i + batch_size].to(device))  # x's rows
                     modiff.reset(unet)
-                    unet(x_prev[i: i + batch_size].to(device), t_prev[i: i + batch_size].to(device), **cond)
-                    unet(x[i: i + batch_size].to(device), t[i: i + batch_size].to(device), **cond)
+                    calibration.call_network(unet, x_prev[i: i + batch_size].to(device),
+                                             t_prev[i: i + batch_size].to(device), cond)
+                    calibration.call_network(unet, x[i: i + batch_size].to(device), t[i: i + batch_size].to(device),
+                                             cond)
 
     modiff.calibrate(unet, run, method)

@@ -57,7 +57,7 @@ from modiff.config import NOT_QUANTIZED
 from modiff.layers import QUANTIZABLE
 
 from .attention import fixed_step_sizes, quantize_attention
-from .calibration import cond_leaves
+from .calibration import call_network, cond_leaves
 from .quantizers import ActQuantizer, AdaRoundWeight, SplitActQuantizer, beta_schedule, lp_loss, minibatch
 
 BLOCK_TYPES = ("ResnetBlock2D", "ResnetBlockCondNorm2D", "Attention", "BasicTransformerBlock")
@@ -152,7 +152,7 @@ class _Stop(Exception):
 
 def _call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> None:
     try:
-        model(x, t, **(cond or {}))
+        call_network(model, x, t, cond)
     except _Stop:
         pass
 
@@ -160,7 +160,7 @@ def _call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond |
 def _run_example(model: nn.Module, example: tuple) -> Any:
     """``model`` on an example ``(x, t)`` or ``(x, t, cond)``."""
     x, t, *rest = example
-    return model(x, t, **(rest[0] if rest and rest[0] else {}))
+    return call_network(model, x, t, rest[0] if rest and rest[0] else None)
 
 
 def _example(xs: torch.Tensor, ts: torch.Tensor, cond: Cond | None, device: torch.device) -> tuple:
@@ -191,7 +191,7 @@ def shortcut_splits(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Con
         handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            unet(x, t, **(cond or {}))
+            call_network(unet, x, t, cond)
     finally:
         for h in handles:
             h.remove()

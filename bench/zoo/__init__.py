@@ -54,8 +54,13 @@ __all__ = [
 # the built-in entries register themselves on import (registration order = listing order)
 # (one module per line, so that adding one touches one line; generic, the catch-all scheme, stays last)
 from . import digits  # noqa: E402, F401, I001
+from . import digits_dit  # noqa: E402, F401, I001
 from . import ddpm_cifar10  # noqa: E402, F401, I001
 from . import ldm  # noqa: E402, F401, I001
 from . import sd  # noqa: E402, F401, I001
 from . import sdxl  # noqa: E402, F401, I001
+from . import dit  # noqa: E402, F401, I001
+from . import pixart  # noqa: E402, F401, I001
+from . import sd3  # noqa: E402, F401, I001
+from . import flux  # noqa: E402, F401, I001
 from . import generic  # noqa: E402, F401, I001

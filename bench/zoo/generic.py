@@ -1,5 +1,6 @@
-"""The generic entry ``diffusers:<directory or hub id>``: an unconditional pixel-space ``UNet2DModel`` pipeline, or a
-latent text-to-image pipeline of Stable Diffusion's kind (SD 1.x, SD 2.x, SDXL), read from its own components.
+"""The generic entry ``diffusers:<directory or hub id>``: an unconditional pixel-space ``UNet2DModel`` pipeline, a
+latent text-to-image pipeline of Stable Diffusion's kind (SD 1.x, SD 2.x, SDXL), or a latent transformer pipeline
+(DiT, PixArt-alpha), read from its own components.
 
 What it reads
     A diffusers pipeline directory as ``save_pretrained`` writes it.
@@ -13,7 +14,20 @@ What it reads
       ``CLIPTokenizer`` and, for SDXL, a ``CLIPTextModelWithProjection`` with the second tokenizer, each in its
       folder, and the scheduler config. ``safety_checker``, ``feature_extractor`` and ``image_encoder`` are not read
       (the benchmark does not filter images nor take image prompts). Any other component (a ``vqvae``, a third text
-      encoder, a ``transformer``) is refused in one line.
+      encoder, a ``transformer`` beside a UNet) is refused in one line.
+    - Latent transformers (``DiTPipeline``: ``transformer``, ``vae``, ``scheduler``; ``PixArtAlphaPipeline``: those
+      and a ``T5EncoderModel`` ``text_encoder`` with its ``T5Tokenizer``): a ``DiTTransformer2DModel`` /
+      ``PixArtTransformer2DModel`` in ``transformer/`` (the hub's files name the legacy ``Transformer2DModel``,
+      accepted), whose ``out_channels`` may be twice ``in_channels``: a learned variance, split off by the denoiser
+      as diffusers' pipelines do (``bench.zoo.dit.split_variance``; every sampler here ignores it, see
+      ``bench.zoo.dit``). Their weights are read from safetensors only (a ``.bin`` is never read; T5's may be
+      sharded, ``model.safetensors.index.json``); a PixArt-alpha pipeline without its T5 encoder is one line saying
+      so. DiT: class of seed ``s`` = ``s % num_embeds_ada_norm``, the null class ``num_embeds_ada_norm``, guidance
+      4.0 (``DiTPipeline``'s default; the named ``dit-xl-2-256`` entry uses the paper's FID setting 1.5), default
+      sampler ``ddpm-ldm-uniform`` with 250 steps. PixArt-alpha: prompts as below, T5 embeddings of 120 tokens with
+      their attention masks, guidance 4.5 (``PixArtAlphaPipeline``'s default), ``resolution`` / ``aspect_ratio``
+      micro-conditions for ``sample_size`` 128 transformers only (as the pipeline), default sampler ``dpm-solver++``
+      with 20 steps.
 
     ``<directory or hub id>``: an existing directory (absolute, or relative to the working directory), else a Hugging
     Face hub id (``google/ddpm-cifar10-32``, ``stabilityai/stable-diffusion-2-base``) taken from the local Hugging
@@ -27,7 +41,8 @@ What it takes from the configs (no weights are read for this: matrix files check
       keys); ``prediction_type`` ``epsilon`` or ``v_prediction`` (SD 2.x at 768: the denoiser turns v into eps,
       ``modiff.samplers.epsilon_denoiser``); ``rescale_betas_zero_snr`` and Euler's continuous timesteps are refused.
     - the sample shape: the UNet's ``in_channels`` and ``sample_size``; ``out_channels`` must equal ``in_channels``
-      (a learned-variance output is refused) and the UNet takes no class labels. A text-to-image UNet's inputs must
+      (a learned-variance output is refused for UNets; DiT and PixArt-alpha transformers may have twice as many)
+      and the UNet takes no class labels. A text-to-image UNet's inputs must
       match the other components: latent channels of the autoencoder; ``cross_attention_dim`` = the text encoder's
       width (SD) or the sum of both (SDXL); SDXL's ``text_time`` addition embedding of the second encoder's
       ``projection_dim`` + 6 time ids x ``addition_time_embed_dim``. UNets that need inputs this entry does not give
@@ -72,7 +87,7 @@ from modiff.schedules import NoiseSchedule
 
 from ..errors import BenchError
 from ..provenance import sha256_file
-from . import sd, sdxl
+from . import dit, pixart, sd, sdxl
 from .checkpoints import (
     MANIFEST,
     constructor_defaults,
@@ -91,16 +106,27 @@ SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDi
                      "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-UNCONDITIONAL, SD, SDXL = "unconditional", "sd", "sdxl"
+UNCONDITIONAL, SD, SDXL, DIT, PIXART = "unconditional", "sd", "sdxl", "dit", "pixart"
+TRANSFORMER_KINDS = (DIT, PIXART)  # a transformer denoiser (in transformer/) with a learned variance, split off
 # the components of each kind of pipeline: name -> (library, class, what messages call it)
 KIND_PARTS: dict[str, dict[str, tuple[str, str, str]]] = {
     UNCONDITIONAL: {"unet": ("diffusers", "UNet2DModel", "UNet")},
     SD: sd.TEXT_PARTS,
     SDXL: sdxl.PARTS,
+    DIT: dit.PARTS,
+    PIXART: pixart.PARTS,
 }
 KIND_TITLES = {UNCONDITIONAL: "an unconditional pipeline", SD: "a Stable Diffusion 1.x / 2.x pipeline",
-               SDXL: "an SDXL pipeline"}
+               SDXL: "an SDXL pipeline", DIT: "a DiT pipeline", PIXART: "a PixArt-alpha pipeline"}
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")  # either reads the same files
+# a component class -> the classes model_index.json may name for it (the hub's DiT and PixArt-alpha files name the
+# legacy Transformer2DModel; either T5 tokenizer class reads the same files)
+ACCEPTED_CLASSES: dict[str, tuple[str, ...]] = {
+    **{name: TOKENIZER_CLASSES for name in TOKENIZER_CLASSES},
+    "DiTTransformer2DModel": dit.TRANSFORMER_CLASSES,
+    "PixArtTransformer2DModel": pixart.TRANSFORMER_CLASSES,
+    "T5Tokenizer": ("T5Tokenizer", "T5TokenizerFast"),
+}
 IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")  # named by SD pipelines, not used here
 LAYOUT_HINT = ("expected a diffusers pipeline directory with unet/ (config.json and diffusion_pytorch_model."
                "safetensors) and scheduler/scheduler_config.json, as DDPMPipeline.save_pretrained writes, or a "
@@ -192,21 +218,24 @@ def _read_model_index(directory: Path) -> tuple[str, dict]:
                   and len(v) == 2 and v[1] is not None}
     settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
     named = set(components) - set(IGNORED_PARTS)
-    kind = next((k for k in (SDXL, SD, UNCONDITIONAL) if named == set(KIND_PARTS[k]) | {"scheduler"}), None)
+    kind = next((k for k in (SDXL, SD, PIXART, DIT, UNCONDITIONAL) if named == set(KIND_PARTS[k]) | {"scheduler"}),
+                None)
     if kind is None:
-        closest = SDXL if "text_encoder_2" in named else SD if "text_encoder" in named or "vae" in named \
-            else UNCONDITIONAL
+        closest = (SDXL if "text_encoder_2" in named else PIXART if "transformer" in named and "text_encoder" in named
+                   else DIT if "transformer" in named else SD if "text_encoder" in named or "vae" in named
+                   else UNCONDITIONAL)
         expected = set(KIND_PARTS[closest]) | {"scheduler"}
         extra, missing = sorted(named - expected), sorted(expected - named)
         what = "; ".join(part for part in (
             f"with {', '.join(extra)}" if extra else "", f"without {', '.join(missing)}" if missing else "") if part)
         raise BenchError(f"{directory} is a {pipeline} pipeline {what}: the {SCHEME}: entry takes unconditional "
                          "pixel-space UNet2DModel pipelines (unet and scheduler), Stable Diffusion 1.x / 2.x "
-                         "(unet, vae, text_encoder, tokenizer, scheduler) and SDXL (those and text_encoder_2, "
-                         "tokenizer_2)")
+                         "(unet, vae, text_encoder, tokenizer, scheduler), SDXL (those and text_encoder_2, "
+                         "tokenizer_2), DiT (transformer, vae, scheduler) and PixArt-alpha (transformer, vae, "
+                         "text_encoder, tokenizer, scheduler)")
     for part, (_, class_name, _) in KIND_PARTS[kind].items():
         have = components[part][1]
-        accepted = TOKENIZER_CLASSES if class_name in TOKENIZER_CLASSES else (class_name,)
+        accepted = ACCEPTED_CLASSES.get(class_name, (class_name,))
         if have not in accepted:
             raise BenchError(f"{path}: the pipeline's {part} is a {have}; the {SCHEME}: entry takes a "
                              f"{' or a '.join(accepted)} there")
@@ -270,6 +299,51 @@ def _check_text_unet(path: Path, unet: dict, kind: str, texts: dict[str, dict]) 
         if not (_positive_int(pooled) and _positive_int(step)) or pooled + 6 * step != want:
             raise BenchError(f"{path}: projection_class_embeddings_input_dim is {want!r}, but text_encoder_2's "
                              f"projection_dim {pooled!r} + 6 time ids x addition_time_embed_dim {step!r} is not")
+
+
+def _transformer_config(directory: Path, config_path: Path, kind: str) -> dict:
+    """A DiT or PixArt-alpha transformer's config over its class's defaults, checked for what the pipeline gives
+    it: latents of ``in_channels``, an output of eps (``out_channels == in_channels``) or eps and a learned variance
+    (twice as many, split off), class labels of ``num_embeds_ada_norm`` classes (DiT) or T5 captions as wide as the
+    text encoder (PixArt-alpha)."""
+    import diffusers
+
+    class_name = KIND_PARTS[kind]["transformer"][1]
+    cls = getattr(diffusers, class_name)
+    raw = read_config(config_path, "transformer")
+    have = raw.get("_class_name", class_name)
+    if have not in ACCEPTED_CLASSES[class_name]:
+        raise BenchError(f"{config_path} describes a {have}; {KIND_TITLES[kind]} takes a {class_name}")
+    config = {**constructor_defaults(cls), **raw}
+    channels, out = config.get("in_channels"), config.get("out_channels")
+    out = channels if out is None else out
+    if not (_positive_int(channels) and _positive_int(out)):
+        raise BenchError(f"{config_path}: in_channels and out_channels must be positive integers, "
+                         f"got {channels!r} and {out!r}")
+    if out not in (channels, 2 * channels):
+        raise BenchError(f"{config_path}: the transformer maps {channels} channels to {out}; the samplers need a "
+                         f"prediction of the input's shape, or that and a learned variance ({2 * channels})")
+    norm = "ada_norm_zero" if kind == DIT else "ada_norm_single"
+    if config.get("norm_type") != norm:
+        raise BenchError(f"{config_path}: norm_type is {config.get('norm_type')!r}; {KIND_TITLES[kind]}'s "
+                         f"transformer has {norm!r}")
+    size = config.get("sample_size")
+    if not _positive_int(size):
+        raise BenchError(f"{config_path}: sample_size must be a positive integer, got {size!r}")
+    if kind == DIT and not _positive_int(config.get("num_embeds_ada_norm")):
+        raise BenchError(f"{config_path}: num_embeds_ada_norm (the number of classes) must be a positive integer, "
+                         f"got {config.get('num_embeds_ada_norm')!r}")
+    if kind == PIXART:
+        pixart.check_text_encoder(directory, sd.Release("the PixArt-alpha pipeline", "", (), {}, how_to=LAYOUT_HINT))
+        text_path = directory / "text_encoder" / "config.json"
+        width = read_config(text_path, "text encoder").get("d_model")
+        if config.get("caption_channels") != width:
+            raise BenchError(f"{config_path}: caption_channels is {config.get('caption_channels')!r}, but the T5 "
+                             f"text encoder ({text_path}) is {width!r} wide (d_model)")
+        if config.get("use_additional_conditions") and size != 128:
+            raise BenchError(f"{config_path}: use_additional_conditions is true, but PixArtAlphaPipeline gives "
+                             "resolution and aspect ratio to sample_size 128 transformers only")
+    return {**config, "out_channels": out, "sample_size": [size, size]}
 
 
 def _vae_shape(path: Path, latent_channels: int, latent_size: list[int]) -> tuple[int, int, int]:
@@ -375,19 +449,26 @@ def read_pipeline(spec: str) -> Pipeline:
     if kind == UNCONDITIONAL:
         unet_dir = next((d for d in (directory / "unet", directory) if (d / "config.json").is_file()), None)
         scheduler_path = _first_file(directory, "scheduler/scheduler_config.json", "scheduler_config.json")
-    else:  # a text-to-image pipeline has the diffusers layout, with every file in its component's folder
-        unet_dir = directory / "unet" if (directory / "unet" / "config.json").is_file() else None
+    else:  # a latent pipeline has the diffusers layout, with every file in its component's folder
+        folder = "transformer" if kind in TRANSFORMER_KINDS else "unet"
+        unet_dir = directory / folder if (directory / folder / "config.json").is_file() else None
         scheduler_path = _first_file(directory, "scheduler/scheduler_config.json")
     if unet_dir is None:
-        raise BenchError(f"{directory} holds no unet/config.json; {LAYOUT_HINT}")
+        folder = "transformer" if kind in TRANSFORMER_KINDS else "unet"
+        raise BenchError(f"{directory} holds no {folder}/config.json; {LAYOUT_HINT}")
     if scheduler_path is None:
         raise BenchError(f"{directory} has no scheduler/scheduler_config.json, which gives the noise schedule "
                          "(beta_schedule, beta_start, beta_end, num_train_timesteps); save the pipeline's scheduler "
                          "there (scheduler.save_config(DIR / 'scheduler'))")
-    unet = _unet_config(unet_dir / "config.json", kind)
+    if kind in TRANSFORMER_KINDS:
+        unet = _transformer_config(directory, unet_dir / "config.json", kind)
+    else:
+        unet = _unet_config(unet_dir / "config.json", kind)
     image_shape = (unet["in_channels"], *unet["sample_size"])
     output_shape = None
-    if kind != UNCONDITIONAL:
+    if kind in TRANSFORMER_KINDS:
+        output_shape = _vae_shape(directory / "vae" / "config.json", unet["in_channels"], unet["sample_size"])
+    elif kind != UNCONDITIONAL:
         texts = {part: sd.text_config(directory / part / "config.json")
                  for part in KIND_PARTS[kind] if part.startswith("text_encoder")}
         _check_text_unet(unet_dir / "config.json", unet, kind, texts)
@@ -435,6 +516,8 @@ def load(pipeline: Pipeline, checkpoint: Path | None = None) -> ZooModel:
         raise BenchError(f"model {pipeline.name!r} names its own weights; leave run.checkpoint (--checkpoint) empty")
     _verify_manifest(pipeline.directory)
     schedule = NoiseSchedule(pipeline.betas.clone())
+    if pipeline.kind in TRANSFORMER_KINDS:
+        return _load_transformer(pipeline, schedule)
     if pipeline.kind != UNCONDITIONAL:
         return _load_text_to_image(pipeline, schedule)
     unet, weights = load_diffusers_model(UNet2DModel, pipeline.unet_dir, f"UNet of {pipeline.name}", LAYOUT_HINT)
@@ -492,6 +575,43 @@ def _load_text_to_image(pipeline: Pipeline, schedule: NoiseSchedule) -> ZooModel
     )
 
 
+def _load_transformer(pipeline: Pipeline, schedule: NoiseSchedule) -> ZooModel:
+    """A DiT or PixArt-alpha pipeline, with the zoo's machinery for them (``bench.zoo.dit``, ``.pixart``):
+    safetensors weights only, the learned variance split off, guidance at the scale of diffusers' pipeline."""
+    directory, kind, parts = pipeline.directory, pipeline.kind, KIND_PARTS[pipeline.kind]
+    if kind == PIXART:
+        sd.require_transformers(pipeline.name)
+    release = sd.Release(pipeline.name, pipeline.source["checkpoint"], (), dit.layout(parts),
+                         ("model_index.json", *(f"{p}/{f}" for p in parts if p.startswith("tokenizer")
+                                                for f in ("special_tokens_map.json", "tokenizer.json"))),
+                         how_to=LAYOUT_HINT)
+    if kind == PIXART:
+        pixart.check_text_encoder(directory, release)
+    files = dit.find_shards(directory, sd.find_files(directory, release), release)
+    loaded = dit.load_safe_parts(directory, files, pipeline.name, parts)
+    info = {**_info(pipeline, [directory / f for f in files]),
+            "latent_scale": float(loaded["vae"].config.scaling_factor)}
+    transformer, vae = loaded["transformer"], loaded["vae"]
+    if kind == DIT:
+        model = dit.assemble(pipeline.name, transformer, vae, schedule, info,
+                             guidance_scale=dit.PIPELINE_GUIDANCE_SCALE)
+    else:
+        prompts_path = sd.prompt_file(None if pipeline.source["source"] == "hub" else directory)
+        prompts = sd.read_prompts(prompts_path)
+        conditioning = pixart.PixArtConditioning(
+            loaded["tokenizer"], loaded["text_encoder"], prompts,
+            micro_conditions=pixart.micro_conditions(transformer, pipeline.image_output_shape))
+        info["prompts"] = sd.prompts_info(prompts_path, prompts)
+        model = pixart.assemble(pipeline.name, transformer, vae, conditioning, schedule, info,
+                                loaded["text_encoder"])
+    prediction = pipeline.prediction_type
+    if prediction != "epsilon":  # the variance is split off first: what remains is v
+        guided = model.make_denoiser
+        model.make_denoiser = lambda net: epsilon_denoiser(guided(net), schedule, prediction)
+    model.default_steps = min(model.default_steps, pipeline.num_train_timesteps)
+    return model
+
+
 def encoder_positions(encoder: torch.nn.Module) -> int:
     """The number of token positions a CLIP text encoder embeds (what its tokenizer must pad to)."""
     return int(encoder.config.max_position_embeddings)
@@ -510,18 +630,20 @@ def make_entry(spec: str) -> ZooEntry:
         what = f"UNet2DModel {channels}x{height}x{width}"
     else:
         _, out_h, out_w = pipeline.image_output_shape
-        title = {SD: "Stable Diffusion 1.x / 2.x", SDXL: "SDXL"}[pipeline.kind]
-        what = f"{title} text-to-image {out_w}x{out_h} ({channels}x{height}x{width} latents)"
+        title = {SD: "Stable Diffusion 1.x / 2.x text-to-image", SDXL: "SDXL text-to-image",
+                 DIT: "DiT class-conditional", PIXART: "PixArt-alpha text-to-image"}[pipeline.kind]
+        what = f"{title} {out_w}x{out_h} ({channels}x{height}x{width} latents)"
     return ZooEntry(
         name=pipeline.name, load=load_entry, train_timesteps=pipeline.num_train_timesteps,
         output_size=tuple(pipeline.image_output_shape[1:]),
         description=f"diffusers pipeline {spec}: {what}, {scheduler} with T = {pipeline.num_train_timesteps}"
                     + ("" if pipeline.prediction_type == "epsilon" else f", {pipeline.prediction_type}"),
         reference=ReferenceData(),  # unknown training data: reference_images / reference_stats when given
+        family="transformer" if pipeline.kind in (DIT, PIXART) else "unet",
     )
 
 
 register_scheme(SCHEME, make_entry, USAGE,
-                "an unconditional pixel-space UNet2DModel pipeline, or a Stable Diffusion 1.x / 2.x or SDXL "
-                "text-to-image pipeline (model_index.json and its components): a directory, or a hub id from the "
-                "local Hugging Face cache")
+                "an unconditional pixel-space UNet2DModel pipeline, a Stable Diffusion 1.x / 2.x, SDXL or "
+                "PixArt-alpha text-to-image pipeline, or a DiT class-conditional pipeline (model_index.json and its "
+                "components): a directory, or a hub id from the local Hugging Face cache")

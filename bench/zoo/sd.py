@@ -367,8 +367,9 @@ def locate(release: Release, checkpoint: str | Path | None) -> tuple[Path, dict]
 
 
 def require_transformers(name: str) -> None:
+    """One line when the 'transformers' package (the text encoders and tokenizers: CLIP, T5) is missing."""
     if importlib.util.find_spec("transformers") is None:
-        raise BenchError(f"the {name} model needs the 'transformers' package (CLIP text encoder and tokenizer): "
+        raise BenchError(f"the {name} model needs the 'transformers' package (its text encoders and tokenizers): "
                          "pip install 'modiff-bench[sd]'")
 
 
