@@ -52,7 +52,9 @@ class Prepared:
     wrap: Callable[[Denoiser], Denoiser] | None = None
     on_trajectory_start: list[Callable[[], None]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    mac_fraction: float = 1.0  # share of the full UNet's MACs one network evaluation runs on average (caching < 1)
+    # share of the full UNet's MACs one network evaluation runs on average (caching < 1); None: not known (a cache
+    # whose skipped work depends on the data and is not counted): the cell's MACs and GBops are then left empty
+    mac_fraction: float | None = 1.0
     noise_std: NoiseStd | None = None
     # the zoo model's adapter of a UNet to ``(x_t, t) -> eps`` (guidance, conditioning); set by ``build``
     make_denoiser: Callable[[nn.Module], Denoiser] | None = None

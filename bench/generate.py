@@ -391,9 +391,15 @@ class Generator:
         return {"layer": name, "timesteps": timesteps, "rel_l2": errors, "seeds": [seeds[0], seeds[-1]],
                 "reference": "same layer, float activations, same input"}
 
-    def _costs(self, cell: CellSpec, model: ZooModel, record: SampleRecord, mac_fraction: float = 1.0) -> dict:
+    def _costs(self, cell: CellSpec, model: ZooModel, record: SampleRecord, mac_fraction: float | None = 1.0) -> dict:
         """Wall-clock, memory and compute. ``mac_fraction`` (caching) scales the MACs and GBops of the
-        full UNet to the average step actually run."""
+        full UNet to the average step actually run; None (not known) leaves them empty."""
+        out = self._compute_costs(cell, model, record, 1.0 if mac_fraction is None else mac_fraction)
+        if mac_fraction is None:
+            out.update(macs_g=None, gbops=None, gbops_honest=None)
+        return out
+
+    def _compute_costs(self, cell: CellSpec, model: ZooModel, record: SampleRecord, mac_fraction: float) -> dict:
         from modiff.accounting import gbops_honest, gbops_paper, reused_share
 
         if cell.model not in self._macs:

@@ -423,3 +423,7 @@ def test_diffusers_cache_cells_in_a_matrix(tmp_path, monkeypatch):
     assert table.loc["fp+fbcache-10", "psnr_to_fp"] < float("inf")
     assert table.loc["fp+pab-2", "psnr_to_fp"] < float("inf")
     assert not any(hasattr(m, "_diffusers_hook") for m in loaded["model"].unet.modules())
+    # what the caches skip is not counted: their MACs / GBops are empty, never the uncached model's; timed as any cell
+    cached = table[table.cache != "none"]
+    assert cached[["macs_g", "gbops", "gbops_honest"]].isna().all().all() and (cached.img_per_s > 0).all()
+    assert table.loc[["fp", "lcq+ec"], ["macs_g", "gbops"]].notna().all().all()

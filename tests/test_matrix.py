@@ -20,6 +20,8 @@ def _smoke(**run):
 def test_presets_ship_and_the_digits_preset_is_the_issue_matrix():
     assert {"digits", "smoke"} <= set(presets())
     matrix = load_matrix("digits")
+    dit = [c for c in matrix.cells if c.model == "digits-dit"]  # the second model, below
+    matrix.cells = [c for c in matrix.cells if c.model == "digits"]
     later = [c for c in matrix.cells if (c.execution, c.dtype) != ("fake", "float32")]
     # int8: {ltq (tensor), psq (sample)} x {off, ec} x W8 x A{8, 4, 3}; and the BF16 full-precision cell
     assert sorted((c.base, c.execution, c.dtype, c.modulation, c.a_bits) for c in later) == sorted(
@@ -39,6 +41,23 @@ def test_presets_ship_and_the_digits_preset_is_the_issue_matrix():
     assert {c.a_bits for c in cells if c.base != "fp"} == {8, 6, 4, 3, 2}
     assert matrix.run["n_samples"] >= 512
     assert len({cell_id(c) for c in cells}) == len(cells)
+    # the digits DiT: FP in float32 and bfloat16; ltq at A8/A6/A4/A3 and psq at A8/A4/A3, alone and with MoDiff;
+    # per-token scales; psq on int8 kernels; diffusers' four caches alone and under ltq + MoDiff; torchao's two
+    assert len(dit) == 32 and len(matrix.cells) == 87
+    plain = sorted((c.method, c.a_bits) for c in dit if (c.execution, c.dtype, c.cache) == ("fake", "float32", "none")
+                   and not c.base.startswith("torchao"))
+    assert plain == sorted([("fp", 32), ("dynamic", 4), ("dynamic+ec", 4)]
+                           + [(b + e, a) for b, bits in (("ltq", (8, 6, 4, 3)), ("psq", (8, 4, 3)))
+                              for e in ("", "+ec") for a in bits])
+    caches = ("fbcache-0.05", "pab-2", "fastercache", "taylorseer-2")
+    assert sorted(c.method for c in dit if c.cache != "none") == sorted(
+        [f"{b}+{cache}" for b in ("fp", "ltq+ec") for cache in caches])
+    assert sorted((c.method, c.execution, c.dtype) for c in dit if (c.execution, c.dtype) != ("fake", "float32")) == [
+        ("fp", "fake", "bfloat16"), ("psq", "int8", "float32"), ("psq", "int8", "float32"),
+        ("psq+ec", "int8", "float32"), ("psq+ec", "int8", "float32"), ("torchao-w8a8", "int8", "float32")]
+    assert {c.a_granularity for c in dit if c.base == "dynamic"} == {"token"}
+    assert matrix.run["trace_layer"] == {"digits": "mid_block.resnets.0.conv1",
+                                         "digits-dit": "transformer_blocks.2.ff.net.2"}
 
 
 def test_cell_ids_are_stable_and_depend_on_every_setting():

@@ -10,9 +10,10 @@ ranges: on the model's own scale, e.g. 0..999 for a discrete-time model, ``sigma
 trajectory starts with the hooks' state cleared.
 
 The caches hook transformer blocks (DiT, PixArt, SD3, FLUX: a block list among the network's children); a UNet
-has none, and its cells are skipped (the zoo's UNet models by name, when the matrix is resolved; another UNet when
-its cell is built, with the same one-line reason). ``mac_fraction`` stays 1: which blocks run depends on the data
-(First Block Cache, MagCache) and the MACs the skipped ones save are not counted.
+has none, and its cells are skipped (a zoo entry of the UNet family when the matrix is resolved; another UNet when
+its cell is built, with the same one-line reason). What the caches skip depends on the data (First Block Cache,
+MagCache) or happens inside an attention module (PAB, FasterCache, TaylorSeer) and is not counted: the cells'
+``mac_fraction`` is None, so their MACs and GBops are left empty rather than given as the uncached model's.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class DiffusersCacheMethod(CacheMethod):
 
         prepared.wrap = wrap
         prepared.on_trajectory_start = [*prepared.on_trajectory_start, cache.reset]
+        prepared.mac_fraction = None  # what the cache skips depends on the data and is not counted: no MACs / GBops
         prepared.info.update({"diffusers_cache": type(cache.config).__name__,
                               "diffusers_cache_config": config_info(cache.config)})
         return prepared
