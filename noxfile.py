@@ -87,7 +87,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """The main job on the embedded models: the 'digits' matrix preset, the digits UNet and the digits DiT
-    (runs/demo/, about 36 min on 2 CPU cores).
+    (runs/demo/, about 40 min on 2 CPU cores).
 
     Resumable: interrupt it and run it again. Extra arguments go to 'modiff-bench run'
     (e.g. '-- --force' to start over, '-- --set run.n_samples=128' for a quicker look)."""
