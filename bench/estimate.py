@@ -21,6 +21,7 @@ import torch
 from .build import build, resolve_cell, sampler_from_name
 from .cell import CellSpec, later_settings
 from .context import Prepared
+from .generate import timestep_batch
 from .zoo import ZooModel
 
 KINDS = ("fp", "quantized", "modulated")
@@ -70,8 +71,7 @@ def _time_call(model: ZooModel, prepared: Prepared, batch: int, device: torch.de
                repeats: int = 2) -> float:
     denoiser = prepared.denoiser()
     x = torch.randn((batch, *model.image_shape), generator=torch.Generator().manual_seed(0)).to(device)
-    # a DDPM model's integer timestep, a flow model's float time (sigma * 1000)
-    steps = torch.full((batch,), t, dtype=torch.long if model.flow is None else torch.float32, device=device)
+    steps = timestep_batch(model, t, batch, device)  # a DDPM model's integer timestep, a flow model's float time
     if model.start_batch is not None:
         model.start_batch(list(range(batch)))
     prepared.start_trajectory()

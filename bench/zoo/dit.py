@@ -69,7 +69,7 @@ from ..provenance import sha256_file
 from .checkpoints import constructor_defaults, first_line, read_config
 from .model import ZooModel
 from .registry import ReferenceData, ZooEntry, register_model
-from .sd import Release, check_keys, decode_latents, find_files, from_pretrained, locate
+from .sd import VAE_INTERFACE, Release, check_keys, decode_latents, find_files, from_pretrained, locate
 
 NAME = "dit-xl-2-256"
 RANDOM_NAME = "dit-xl-2-256-random"
@@ -134,15 +134,7 @@ SCHEDULER_CONFIG: dict = {
     "trained_betas": None,
     "prediction_type": "epsilon",
 }
-# What the decoder relies on: SD's autoencoder interface (sd-vae-ft-ema) at SD's scale
-VAE_INTERFACE: dict = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "scaling_factor": LATENT_SCALE,
-}
+# What the decoder relies on: SD's autoencoder interface (sd-vae-ft-ema) at SD's scale: bench.zoo.sd's VAE_INTERFACE
 # The architecture of stabilityai/sd-vae-ft-ema (vae/config.json): AutoencoderKL's defaults at SD's sizes; for the
 # random variant only
 VAE_ARCH: dict = {
