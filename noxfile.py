@@ -9,7 +9,7 @@ pyproject.toml or constraints.txt change, and 'nox -s clean' removes it.
     nox -s lint          # ruff
     nox -s train-tiny    # retrain the embedded UNet + classifier from scratch, check the quality bar
     nox -s train-dit     # retrain the embedded transformer (digits-dit) from scratch, check the bar
-    nox -s bench         # speed / memory of int8, fp8 and fake execution vs FP32 and BF16
+    nox -s bench         # speed / memory of int8, fp8 and fake execution vs FP32 and BF16, per allocator
     nox -s bench-deepcache  # DeepCache's measured speed-ups beside the paper's
     nox -s gpu-check     # the prepared GPU check, one table ('-- --prepare' first; '-- --device cpu --quick' here)
     nox -s speed         # the 'cifar10-speed' matrix (random weights): wall-clock table, ratios to FP32 and BF16
@@ -157,11 +157,20 @@ def train_dit(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """Speed and memory of real int8 / fp8 execution, fake quantization and MoDiff against FP32 and BF16,
-    measured in one run (runs/bench/execution.json). CIFAR-10 architecture and digits model.
+    measured in one run per memory allocator (runs/bench/execution.json): glibc's malloc tuned
+    (modiff.allocator.tune_allocator) and as it comes, and tcmalloc where libtcmalloc is installed, each in its own
+    process, merged into one table. CIFAR-10 architecture and digits model.
 
-    Extra arguments go to benchmarks/execution.py (e.g. '-- --device cuda --batch 256', '-- --configs ...')."""
+    Extra arguments go to benchmarks/execution.py (e.g. '-- --device cuda --batch 256', '-- --configs ...';
+    '-- --allocator tuned' for one process and allocator only)."""
     env = _shared_env(session)
-    _run(session, env, "python", "benchmarks/execution.py", *session.posargs)
+    allocators = []
+    if not any(a in ("--allocator", "--allocators") for a in session.posargs):
+        # benchmarks/_common.py's TCMALLOC_PATHS: the script skips tcmalloc, saying why, where neither exists
+        tcmalloc = any(os.path.exists(p) for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                                                   "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"))
+        allocators = ["--allocators", "tuned", "default", *(["tcmalloc"] if tcmalloc else [])]
+    _run(session, env, "python", "benchmarks/execution.py", *allocators, *session.posargs)
 
 
 @nox.session(name="bench-deepcache", venv_backend="none")

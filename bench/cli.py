@@ -619,6 +619,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.command in ("run", "sample", "quality", "evaluate", "train-tiny", "train-dit"):
+        # before any model is built: every cell, full precision included, is timed under the same allocator
+        # (modiff/allocator.py; MODIFF_ALLOCATOR=default leaves glibc's as it comes); each cell's timing_env says which
+        from modiff.allocator import tune_allocator
+
+        try:
+            tune_allocator()
+        except ValueError as exc:
+            print(f"modiff-bench: error: {exc}", file=sys.stderr)
+            return 2
     handler = {"models": cmd_models, "sample": cmd_sample, "quality": cmd_quality, "train-tiny": cmd_train_tiny,
                "train-dit": cmd_train_dit,
                "run": cmd_run, "presets": cmd_presets, "methods": cmd_methods, "evaluate": cmd_evaluate,

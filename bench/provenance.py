@@ -89,20 +89,30 @@ def cpu_flags() -> str:
     return " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + ", ".join(ISA_FLAGS)
 
 
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # environment variables that hide instructions
+
+
 def timing_environment(device: str = "cpu", memory_format: str = "contiguous", compiled: bool = False) -> dict:
     """What a timing depends on beyond the cell's settings: the CPU model and ISA flags, torch's CPU
-    capability and oneDNN version, the thread count, the memory format, torch.compile on/off, and the
-    GPU with its CUDA and driver versions where there is one."""
+    capability and oneDNN version, the thread count, the memory format, torch.compile on/off, the memory
+    allocator (a third of int8 MoDiff's time on a CPU: modiff/allocator.py), and the GPU with its CUDA and
+    driver versions where there is one."""
     import re
 
     import torch
+
+    from modiff.allocator import allocator_settings
 
     model = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.MULTILINE)
     onednn = re.search(r"(?:oneDNN|MKL-DNN) v([0-9.]+)", torch.__config__.show())
     env = {"cpu_model": model.group(1).strip() if model else platform.processor() or platform.machine(),
            "cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "onednn": onednn.group(1) if onednn else None, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "memory_format": memory_format, "compile": compiled}
+           "threads": torch.get_num_threads(), "memory_format": memory_format, "compile": compiled,
+           **allocator_settings()}
+    limits = {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)}
+    if limits:  # an emulated older CPU (oneDNN / ATen told to use fewer instructions than the CPU has)
+        env["isa_limits"] = limits
     if device.startswith("cuda") and torch.cuda.is_available():
         try:
             driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]

@@ -67,6 +67,8 @@ class DynamicQuantizer(BaseQuantizer):
         # fake. Set it to true on fake cells to compare them with int8 cells on the same weight grid.
         weight_symmetric: bool | None = None
         compile: bool = False  # fuse the quantizers' elementwise passes with torch.compile (ModiffConfig.compile)
+        # the dtype MoDiff keeps â and ô in between steps (ModiffConfig.state_dtype): bfloat16 / float16 halve them
+        state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     real_execution: ClassVar[bool] = True
     dtypes: ClassVar[tuple[str, ...]] = DTYPES

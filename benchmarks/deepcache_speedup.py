@@ -15,7 +15,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from _common import run_script, write_table
+from _common import run_script, setup_allocator, write_table
 
 INTERVALS = (2, 3, 5, 10)
 PAPER = Path(__file__).resolve().parent.parent / "reports" / "data" / "deepcache_cifar10.csv"
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="runs/bench/deepcache.json")
     args = parser.parse_args(argv)
+    setup_allocator()  # modiff.allocator.tune_allocator(), as modiff-bench does; the JSON records it
 
     import pandas as pd
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _common import setup_allocator
 
 import modiff
 from bench.errors import BenchError
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--n", type=int, default=64)
     args = parser.parse_args(argv)
+    allocator = setup_allocator()  # its seconds column times sampling: the allocator as modiff-bench sets it up
 
     # every configuration is validated before any sampling starts
     configs = [modiff.ModiffConfig(w_bits=args.w_bits, a_bits=a_bits, modulation=modulation, granularity=granularity)
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(out / "psnr_table.md", lambda p: p.write_text(wide.to_markdown(index=False) + "\n"))
     write_json_atomic(out / "psnr_table.json", {
         "settings": {"model": "digits", "sampler": sampler.name, "steps": args.steps, "eta": 0.0,
-                     "seeds": [0, args.n - 1], "w_bits": args.w_bits, "metric": "PSNR (dB) to FP samples"},
+                     "seeds": [0, args.n - 1], "w_bits": args.w_bits, "metric": "PSNR (dB) to FP samples",
+                     "allocator": allocator},
         "provenance": provenance("cpu"),
     })
     print(f"\nPSNR to full precision (dB), W{args.w_bits}, {args.n} samples, DDIM quad {args.steps} steps\n")

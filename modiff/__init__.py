@@ -7,6 +7,7 @@ core it shares with the baselines. See ../shared/spec/modiff.md for the method.
         ...sample...                # detected from the timestep going back up: modiff.watch_trajectories)
 """
 
+from .allocator import allocator_settings, tune_allocator
 from .api import (
     calibrate,
     quant_layers,
@@ -17,11 +18,12 @@ from .api import (
     trajectory,
     watch_trajectories,
 )
+from .checkpoint import load_quantized, save_quantized
 from .config import GRANULARITIES, MODULATIONS, ModiffConfig
 from .layers import QuantLayer
 
 __all__ = [
     "GRANULARITIES", "MODULATIONS", "ModiffConfig", "QuantLayer",
-    "calibrate", "quant_layers", "quantize", "reset", "reused_samples", "state_bytes", "trajectory",
-    "watch_trajectories",
+    "calibrate", "load_quantized", "quant_layers", "quantize", "reset", "reused_samples", "save_quantized",
+    "state_bytes", "trajectory", "watch_trajectories", "allocator_settings", "tune_allocator",
 ]

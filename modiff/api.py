@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .allocator import tune_allocator
 from .config import ModiffConfig, check_choice
 from .layers import QUANTIZABLE, QuantLayer
 
@@ -36,6 +37,7 @@ def quantize(model: nn.Module, config: ModiffConfig, weight_quantized: bool = Fa
         setattr(parent, child, QuantLayer(module, config, name, weight_quantized=weight_quantized))
     if config.compute_dtype != "float32":
         cast_outside_quant_layers(model, getattr(torch, config.compute_dtype))
+    tune_allocator()
     if new_trajectory != "ignore":
         watch_trajectories(model, new_trajectory)
     return model

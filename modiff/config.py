@@ -11,6 +11,7 @@ ACT_SCALES = ("dynamic", "static")
 EXECUTIONS = ("fake", "int8", "fp8")
 NUMBER_FORMATS = ("int", "fp8")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16", "float16")
 NOT_QUANTIZED = 32
 REAL_GRANULARITIES = ("tensor", "sample", "token")  # scales that factor out of the reduction over input channels
 
@@ -71,6 +72,10 @@ class ModiffConfig:
     float32 either way. (A model cast to float16 or bfloat16 before ``quantize`` is another thing: its
     layers run ``A`` in that dtype and keep scales and state in float32; see ``QuantLayer.forward``.)
     ``compile``: fuse the layers' elementwise passes with ``torch.compile``.
+    ``state_dtype``: the dtype the modulated modes keep ``â`` and ``ô`` in between steps (float32 by default;
+    ``bfloat16`` or ``float16`` halve the state's bytes). The arithmetic stays float32: the residual is taken
+    against the stored ``â``, so error compensation folds ``â``'s storage rounding into the next residual; ``ô``'s
+    rounding is not compensated (its cost is measured in docs/modiff.md#state-dtype).
     """
 
     w_bits: int = 8
@@ -88,6 +93,7 @@ class ModiffConfig:
     number_format: str = "int"
     compute_dtype: str = "float32"
     compile: bool = False
+    state_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_choice("modulation", self.modulation, MODULATIONS)
@@ -115,6 +121,7 @@ class ModiffConfig:
         check_choice("execution", self.execution, EXECUTIONS)
         check_choice("number_format", self.number_format, NUMBER_FORMATS)
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("state_dtype", self.state_dtype, STATE_DTYPES)
         for flag in ("weight_symmetric", "compile", "symmetric", "warmup"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False; got {getattr(self, flag)!r}")

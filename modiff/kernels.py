@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import FP8_DTYPE, dynamic_scale, fake_quant_fp8, fp8_scale, quantize_over, to_fp8
+from .quant import FP8_DTYPE, dequantize_weight, dynamic_scale, fake_quant_fp8, fp8_scale, quantize_over, to_fp8
 
 BACKENDS = ("onednn", "int_mm", "scaled_mm")
 
@@ -134,13 +134,16 @@ class Operator:
     def _backend(self, device: torch.device) -> str:
         return self.backend or default_backend(self.execution, device)
 
-    def correction(self, x_shape: torch.Size, w_deq: torch.Tensor) -> torch.Tensor:
-        """``M = A(1)`` with the layer's zero padding, shaped to broadcast over the output."""
-        key = (tuple(x_shape[1:]) if not self.linear else (), w_deq.device, w_deq.dtype, w_deq.data_ptr(),
-               w_deq._version)  # new weights (load_state_dict) mean a new map
+    def correction(self, x_shape: torch.Size, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """``M = A(1)`` with the layer's zero padding, shaped to broadcast over the output, on the dequantized weight
+        ``w_q * w_scale`` in ``dtype`` (the wrapped layer's float dtype): made once per input shape and kept."""
+        key = (tuple(x_shape[1:]) if not self.linear else (), w_q.device, dtype, w_q.data_ptr(), w_q._version,
+               w_scale.data_ptr(), w_scale._version)  # new weights (load_state_dict) mean a new map
         m = self._corr.get(key)
         if m is None:
             with torch.no_grad():
+                w_deq = dequantize_weight(w_q, w_scale, dtype)
                 if self.linear:
                     m = w_deq.float().sum(dim=1)
                 else:
@@ -240,7 +243,7 @@ class Operator:
 # -- activation quantizers of the real path ------------------------------------------------------
 def int_quantize(r: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool,
                  static: tuple[torch.Tensor, torch.Tensor] | None = None, want_dequantized: bool = False,
-                 inplace: bool = True):
+                 inplace: bool = True, rows: bool = False):
     """Quantize ``r`` (in place if ``inplace``: a temporary the caller owns) to ``(u, scale, offset, d)``:
     ``u`` uint8 with ``(u - offset) * scale`` on the grid, ``d`` that dequantized tensor (or None). The arithmetic
     is :func:`modiff.quant.fake_quant`'s, op for op, so ``d`` is bit-equal to the fake path's."""
@@ -250,10 +253,17 @@ def int_quantize(r: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: b
         half = 2 ** (bits - 1)
         q.clamp_(-half, half - 1)
         d = q.mul(scale) if want_dequantized else None
-        return q.add_(half).to(torch.uint8), scale, half, d
+        return q.add_(half).to(torch.uint8, memory_format=_layout(rows)), scale, half, d
     q.add_(zero_point).clamp_(0, 2**bits - 1)
     d = torch.sub(q, zero_point).mul_(scale) if want_dequantized else None
-    return q.to(torch.uint8), scale, zero_point, d
+    return q.to(torch.uint8, memory_format=_layout(rows)), scale, zero_point, d
+
+
+def _layout(rows: bool) -> torch.memory_format:
+    """``u``'s layout: a linear's kernel reads rows, so ``u`` is written contiguous in the same pass (an attention
+    projection's input is often a transposed view: diffusers' group norm returns (B, C, HW), transposed to
+    (B, HW, C)); a conv's keeps the input's (channels-last in, channels-last out)."""
+    return torch.contiguous_format if rows else torch.preserve_format
 
 
 def fp8_quantize(r: torch.Tensor, dims: tuple[int, ...], want_dequantized: bool = False,
@@ -269,12 +279,12 @@ def fp8_quantize(r: torch.Tensor, dims: tuple[int, ...], want_dequantized: bool 
 
 def quantize_real(r: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool, fp8: bool,
                   static: tuple[torch.Tensor, torch.Tensor] | None = None, want_dequantized: bool = False,
-                  inplace: bool = True):
+                  inplace: bool = True, rows: bool = False):
     """:func:`int_quantize` or, with ``fp8``, :func:`fp8_quantize` (``static``'s scale, if given;
     e4m3 has no zero point) -> ``(u, scale, offset, d)``."""
     if fp8:
         return fp8_quantize(r, dims, want_dequantized, scale=None if static is None else static[0])
-    return int_quantize(r, dims, bits, symmetric, static, want_dequantized, inplace)
+    return int_quantize(r, dims, bits, symmetric, static, want_dequantized, inplace, rows)
 
 
 def epilogue(y: torch.Tensor, scale: torch.Tensor, offset, m: torch.Tensor | None, add: torch.Tensor | None,
@@ -293,19 +303,35 @@ def epilogue(y: torch.Tensor, scale: torch.Tensor, offset, m: torch.Tensor | Non
     return y
 
 
+def epilogue_to(y: torch.Tensor, scale: torch.Tensor, offset, m: torch.Tensor | None, add: torch.Tensor | None,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`epilogue` written in ``out_dtype`` (a bfloat16 / float16 output or state): computed in float32, one
+    fused pass that writes only the result when compiled (no float32 copy beside it)."""
+    if m is not None and (isinstance(offset, torch.Tensor) or offset):
+        y = y - offset * m
+    y = y * scale
+    if add is not None:
+        y = y + add
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
+
+
 def quantize_input(x: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool, fp8: bool,
-                   static: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Plain PTQ: quantize the layer's input (left untouched) -> ``(u, scale, offset)``."""
+                   static: tuple[torch.Tensor, torch.Tensor] | None = None, rows: bool = False):
+    """Plain PTQ: quantize the layer's input (left untouched) -> ``(u, scale, offset)``; ``rows``: ``u`` contiguous
+    (a linear's input)."""
     r = x if x.dtype == torch.float32 else x.float()
-    return quantize_real(r, dims, bits, symmetric, fp8, static, inplace=r is not x)[:3]
+    return quantize_real(r, dims, bits, symmetric, fp8, static, inplace=r is not x, rows=rows)[:3]
 
 
 def quantize_residual(x: torch.Tensor, ref: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool,
-                      fp8: bool, update_ref: bool, static: tuple[torch.Tensor, torch.Tensor] | None = None):
+                      fp8: bool, update_ref: bool, static: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      rows: bool = False):
     """Modulated modes: quantize ``x - ref`` -> ``(u, scale, offset)``; with ``update_ref`` (MoDiff's
-    error compensation) also ``ref += dequantized residual`` in place."""
+    error compensation) also ``ref += dequantized residual`` in place; ``rows`` as in :func:`quantize_input`."""
     r = torch.sub(x, ref) if x.dtype == torch.float32 else x.float().sub_(ref)
-    u, scale, offset, d = quantize_real(r, dims, bits, symmetric, fp8, static, want_dequantized=update_ref)
+    u, scale, offset, d = quantize_real(r, dims, bits, symmetric, fp8, static, want_dequantized=update_ref, rows=rows)
     if update_ref:
         ref.add_(d)
     return u, scale, offset
@@ -327,7 +353,8 @@ def fake_residual(x: torch.Tensor, ref: torch.Tensor, dims: tuple[int, ...], bit
 
 
 _COMPILED: dict[str, object] = {}
-_FUSABLE = ("quantize_input", "quantize_residual", "epilogue", "fake_input", "fake_residual")
+RECOMPILE_LIMIT = 64
+_FUSABLE = ("quantize_input", "quantize_residual", "epilogue", "epilogue_to", "fake_input", "fake_residual")
 
 
 def compiled(name: str):
@@ -336,6 +363,11 @@ def compiled(name: str):
     if fn is None:
         if name not in _FUSABLE:
             raise ValueError(f"no fusable pass {name!r}; one of {', '.join(_FUSABLE)}")
+        # one graph per input rank, dtype, layout and optional operand (a UNet and a transformer in one process,
+        # bfloat16 and float32 cells, linears and convs): more than dynamo's default of 8 per function, after
+        # which it would silently run the rest eager
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         fn = _COMPILED[name] = torch.compile(globals()[name], dynamic=True)
     return fn
 

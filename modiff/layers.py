@@ -27,6 +27,8 @@ from . import kernels
 from .config import NOT_QUANTIZED, ModiffConfig
 from .quant import (
     FP8_DTYPE,
+    HALF_DTYPES,
+    dequantize_weight,
     dynamic_scale,
     fake_quant,
     fake_quant_fp8,
@@ -52,10 +54,12 @@ class QuantLayer(nn.Module):
     """``weight_quantized=True``: the weight is already on its ``w_bits`` grid (e.g. AdaRound's) and
     is left as it is. ``act_quantizer``: a module ``x -> Q(x)`` that replaces the built-in activation
     quantizer (e.g. Q-Diffusion's learned static step sizes); in the modulated modes it quantizes
-    the residuals."""
+    the residuals. ``int_weights``: real execution only, ``(w_q, w_scale)`` to keep instead of quantizing the
+    layer's float weight, which is neither read nor kept (``modiff.load_quantized`` fills them from a file)."""
 
     def __init__(self, layer: nn.Module, config: ModiffConfig, name: str = "", weight_quantized: bool = False,
-                 act_quantizer: nn.Module | None = None):
+                 act_quantizer: nn.Module | None = None,
+                 int_weights: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if not isinstance(layer, QUANTIZABLE):
             raise TypeError(f"QuantLayer wraps Conv1d/Conv2d/Linear, not {type(layer).__name__}")
@@ -69,7 +73,13 @@ class QuantLayer(nn.Module):
                              "an external activation quantizer yet (Q-Diffusion's are fake-quantized only)")
         self.register_buffer("w_q", None)  # real execution: int8 weights (fp8: their uint8 bit pattern)
         self.register_buffer("w_scale", None)  # real execution: per-output-channel weight scales
-        if not weight_quantized:
+        # real execution: an empty tensor in the dropped float weight's dtype, which casts (.half()) follow
+        self.register_buffer("weight_template", None, persistent=False)
+        if int_weights is not None:
+            if not self.real:
+                raise ValueError(f"layer {name!r}: int_weights are for execution 'int8' / 'fp8', not 'fake'")
+            self._drop_float_weight(layer, *int_weights)
+        elif not weight_quantized:
             with torch.no_grad():
                 self._quantize_weight(layer, config)
         self._op = kernels.Operator(layer, config.execution, config.a_bits) if self.real else None
@@ -79,6 +89,8 @@ class QuantLayer(nn.Module):
         self._observed: list[torch.Tensor] | None = None
         self._dims: dict[int, tuple[int, ...]] = {}  # input ndim -> dims a dynamic scale reduces over
         self.split = 0  # shortcut splitting (set_split): channels [:split] and [split:] get their own dynamic scales
+        # â and ô between steps: None keeps them in the working dtype (float32; float64 in a float64 model)
+        self._state_dtype = None if config.state_dtype == "float32" else _DTYPES[config.state_dtype]
         self.reset_state()
 
     def set_split(self, split: int) -> None:
@@ -99,29 +111,60 @@ class QuantLayer(nn.Module):
 
     def _quantize_weight(self, layer: nn.Module, config: ModiffConfig) -> None:
         if config.number_format == "fp8":
-            w8, scale = weight_fp8(layer.weight)
-            layer.weight.copy_((w8.float() * scale.view(-1, *([1] * (w8.dim() - 1)))).to(layer.weight.dtype))
-            if self.real:
-                self.w_q, self.w_scale = w8.view(torch.uint8), scale
+            w_grid, scale = weight_fp8(layer.weight)
+            stored = w_grid.view(torch.uint8)
         elif config.weight_symmetric and config.w_bits != NOT_QUANTIZED:
-            w_int, scale = weight_grid(layer.weight, config.w_bits, config.weight_method)
-            layer.weight.copy_(w_int.mul(scale.view(-1, *([1] * (w_int.dim() - 1)))).to(layer.weight.dtype))
-            if self.real:
-                self.w_q, self.w_scale = w_int.to(torch.int8), scale
+            w_grid, scale = weight_grid(layer.weight, config.w_bits, config.weight_method)
+            stored = w_grid.to(torch.int8)
         else:
             layer.weight.copy_(quantize_weight(layer.weight, config.w_bits, config.weight_method))
+            return
+        if self.real:
+            self._drop_float_weight(layer, stored, scale)
+        else:
+            layer.weight.copy_(dequantize_weight(w_grid, scale, layer.weight.dtype))
+
+    def _drop_float_weight(self, layer: nn.Module, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
+        """Real execution keeps the 8-bit weights and their scales only (a quarter of the float weight's bytes): the
+        wrapped layer's ``weight`` becomes None, so calling it directly fails instead of using a stale weight, and
+        the float weight is rebuilt where it is needed (:meth:`dequantized_weight`: the warm-up, correction maps)."""
+        weight = layer.weight
+        storage = torch.uint8 if self.config.execution == "fp8" else torch.int8
+        if (w_q.shape != weight.shape or w_q.dtype != storage or w_scale.shape != (weight.shape[0],)
+                or w_scale.dtype != torch.float32):
+            raise ValueError(f"layer {self.name!r}: int_weights must be {storage} {tuple(weight.shape)} and float32 "
+                             f"({weight.shape[0]},); got {w_q.dtype} {tuple(w_q.shape)} and {w_scale.dtype} "
+                             f"{tuple(w_scale.shape)}")
+        self.w_q, self.w_scale = w_q, w_scale
+        self.weight_template = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        layer.register_parameter("weight", None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight: the wrapped layer's own, or under real execution ``w_q * w_scale`` made anew at each
+        call, in the dtype the dropped weight had (or was cast to since), bit-equal to the weight kept before."""
+        if self.w_q is None:
+            return self.layer.weight
+        w_q = self.w_q.view(FP8_DTYPE) if self.config.execution == "fp8" else self.w_q
+        return dequantize_weight(w_q, self.w_scale, self.weight_template.dtype)
+
+    def _weight_dtype(self) -> torch.dtype:
+        return self.layer.weight.dtype if self.weight_template is None else self.weight_template.dtype
 
     def __getattr__(self, name: str):
         """The wrapped layer's shape and weights read through the wrapper (``in_features``, ``kernel_size``,
         ``weight``...): pipelines read them off the model, e.g. diffusers' SDXL pipeline reads
-        ``unet.add_embedding.linear_1.in_features``, which raised AttributeError on the wrapper."""
+        ``unet.add_embedding.linear_1.in_features``, which raised AttributeError on the wrapper. Under real
+        execution ``weight`` is :meth:`dequantized_weight`, made at each read (the wrapped layer's is None)."""
         if name in _WRAPPED_ATTRIBUTES:
+            if name == "weight" and self.__dict__.get("_buffers", {}).get("w_q") is not None:
+                return self.dequantized_weight()  # real execution keeps no float weight
             return getattr(super().__getattr__("layer"), name)
         return super().__getattr__(name)
 
     def _apply(self, fn, recurse: bool = True):
         """``model.half()`` / ``.to(torch.bfloat16)`` after quantizing cast the weights (``A`` then runs in that
-        dtype) but leave the scales in float32: a float16 scale loses precision, and a tiny one is 0."""
+        dtype; real execution: ``weight_template``, the dtype the float weight is rebuilt in) but leave the scales in
+        float32: a float16 scale loses precision, and a tiny one is 0."""
         kept = {name: getattr(self, name) for name in _FLOAT32_BUFFERS if getattr(self, name) is not None}
         super()._apply(fn, recurse)
         for name, before in kept.items():
@@ -152,7 +195,7 @@ class QuantLayer(nn.Module):
     def linear(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         """``A(x)`` (+ bias): the wrapped operator with its (already quantized) weight, in the weight's dtype;
         returned in ``x``'s dtype (the layer's float32 arithmetic)."""
-        w = self.layer.weight
+        w = self.dequantized_weight()
         b = self.layer.bias if bias else None
         operand = x if x.dtype == w.dtype else x.to(w.dtype)
         y = F.linear(operand, w, b) if isinstance(self.layer, nn.Linear) else self.layer._conv_forward(operand, w, b)
@@ -250,16 +293,21 @@ class QuantLayer(nn.Module):
         that is not float32. It never mutates a tensor it has returned (nor its input): ``ô`` is rebuilt out of
         place at every step, only ``â`` (never handed out) is updated in place."""
         dtype = _DTYPES[self.config.compute_dtype] if self.config.compute_dtype != "float32" else x.dtype
-        work = torch.float64 if self.layer.weight.dtype == torch.float64 else torch.float32
-        out = self._forward(x if x.dtype == work else x.to(work))
+        work = self._work_dtype()
+        if self.real and self._observed is None:  # inference only: integer kernels have no gradient
+            with torch.no_grad():  # a half input goes to the (fused) quantizer as it is: no cast pass of its own
+                out = self._forward_real(x if x.dtype in HALF_DTYPES or x.dtype == work else x.to(work), dtype)
+        else:
+            out = self._forward(x if x.dtype == work else x.to(work))
         return out if out.dtype == dtype else out.to(dtype)
+
+    def _work_dtype(self) -> torch.dtype:
+        """The layer's own arithmetic: float32, float64 in a float64 model."""
+        return torch.float64 if self._weight_dtype() == torch.float64 else torch.float32
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observed is not None:
             return self._observe(x)
-        if self.real:  # inference only: integer kernels have no gradient
-            with torch.no_grad():
-                return self._forward_real(x)
         c = self.config
         fused = (c.compile and self.act_quantizer is None and c.act_scale == "dynamic" and c.a_bits != NOT_QUANTIZED
                  and not self.split)
@@ -281,7 +329,7 @@ class QuantLayer(nn.Module):
         residual = x - self._a_ref
         keep = self._residual_mask(residual)
         if keep is not None and not keep.any():  # every sample reuses the cache
-            out = self._o_ref
+            out = self._o_ref if self._state_dtype is None else self._o_ref.to(x.dtype)
         else:
             d = self.quantize_activation(residual, inplace=True)
             if keep is not None:
@@ -294,10 +342,10 @@ class QuantLayer(nn.Module):
     def _advance(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """End of a modulated step: plain mode's reference becomes the true input; remember ``ô``."""
         if self.config.modulation == "plain":
-            self._a_ref = x
-        self._o_ref = out
+            self._a_ref = self._stored(x)
+        self._o_ref = self._stored(out)
         self.residual_calls += 1
-        self._versions = (self._a_ref._version, out._version)
+        self._versions = (self._a_ref._version, self._o_ref._version)
         return out
 
     # -- real execution (modiff/kernels.py) ---------------------------------------------------
@@ -312,34 +360,41 @@ class QuantLayer(nn.Module):
                                "(run modiff.calibrate first)")
         return self.static_scale, self.static_zero_point
 
-    def _kernel(self, u, scale, offset, x_shape, add, bias: bool) -> torch.Tensor:
-        """``A((u - offset) * scale) (+ add) (+ bias)`` on the integer / float8 kernel."""
+    def _kernel(self, u, scale, offset, x_shape, add, bias: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``A((u - offset) * scale) (+ add) (+ bias)`` on the integer / float8 kernel, computed in float32 and
+        written in ``out_dtype`` (None: float32) by the same (fused) pass."""
         w_q = self.w_q.view(FP8_DTYPE) if self.config.execution == "fp8" else self.w_q
         shift = 0 if self.config.execution == "fp8" else _minus(offset, self._op.base(u))
         y = self._op(u, w_q, self.w_scale)
-        m = None if _is_zero(shift) else self._op.correction(x_shape, self.layer.weight)
+        m = None if _is_zero(shift) else self._op.correction(x_shape, w_q, self.w_scale, self.weight_template.dtype)
         b = self.layer.bias if bias else None
         if b is not None and not isinstance(self.layer, nn.Linear):
             b = b.view(-1, *([1] * (y.dim() - 2)))
+        if out_dtype is not None and out_dtype != y.dtype:
+            return self._passes("epilogue_to")(y, scale, shift, m, add, b, out_dtype)
         return self._passes("epilogue")(y, scale, shift, m, add, b)
 
-    def _forward_real(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_real(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x``: the input in the working dtype, or as it came when that is float16 / bfloat16 (the quantizing pass
+        reads it and computes in float32). The kernel's epilogue writes the returned ``dtype`` (off) or the state's
+        dtype (modulated) directly: a bfloat16 model with a bfloat16 state makes no cast pass at all."""
         c = self.config
         fp8 = c.execution == "fp8"
         if c.modulation == "off":
             u, scale, offset = self._passes("quantize_input")(x, self._scale_dims(x), c.a_bits, c.symmetric, fp8,
-                                                              self._static())
-            return self._kernel(u, scale, offset, x.shape, None, bias=True)
+                                                              self._static(), self._op.linear)
+            return self._kernel(u, scale, offset, x.shape, None, bias=True, out_dtype=dtype)
+        work = self._work_dtype()
         if self._a_ref is None:
-            return self._warmup(x)
+            return self._warmup(x if x.dtype == work else x.to(work))
         self._check_state(x)
         ec = c.modulation == "ec"
         if c.a_bits == 0 or c.residual_tolerance is not None:
-            out = self._masked_real(x, ec, fp8)
+            out = self._masked_real(x if x.dtype == work else x.to(work), ec, fp8)
         else:
             u, scale, offset = self._passes("quantize_residual")(x, self._a_ref, self._scale_dims(x), c.a_bits,
-                                                                 c.symmetric, fp8, ec, self._static())
-            out = self._kernel(u, scale, offset, x.shape, self._o_ref, bias=False)
+                                                                 c.symmetric, fp8, ec, self._static(), self._op.linear)
+            out = self._kernel(u, scale, offset, x.shape, self._o_ref, bias=False, out_dtype=self._state_dtype)
         return self._advance(x, out)
 
     def _masked_real(self, x: torch.Tensor, ec: bool, fp8: bool) -> torch.Tensor:
@@ -351,7 +406,7 @@ class QuantLayer(nn.Module):
         residual = x - self._a_ref
         keep = self._residual_mask(residual)
         if keep is not None and not keep.any():
-            return self._o_ref
+            return self._o_ref if self._state_dtype is None else self._o_ref.to(x.dtype)
         dims = self._scale_dims(residual)
         if keep is None:
             idx = None
@@ -361,15 +416,16 @@ class QuantLayer(nn.Module):
         if static is None and dims == tuple(range(residual.dim())):  # one scale for the whole batch, cached samples too
             static = (fp8_scale(residual, dims), 0) if fp8 else dynamic_scale(residual, dims, c.a_bits, c.symmetric)
         part = residual if idx is None else residual.index_select(0, idx)
-        u, scale, offset, d = kernels.quantize_real(part, dims, c.a_bits, c.symmetric, fp8, static, want_dequantized=ec)
+        u, scale, offset, d = kernels.quantize_real(part, dims, c.a_bits, c.symmetric, fp8, static, want_dequantized=ec,
+                                                    rows=self._op.linear)
         if idx is None:
             if ec:
                 self._a_ref.add_(d)
             return self._kernel(u, scale, offset, x.shape, self._o_ref, bias=False)
         if ec:
-            self._a_ref.index_add_(0, idx, d)
+            self._a_ref.index_add_(0, idx, d.to(self._a_ref.dtype))
         delta = self._kernel(u, scale, offset, part.shape, self._o_ref.index_select(0, idx), bias=False)
-        return self._o_ref.index_copy(0, idx, delta)
+        return self._o_ref.to(delta.dtype).index_copy(0, idx, delta)  # out of place: a layer never mutates ô
 
     def _warmup(self, x: torch.Tensor) -> torch.Tensor:
         if self.real and not self.config.warmup:  # the first step quantized, on the kernel
@@ -377,9 +433,9 @@ class QuantLayer(nn.Module):
         a0 = x if self.config.warmup else self.quantize_activation(x)
         out = self.linear(a0, bias=True)
         # ec updates â in place, so it owns a copy; plain keeps a reference to the true input
-        self._a_ref = a0.clone() if self.config.modulation == "ec" else x
-        self._o_ref = out
-        self._versions = (self._a_ref._version, out._version)
+        self._a_ref = self._stored(a0, copy=self.config.modulation == "ec")
+        self._o_ref = self._stored(out)
+        self._versions = (self._a_ref._version, self._o_ref._version)
         self.warmup_calls += 1
         return out
 
@@ -387,13 +443,21 @@ class QuantLayer(nn.Module):
         c = self.config
         dims = self._scale_dims(x)
         u, scale, offset, d = kernels.quantize_real(x, dims, c.a_bits, c.symmetric, c.execution == "fp8",
-                                                    self._static(), want_dequantized=True, inplace=False)
+                                                    self._static(), want_dequantized=True, inplace=False,
+                                                    rows=self._op.linear)
         out = self._kernel(u, scale, offset, x.shape, None, bias=True)
-        self._a_ref = d if c.modulation == "ec" else x
-        self._o_ref = out
-        self._versions = (self._a_ref._version, out._version)
+        self._a_ref = self._stored(d if c.modulation == "ec" else x)
+        self._o_ref = self._stored(out)
+        self._versions = (self._a_ref._version, self._o_ref._version)
         self.warmup_calls += 1
         return out
+
+    def _stored(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        """``t`` as the state keeps it (``state_dtype``); ``copy``: a tensor of the layer's own even in that dtype."""
+        target = self._state_dtype or self._work_dtype()
+        if t.dtype == target:
+            return t.clone() if copy else t
+        return t.to(target)
 
     def _residual_mask(self, residual: torch.Tensor) -> torch.Tensor | None:
         """Which samples get a non-zero residual; None when all of them do."""

@@ -191,3 +191,10 @@ def weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.detach().float()
     scale = fp8_scale(w, tuple(range(1, w.dim())))
     return to_fp8(w, scale), scale.reshape(-1)
+
+
+def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w_q * scale`` per output channel (dim 0), in ``dtype``: the float weight of :func:`weight_grid`'s integers or
+    :func:`weight_fp8`'s e4m3 values (both exact in float32), bit-equal however often it is rebuilt. Keeps ``w_q``'s
+    memory format (a channels-last model's weights stay channels-last)."""
+    return torch.mul(w_q.float(), scale.view(-1, *([1] * (w_q.dim() - 1)))).to(dtype)

@@ -31,9 +31,24 @@ def test_psnr_table_layout():
     assert wide.iloc[1].tolist()[2:] == [3.0, 4.0, 5.0]
 
 
+def _last_table(stdout: str) -> list[dict[str, str]]:
+    """The last Markdown table printed, as one dict per row (column header -> cell)."""
+    lines = stdout.splitlines()
+    starts = [i for i in range(len(lines) - 1) if lines[i].startswith("| ") and lines[i + 1].startswith("| ---")]
+    assert starts, stdout[-2000:]
+    head = [c.strip() for c in lines[starts[-1]].strip().strip("|").split("|")]
+    rows = []
+    for line in lines[starts[-1] + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(dict(zip(head, [c.strip() for c in line.strip().strip("|").split("|")], strict=True)))
+    return rows
+
+
 def test_execution_benchmark_end_to_end(tmp_path):
     out = tmp_path / "execution.json"
-    configs = ["fp32", "fp32-cl", "bf16-cl", "fake-modiff", "int8-ptq-w8a8-sample", "int8-modiff-w8a4-sample"]
+    configs = ["fp32", "fp32-cl", "bf16-cl", "fake-modiff", "int8-ptq-w8a8-sample", "int8-modiff-w8a4-sample",
+               "int8-modiff-w8a8-sample"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "execution.py"), "--models", "digits", "--batch", "4",
          "--steps-digits", "3", "--rounds", "1", "--configs", *configs, "--out", str(out)],
@@ -51,6 +66,152 @@ def test_execution_benchmark_end_to_end(tmp_path):
     assert results["digits/fp32"]["state_bytes"] == results["digits/int8-ptq-w8a8-sample"]["state_bytes"] == 0
     assert results["digits/int8-modiff-w8a4-sample"]["state_bytes"] > 0  # read after a full trajectory
     assert "| digits | int8-modiff-w8a4-sample |" in done.stdout and "CPU flags" in done.stdout
+
+    # the allocator it set up at start-up (--allocator tuned, the default) is in the header and in every result
+    from bench.provenance import cpu_flags
+    from modiff.allocator import allocator_settings
+
+    report = json.loads(out.read_text())
+    glibc = allocator_settings()["allocator"] == "glibc"
+    for r in results.values():
+        assert r["allocator"] == "tuned" and r["allocator_settings"]["choice"] == "tuned"
+        assert r["allocator_settings"]["allocator"] == report["allocator"]["allocator"]
+        assert bool(r["allocator_settings"]["mallopt"]) == glibc  # tune_allocator's settings, where glibc's
+        assert r["environment"]["cpu_flags"] == cpu_flags()  # the table holds for this CPU
+    assert report["cpu_flags"] == cpu_flags() and report["timing_environment"]["cpu_flags"] == cpu_flags()
+    assert "; allocator: tuned (" in done.stdout.split("\n| model |")[0]
+
+    # mod. overhead: MoDiff's modulated call over its PTQ twin's of the same run; none where the twin did not run
+    modiff_a8, ptq_a8 = results["digits/int8-modiff-w8a8-sample"], results["digits/int8-ptq-w8a8-sample"]
+    assert modiff_a8["mod_overhead_vs"] == "int8-ptq-w8a8-sample"
+    assert modiff_a8["mod_overhead"] == pytest.approx(modiff_a8["modulated_call"] / ptq_a8["modulated_call"])
+    for name in ("int8-modiff-w8a4-sample", "fake-modiff", "int8-ptq-w8a8-sample", "fp32"):
+        assert results[f"digits/{name}"]["mod_overhead"] is None, name
+    # kernel %: the int8 kernels' share of one profiled modulated call; none without real low-bit execution
+    for name in ("int8-ptq-w8a8-sample", "int8-modiff-w8a4-sample", "int8-modiff-w8a8-sample"):
+        r = results[f"digits/{name}"]
+        assert 0 < r["kernel_pct"] <= 100 and r["kernel_basis"] == "self CPU time", (name, r["kernel_pct"])
+        ops = r["top_ops"]
+        assert 1 <= len(ops) <= 6 and [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
+        assert any("qconv2d_pointwise" in o["op"] for o in ops)  # the convolutions lead on the int8 path
+    for name in ("fp32", "fp32-cl", "bf16-cl", "fake-modiff"):
+        assert results[f"digits/{name}"]["kernel_pct"] is None and results[f"digits/{name}"]["top_ops"] is None
+    table = {row["config"]: row for row in _last_table(done.stdout)}
+    assert set(table) == set(configs)
+    assert table["fp32"]["kernel %"] == "—" and table["fp32"]["mod. overhead"] == "—"
+    assert 0 <= int(table["int8-modiff-w8a8-sample"]["kernel %"]) <= 100
+    assert float(table["int8-modiff-w8a8-sample"]["mod. overhead"]) == pytest.approx(modiff_a8["mod_overhead"],
+                                                                                     abs=0.006)
+    assert table["int8-modiff-w8a4-sample"]["mod. overhead"] == "—"
+
+
+def test_execution_benchmark_merges_one_child_per_allocator(tmp_path):
+    """--allocators: one child process per allocator (each sets up its own), their rows in one table with an
+    allocator column, every ratio against the baselines of its own process; tcmalloc runs under LD_PRELOAD where
+    the library is installed, else is skipped, saying why."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import tcmalloc_library
+    finally:
+        sys.path.pop(0)
+    from modiff.allocator import allocator_settings
+
+    out = tmp_path / "merged.json"
+    configs = ["fp32", "int8-ptq-w8a8-sample", "int8-modiff-w8a8-sample"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "execution.py"), "--models", "digits", "--batch", "2",
+         "--steps-digits", "3", "--rounds", "1", "--configs", *configs, "--allocators", "tuned", "default",
+         "tcmalloc", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    allocators = ["tuned", "default"] + (["tcmalloc"] if tcmalloc_library() else [])
+    results = report["results"]
+    assert set(results) == {f"{a}/digits/{c}" for a in allocators for c in configs}
+    assert list(report["children"]) == allocators
+    pids = {line.split()[3] for line in done.stdout.splitlines() if line.startswith("[allocator ")
+            and " pid " in line}
+    assert len(pids) == len(allocators)  # one process each
+    for a in allocators:
+        rows = {c: results[f"{a}/digits/{c}"] for c in configs}
+        assert all(r["allocator"] == a and r["allocator_settings"]["choice"] == a for r in rows.values())
+        for r in rows.values():  # ratios within the allocator's own process
+            assert r["x_fp32"] == pytest.approx(rows["fp32"]["modulated_call"] / r["modulated_call"])
+        assert rows["int8-modiff-w8a8-sample"]["mod_overhead"] == pytest.approx(
+            rows["int8-modiff-w8a8-sample"]["modulated_call"] / rows["int8-ptq-w8a8-sample"]["modulated_call"])
+        assert 0 < rows["int8-ptq-w8a8-sample"]["kernel_pct"] <= 100 and rows["fp32"]["kernel_pct"] is None
+    if allocator_settings()["allocator"] == "glibc":  # tuned in one process, as it comes in the other
+        assert results["tuned/digits/fp32"]["allocator_settings"]["mallopt"]
+        assert results["default/digits/int8-modiff-w8a8-sample"]["allocator_settings"]["mallopt"] == {}
+    if "tcmalloc" in allocators:
+        assert "tcmalloc" in results["tcmalloc/digits/fp32"]["allocator_settings"]["allocator"]
+    else:
+        assert "none of" in report["skipped"]["tcmalloc"] and "[allocator tcmalloc] skipped: none of" in done.stdout
+    table = _last_table(done.stdout)
+    assert [(r["allocator"], r["config"]) for r in table] == [(a, c) for a in allocators for c in configs]
+    assert {r["kernel %"] for r in table if r["config"] == "fp32"} == {"—"}
+    assert "its own process" in done.stdout and "own FP32 / BF16 baselines" in done.stdout
+
+
+def test_execution_allocators_kill_the_running_child_when_interrupted(tmp_path):
+    """Interrupted (SIGTERM here, Ctrl-C alike) while a child runs: the child is killed, nothing is written."""
+    import signal
+
+    out = tmp_path / "x.json"
+    parent = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "execution.py"), "--models", "digits", "--batch", "2",
+         "--steps-digits", "200", "--rounds", "50", "--configs", "fp32", "--allocators", "tuned", "default",
+         "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    child = None
+    try:
+        for line in parent.stdout:
+            if line.startswith("[allocator tuned] pid "):
+                child = int(line.split()[3].rstrip(":"))
+                break
+        assert child is not None
+        parent.send_signal(signal.SIGTERM)
+        _, err = parent.communicate(timeout=120)
+        assert parent.returncode == 130 and "interrupted" in err, err[-2000:]
+        with pytest.raises(ProcessLookupError):  # killed, and reaped by the parent
+            os.kill(child, 0)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not out.exists()
+
+
+def test_execution_configurations_compiled_baselines_and_twins(tmp_path):
+    """The compiled full-precision baselines are the harness's fp cell with params.fp.compile (compiled on their
+    first call), in the CPU default where BF16 is native; every MoDiff row's PTQ twin differs only by modulation."""
+    import torch
+
+    from bench.zoo import load_model
+
+    _, execution = _gpu_check()
+    model = load_model("digits")
+    for name, dtype in (("fp32-cl-compiled", torch.float32), ("bf16-cl-compiled", torch.bfloat16),
+                        ("bf16-autocast-cl-compiled", torch.float32)):
+        timed = execution._build(model, name, 3, 2, torch.device("cpu"))
+        assert timed.prepared.info == {"compiled": True} and next(timed.unet.parameters()).dtype == dtype, name
+        assert timed.autocast == ("autocast" in name)
+    native = execution.default_configs(torch.device("cpu"), "avx512_bf16")
+    emulated = execution.default_configs(torch.device("cpu"), "avx2")
+    assert {"fp32-cl-compiled", "bf16-cl-compiled", "bf16-autocast-cl-compiled"} <= set(native)
+    assert "fp32-cl-compiled" in emulated and not set(execution.BF16_EMULATED_SKIPPED) & set(emulated)
+    names = list(execution.CONFIGS)
+    assert execution.ptq_twin("int8-modiff-w8a8-sample", names) == "int8-ptq-w8a8-sample"
+    assert execution.ptq_twin("int8-modiff-w8a8-sample-compiled", names) == "int8-ptq-w8a8-sample-compiled"
+    assert execution.ptq_twin("int8-modiff-w8a4-sample-compiled", names) == "int8-ptq-w8a4-sample-compiled"
+    assert execution.ptq_twin("int8-modiff-w8a4-sample", names) is None  # no eager W8A4 PTQ configuration
+    assert execution.ptq_twin("fake-modiff", names) == "fake-ptq"
+    assert execution.ptq_twin("fp8-modiff", names) == "fp8-ptq"
+    assert execution.ptq_twin("int8-ptq-w8a8-sample", names) is None and execution.ptq_twin("fp32", names) is None
 
 
 def test_deepcache_benchmark_end_to_end(tmp_path):
@@ -72,6 +233,10 @@ def test_deepcache_benchmark_end_to_end(tmp_path):
     ("psnr_table.py", ["--a-bits", "1"]), ("psnr_table.py", ["--granularity", "pixel"]),
     ("execution.py", ["--models", "digits", "--configs", "int9"]),
     ("execution.py", ["--models", "digits", "--batch", "0"]),
+    ("execution.py", ["--models", "digits", "--allocator", "jemalloc"]),
+    ("execution.py", ["--models", "digits", "--allocators", "tuned", "nope"]),
+    ("execution.py", ["--models", "digits", "--allocator", "tcmalloc"]),  # not under LD_PRELOAD of it
+    ("execution.py", ["--models", "digits", "--allocator", "tuned", "--allocators", "default"]),
     ("deepcache_speedup.py", ["--models", "digits", "--steps-digits", "0"]),
     ("gpu_check.py", ["--device", "tpu"]), ("gpu_check.py", ["--device", "cpu", "--wheels", "no-such-dir"]),
     ("gpu_check.py", ["--device", "cpu", "--work", "benchmarks"]),  # not empty: a work directory is the check's own

@@ -259,9 +259,11 @@ def test_warmup_runs_in_float_with_the_dequantized_weight(kind, modulation):
     x = drifting(shape, steps=1)[0]
     q = wrap(layer, config(execution="int8", a_bits=4, modulation=modulation, granularity="sample"))
     w_deq = q.w_q.float() * q.w_scale.view(-1, *([1] * (q.w_q.dim() - 1)))
-    assert torch.equal(q.layer.weight, w_deq)
+    assert torch.equal(q.weight, w_deq) and q.layer.weight is None  # rebuilt from the int8 weights, not kept
+    float_layer = copy.deepcopy(layer).requires_grad_(False)
+    float_layer.weight.copy_(w_deq)
     out, events = op_names(lambda: q(x))
-    assert torch.equal(out, q.layer(x))  # the float layer, bias included
+    assert torch.equal(out, float_layer(x))  # the float layer, bias included
     assert not ran(events, KERNEL_OPS)
     assert ran(events, FLOAT_OPS)
     assert q.warmup_calls == 1
@@ -413,7 +415,7 @@ def test_bfloat16_compute_dtype_keeps_quant_layers_in_float32(digits_model):
     assert unet.conv_norm_out.weight.dtype == torch.bfloat16
     assert unet.mid_block.attentions[0].group_norm.weight.dtype == torch.bfloat16
     layers = modiff.quant_layers(unet)
-    assert all(l.layer.weight.dtype == torch.float32 and l.w_scale.dtype == torch.float32 for l in layers)
+    assert all(l.weight.dtype == torch.float32 and l.w_scale.dtype == torch.float32 for l in layers)
     assert all(l.w_q.dtype == torch.int8 for l in layers)
     out_dtypes = set()
     hooks = [l.register_forward_hook(lambda m, a, out: out_dtypes.add(out.dtype)) for l in layers]

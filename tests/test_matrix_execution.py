@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+import modiff
 from bench.build import resolve_cell
 from bench.cli import main
 from bench.matrix import build_matrix, cell_id, load_matrix
@@ -196,6 +197,8 @@ def test_every_timing_carries_its_environment(tmp_path):
     assert env["compile"] is False and env["torch"] == torch.__version__
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["cpu_flags"] and env["cpu_model"]
+    # the allocator decides a third of int8 MoDiff's time (modiff/allocator.py): recorded with every timing
+    assert {k: env[k] for k in ("allocator", "mallopt", "glibc_tunables")} == modiff.allocator_settings()
     table = pd.read_csv(tmp_path / "o" / "results.csv")
     assert json.loads(table.timing_env[0]) == env
 

@@ -52,7 +52,7 @@ def test_a_float16_model_samples_finite_images_close_to_its_float32_run(digits_m
     assert torch.isfinite(fp16).all()
     assert _psnr(fp16, fp32) >= MIN_PSNR_FP16_VS_FP32
     layers = modiff.quant_layers(half)
-    assert all(layer.layer.weight.dtype == torch.float16 for layer in layers)  # A runs in the model's dtype
+    assert all(layer.weight.dtype == torch.float16 for layer in layers)  # A runs in the model's dtype
     if options["modulation"] != "off":
         assert all(layer.reconstruction.dtype == torch.float32 for layer in layers if layer.reconstruction is not None)
 
@@ -98,7 +98,7 @@ def test_casting_a_quantized_model_keeps_its_scales_in_float32(dtype):
     after = dict(model.named_buffers())
     assert before and all(torch.equal(after[name], value) and after[name].dtype == torch.float32
                           for name, value in before.items())
-    assert all(layer.layer.weight.dtype == dtype for layer in modiff.quant_layers(model))
+    assert all(layer.weight.dtype == dtype for layer in modiff.quant_layers(model))
     out = model(torch.randn(3, 4, dtype=dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
 

@@ -1,0 +1,83 @@
+"""The process's memory allocator, which decides a third of int8 MoDiff's time on a CPU.
+
+A denoiser step frees and allocates the same large blocks (activations, residuals, kernel outputs)
+at every call. glibc's malloc serves blocks above its mmap threshold (128 KiB at start, raised
+dynamically up to 32 MiB) with ``mmap`` and returns them with ``munmap``, and trims the top of its
+heap when more than ``trim_threshold`` is free there, so each step faults the same pages in again.
+:func:`tune_allocator` keeps those blocks in the heap (``mallopt``, the run-time form of
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=...:glibc.malloc.top_pad=...``).
+It changes where memory comes from, never a value; freed memory stays with the process (its RSS
+does not shrink back between steps). ``modiff.quantize`` calls it once per process (so a plain
+``python`` script gets it), as do ``modiff-bench`` and ``benchmarks/`` at start-up;
+``MODIFF_ALLOCATOR=default`` in the environment leaves glibc as it comes (to measure the
+difference). Another allocator loaded with ``LD_PRELOAD`` (tcmalloc, jemalloc) is left alone.
+:func:`allocator_settings` says what is in effect, for the record of every timing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): blocks below it stay in the heap
+TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: the largest, about 2 GiB free at the top before trimming
+TOP_PAD = 256 << 20  # grow the heap by 256 MiB at a time
+
+_TUNED: dict[str, int] = {}
+
+
+def _glibc():
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def _preloaded() -> str | None:
+    """The allocator LD_PRELOAD puts in front of glibc's (tcmalloc, jemalloc, mimalloc), if any."""
+    for part in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+        name = os.path.basename(part)
+        if any(k in name for k in ("tcmalloc", "jemalloc", "mimalloc")):
+            return name
+    return None
+
+
+OPT_OUT = "MODIFF_ALLOCATOR"  # =default: tune_allocator() changes nothing
+
+
+def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD,
+                   top_pad: int = TOP_PAD) -> dict[str, int]:
+    """Keep the blocks a sampling loop frees and takes back in glibc's heap (see the module's text). Returns the
+    settings made (empty where the allocator is not glibc's, or another one is preloaded). Idempotent; the
+    settings hold for the rest of the process."""
+    choice = os.environ.get(OPT_OUT, "").strip().lower()
+    if choice not in ("", "tuned", "default"):
+        raise ValueError(f"{OPT_OUT} must be 'tuned' or 'default' (glibc's malloc as it comes); got {choice!r}")
+    libc = _glibc()
+    if libc is None or _preloaded() or choice == "default":
+        return {}
+    wanted = {"mmap_threshold": (_M_MMAP_THRESHOLD, mmap_threshold), "trim_threshold": (_M_TRIM_THRESHOLD,
+              trim_threshold), "top_pad": (_M_TOP_PAD, top_pad)}
+    for name, (param, value) in wanted.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= TRIM_THRESHOLD:
+            raise ValueError(f"{name} must be an integer number of bytes in 0..{TRIM_THRESHOLD}; got {value!r}")
+        if libc.mallopt(param, value) != 1:
+            raise OSError(f"glibc's mallopt refused {name}={value}")
+        _TUNED[name] = value
+    return dict(_TUNED)
+
+
+def allocator_settings() -> dict[str, object]:
+    """What allocates this process's memory: ``{"allocator": "glibc" | the preloaded library | "other",
+    "mallopt": {...} (what :func:`tune_allocator` set), "glibc_tunables": the environment's, or None}``."""
+    preloaded = _preloaded()
+    name = preloaded or ("glibc" if _glibc() is not None else "other")
+    return {"allocator": name, "mallopt": dict(_TUNED) if not preloaded else {},
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES") or None}
