@@ -487,9 +487,10 @@ def main(argv: list[str] | None = None) -> int:
 def _child_env(allocator: str, library: str | None) -> dict[str, str]:
     """This process's environment for the child timing ``allocator``: LD_PRELOAD without any allocator library,
     plus tcmalloc's for the tcmalloc child."""
+    from modiff.allocator import is_allocator_library
+
     env = dict(os.environ)
-    keep = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split()
-            if not any(k in os.path.basename(p) for k in ("tcmalloc", "jemalloc", "mimalloc"))]
+    keep = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if not is_allocator_library(p)]
     if allocator == "tcmalloc":
         keep.insert(0, library)
     if keep:

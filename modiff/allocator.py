@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -30,8 +31,11 @@ TOP_PAD = 256 << 20  # grow the heap by 256 MiB at a time
 _TUNED: dict[str, int] = {}
 
 
+@functools.cache
 def _glibc():
-    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+    """glibc's C library, or None (not Linux, or another libc); looked up once (``platform.libc_ver`` reads the
+    Python executable, and every timing's record asks)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -40,12 +44,19 @@ def _glibc():
     return libc if hasattr(libc, "mallopt") else None
 
 
+PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # libraries LD_PRELOAD puts in front of glibc's malloc
+
+
+def is_allocator_library(path: str) -> bool:
+    """Whether an LD_PRELOAD entry is one of :data:`PRELOADED_ALLOCATORS`."""
+    return any(k in os.path.basename(path) for k in PRELOADED_ALLOCATORS)
+
+
 def _preloaded() -> str | None:
     """The allocator LD_PRELOAD puts in front of glibc's (tcmalloc, jemalloc, mimalloc), if any."""
     for part in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
-        name = os.path.basename(part)
-        if any(k in name for k in ("tcmalloc", "jemalloc", "mimalloc")):
-            return name
+        if is_allocator_library(part):
+            return os.path.basename(part)
     return None
 
 
