@@ -24,7 +24,8 @@ LATER_DEFAULTS: dict[str, Any] = {"execution": "fake", "dtype": "float32", "memo
 LATER_PARAM_DEFAULTS: dict[str, Any] = {"weight_symmetric": None, "compile": False,  # method parameters added later
                                         "authors_grid": False, "out_penalty": 0.0, "act_symmetric": False,
                                         "act_init_samples": 0, "act_init_pick": "random", "running_stat": False,
-                                        "regularize_both_halves": False, "state_dtype": "float32"}
+                                        "regularize_both_halves": False, "state_dtype": "float32",
+                                        "fuse_norms": False}
 MEMORY_FORMATS = ("contiguous", "channels_last")  # the layout of the model's weights and input (torch's names)
 
 

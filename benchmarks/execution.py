@@ -85,13 +85,16 @@ from bench.errors import BenchError
 
 
 def _modiff(execution: str, modulation: str, a_bits: int, granularity: str, compile_: bool = False,
-            bf16: bool = False, state_dtype: str = "float32") -> dict:
+            bf16: bool = False, state_dtype: str = "float32", fuse: bool = False) -> dict:
     """A quantized configuration as a cell's settings: the ``dynamic`` base, W8, symmetric activation and weight
     grids (what the int8 / fp8 kernels need), channels-last; ``bf16``: everything unquantized in BF16 (the cell's
-    ``dtype``, ModiffConfig.compute_dtype); ``state_dtype``: MoDiff's â / ô (ModiffConfig.state_dtype)."""
+    ``dtype``, ModiffConfig.compute_dtype); ``state_dtype``: MoDiff's â / ô (ModiffConfig.state_dtype); ``fuse``: the
+    resnet blocks' GroupNorm + SiLU in the convs' quantizing passes (ModiffConfig.fuse_norms)."""
     params = {"symmetric": True, "weight_symmetric": True, "compile": compile_}
     if state_dtype != "float32":
         params["state_dtype"] = state_dtype
+    if fuse:
+        params["fuse_norms"] = True
     return {"base": "dynamic", "w_bits": 8, "a_bits": a_bits, "modulation": modulation, "a_granularity": granularity,
             "execution": execution, "memory_format": "channels_last", "params": {"dynamic": params},
             **({"dtype": "bfloat16"} if bf16 else {})}
@@ -128,6 +131,13 @@ CONFIGS["int8-ptq-w8a8-sample-bf16-compiled"] = _modiff("int8", "off", 8, "sampl
 CONFIGS["int8-modiff-w8a8-sample-bf16-compiled"] = _modiff("int8", "ec", 8, "sample", True, bf16=True,
                                                            state_dtype="bfloat16")
 CONFIGS["int8-modiff-w8a8-sample-f16state-compiled"] = _modiff("int8", "ec", 8, "sample", True, state_dtype="float16")
+# the resnet blocks' GroupNorm + SiLU (+ time embedding) inside the next conv's compiled quantizing pass
+for _mod, _name in (("off", "ptq"), ("ec", "modiff")):
+    CONFIGS[f"int8-{_name}-w8a8-sample-fused"] = _modiff("int8", _mod, 8, "sample", True, fuse=True)
+CONFIGS["int8-modiff-w8a4-sample-fused"] = _modiff("int8", "ec", 4, "sample", True, fuse=True)
+CONFIGS["int8-ptq-w8a8-sample-bf16-fused"] = _modiff("int8", "off", 8, "sample", True, bf16=True, fuse=True)
+CONFIGS["int8-modiff-w8a8-sample-bf16-fused"] = _modiff("int8", "ec", 8, "sample", True, bf16=True,
+                                                        state_dtype="bfloat16", fuse=True)
 for _mod, _name in (("off", "ptq"), ("ec", "modiff")):
     CONFIGS[f"fp8-{_name}"] = _modiff("fp8", _mod, 8, "sample")
     CONFIGS[f"fp8-{_name}-compiled"] = _modiff("fp8", _mod, 8, "sample", True)
@@ -170,7 +180,8 @@ def ptq_twin(name: str, names: list[str]) -> str | None:
 
     def key(c: dict) -> tuple:
         return (c.get("base"), c.get("execution"), c.get("w_bits"), c.get("a_bits"), c.get("a_granularity"),
-                c.get("memory_format"), c.get("dtype"), _compiled(c))
+                c.get("memory_format"), c.get("dtype"), _compiled(c),
+                any(p.get("fuse_norms", False) for p in c.get("params", {}).values()))
 
     return next((o for o in names if CONFIGS[o].get("modulation") == "off" and key(CONFIGS[o]) == key(config)),
                 None)

@@ -20,10 +20,11 @@ from .api import (
 )
 from .checkpoint import load_quantized, save_quantized
 from .config import GRANULARITIES, MODULATIONS, ModiffConfig
+from .fusion import fuse_norms
 from .layers import QuantLayer
 
 __all__ = [
     "GRANULARITIES", "MODULATIONS", "ModiffConfig", "QuantLayer",
-    "calibrate", "load_quantized", "quant_layers", "quantize", "reset", "reused_samples", "save_quantized",
-    "state_bytes", "trajectory", "watch_trajectories", "allocator_settings", "tune_allocator",
+    "calibrate", "fuse_norms", "load_quantized", "quant_layers", "quantize", "reset", "reused_samples",
+    "save_quantized", "state_bytes", "trajectory", "watch_trajectories", "allocator_settings", "tune_allocator",
 ]

@@ -5,7 +5,8 @@ at every call. glibc's malloc serves blocks above its mmap threshold (128 KiB at
 dynamically up to 32 MiB) with ``mmap`` and returns them with ``munmap``, and trims the top of its
 heap when more than ``trim_threshold`` is free there, so each step faults the same pages in again.
 :func:`tune_allocator` keeps those blocks in the heap (``mallopt``, the run-time form of
-``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=...:glibc.malloc.top_pad=...``).
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=...:glibc.malloc.top_pad=...``,
+plus ``glibc.malloc.mmap_max=0``: 32 MiB is the largest threshold glibc takes, and larger blocks are common).
 It changes where memory comes from, never a value; freed memory stays with the process (its RSS
 does not shrink back between steps). ``modiff.quantize`` calls it once per process (so a plain
 ``python`` script gets it), as do ``modiff-bench`` and ``benchmarks/`` at start-up;
@@ -23,8 +24,12 @@ import os
 import platform
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): blocks below it stay in the heap
+# blocks of 32 MiB and more are mmap'd whatever the threshold (it cannot go higher), and a CIFAR-10 UNet at batch 32
+# frees and takes back dozens of them per step (a 256-channel 32x32 activation is 32 MiB): 0 mmap'd blocks at a time
+# puts them in the heap too
+MMAP_MAX = 0
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: the largest, about 2 GiB free at the top before trimming
 TOP_PAD = 256 << 20  # grow the heap by 256 MiB at a time
 
@@ -64,7 +69,7 @@ OPT_OUT = "MODIFF_ALLOCATOR"  # =default: tune_allocator() changes nothing
 
 
 def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD,
-                   top_pad: int = TOP_PAD) -> dict[str, int]:
+                   top_pad: int = TOP_PAD, mmap_max: int = MMAP_MAX) -> dict[str, int]:
     """Keep the blocks a sampling loop frees and takes back in glibc's heap (see the module's text). Returns the
     settings made (empty where the allocator is not glibc's, or another one is preloaded). Idempotent; the
     settings hold for the rest of the process."""
@@ -75,7 +80,7 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
     if libc is None or _preloaded() or choice == "default":
         return {}
     wanted = {"mmap_threshold": (_M_MMAP_THRESHOLD, mmap_threshold), "trim_threshold": (_M_TRIM_THRESHOLD,
-              trim_threshold), "top_pad": (_M_TOP_PAD, top_pad)}
+              trim_threshold), "top_pad": (_M_TOP_PAD, top_pad), "mmap_max": (_M_MMAP_MAX, mmap_max)}
     for name, (param, value) in wanted.items():
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= TRIM_THRESHOLD:
             raise ValueError(f"{name} must be an integer number of bytes in 0..{TRIM_THRESHOLD}; got {value!r}")

@@ -11,6 +11,7 @@ from torch import nn
 
 from .allocator import tune_allocator
 from .config import ModiffConfig, check_choice
+from .fusion import fuse_norms
 from .layers import QUANTIZABLE, QuantLayer
 
 
@@ -37,6 +38,8 @@ def quantize(model: nn.Module, config: ModiffConfig, weight_quantized: bool = Fa
         setattr(parent, child, QuantLayer(module, config, name, weight_quantized=weight_quantized))
     if config.compute_dtype != "float32":
         cast_outside_quant_layers(model, getattr(torch, config.compute_dtype))
+    if config.fuse_norms:
+        fuse_norms(model)
     tune_allocator()
     if new_trajectory != "ignore":
         watch_trajectories(model, new_trajectory)

@@ -31,6 +31,7 @@ from torch import nn
 from .allocator import tune_allocator
 from .api import NEW_TRAJECTORY, cast_outside_quant_layers, quant_layers, watch_trajectories
 from .config import ModiffConfig, check_choice
+from .fusion import fuse_norms
 from .layers import QUANTIZABLE, QuantLayer
 
 METADATA_KEY = "modiff"
@@ -126,6 +127,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, config: ModiffConf
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:  # not expected: _expected predicted the keys, shapes and dtypes
         raise ValueError(f"{where} does not load into the model: {_line(exc)}") from None
+    if saved.fuse_norms:
+        fuse_norms(model)
     if new_trajectory != "ignore":
         watch_trajectories(model, new_trajectory)
     tune_allocator()  # as modiff.quantize does

@@ -72,6 +72,9 @@ class ModiffConfig:
     float32 either way. (A model cast to float16 or bfloat16 before ``quantize`` is another thing: its
     layers run ``A`` in that dtype and keep scales and state in float32; see ``QuantLayer.forward``.)
     ``compile``: fuse the layers' elementwise passes with ``torch.compile``.
+    ``fuse_norms``: compute the GroupNorm + SiLU (and the time embedding's add) of diffusers' resnet blocks inside
+    the next conv's quantizing pass instead of as passes of their own (real execution; one kernel with ``compile``):
+    see ``modiff/fusion.py`` for which blocks and when.
     ``state_dtype``: the dtype the modulated modes keep ``â`` and ``ô`` in between steps (float32 by default;
     ``bfloat16`` or ``float16`` halve the state's bytes). The arithmetic stays float32: the residual is taken
     against the stored ``â``, so error compensation folds ``â``'s storage rounding into the next residual; ``ô``'s
@@ -94,6 +97,7 @@ class ModiffConfig:
     compute_dtype: str = "float32"
     compile: bool = False
     state_dtype: str = "float32"
+    fuse_norms: bool = False
 
     def __post_init__(self) -> None:
         check_choice("modulation", self.modulation, MODULATIONS)
@@ -122,7 +126,7 @@ class ModiffConfig:
         check_choice("number_format", self.number_format, NUMBER_FORMATS)
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check_choice("state_dtype", self.state_dtype, STATE_DTYPES)
-        for flag in ("weight_symmetric", "compile", "symmetric", "warmup"):
+        for flag in ("weight_symmetric", "compile", "symmetric", "warmup", "fuse_norms"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False; got {getattr(self, flag)!r}")
         if self.number_format == "fp8":

@@ -337,6 +337,20 @@ def quantize_residual(x: torch.Tensor, ref: torch.Tensor, dims: tuple[int, ...],
     return u, scale, offset
 
 
+def quantize_input_silu(x: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool, fp8: bool,
+                        static: tuple[torch.Tensor, torch.Tensor] | None = None, rows: bool = False):
+    """:func:`quantize_input` of ``silu(x)`` (a resnet block's normalised activation): one pass when compiled,
+    ``silu(x)`` never written."""
+    return quantize_input(F.silu(x), dims, bits, symmetric, fp8, static, rows)
+
+
+def quantize_residual_silu(x: torch.Tensor, ref: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool,
+                           fp8: bool, update_ref: bool, static: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           rows: bool = False):
+    """:func:`quantize_residual` of ``silu(x)`` (``ref`` updated in place with ``update_ref``)."""
+    return quantize_residual(F.silu(x), ref, dims, bits, symmetric, fp8, update_ref, static, rows)
+
+
 def fake_input(x: torch.Tensor, dims: tuple[int, ...], bits: int, symmetric: bool, fp8: bool) -> torch.Tensor:
     """The fake path's ``Q(x)`` (a new tensor), as one fusable function."""
     return fake_quant_fp8(x, dims) if fp8 else quantize_over(x, dims, bits, symmetric)
@@ -354,7 +368,8 @@ def fake_residual(x: torch.Tensor, ref: torch.Tensor, dims: tuple[int, ...], bit
 
 _COMPILED: dict[str, object] = {}
 RECOMPILE_LIMIT = 64
-_FUSABLE = ("quantize_input", "quantize_residual", "epilogue", "epilogue_to", "fake_input", "fake_residual")
+_FUSABLE = ("quantize_input", "quantize_residual", "quantize_input_silu", "quantize_residual_silu", "epilogue",
+            "epilogue_to", "fake_input", "fake_residual")
 
 
 def compiled(name: str):

@@ -284,22 +284,41 @@ class QuantLayer(nn.Module):
         return out
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Whatever the model's dtype, scales, zero points, the residual, ``â`` / ``ô`` and the error-compensation
+    def forward(self, x: torch.Tensor, prologue=None) -> torch.Tensor:
+        """``prologue`` (a :class:`modiff.fusion.NormSiLU`, ``fuse_norms``): the layer's input is ``prologue(x)``;
+        where :meth:`_fuses` allows, the norm runs first and the SiLU inside the quantizing pass, else the whole
+        prologue first, as the block would have.
+
+        Whatever the model's dtype, scales, zero points, the residual, ``â`` / ``ô`` and the error-compensation
         update are float32 (float64 in a float64 model); only ``A`` runs in its weight's dtype (a float16 or bfloat16
         model's own matmul or conv, on the operand cast to that dtype). float16 cannot hold them: a scale below
         6e-8 is 0 there (``MIN_SCALE`` too, so a zero-range channel divided by zero) and ``â`` / ``ô`` would
         accumulate half-precision rounding over the steps. Returns the input's dtype, or ``compute_dtype`` where
         that is not float32. It never mutates a tensor it has returned (nor its input): ``ô`` is rebuilt out of
         place at every step, only ``â`` (never handed out) is updated in place."""
+        silu = False
+        if prologue is not None:
+            silu = self._fuses(x)
+            x = prologue.normed(x) if silu else prologue(x)
         dtype = _DTYPES[self.config.compute_dtype] if self.config.compute_dtype != "float32" else x.dtype
         work = self._work_dtype()
         if self.real and self._observed is None:  # inference only: integer kernels have no gradient
             with torch.no_grad():  # a half input goes to the (fused) quantizer as it is: no cast pass of its own
-                out = self._forward_real(x if x.dtype in HALF_DTYPES or x.dtype == work else x.to(work), dtype)
+                out = self._forward_real(x if x.dtype in HALF_DTYPES or x.dtype == work else x.to(work), dtype,
+                                         silu)
         else:
             out = self._forward(x if x.dtype == work else x.to(work))
         return out if out.dtype == dtype else out.to(dtype)
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether this call computes a prologue's SiLU inside the quantizing pass: real execution's quantized steps
+        of PTQ and ``ec`` (not the warm-up, calibration, 0-bit residuals or ``residual_tolerance``), on a float32 or
+        half input."""
+        c = self.config
+        return (self.real and self._observed is None and x.dtype in (torch.float32, *HALF_DTYPES)
+                and self._weight_dtype() != torch.float64
+                and (c.modulation == "off" or (c.modulation == "ec" and self._a_ref is not None))
+                and c.a_bits != 0 and c.residual_tolerance is None)
 
     def _work_dtype(self) -> torch.dtype:
         """The layer's own arithmetic: float32, float64 in a float64 model."""
@@ -374,15 +393,17 @@ class QuantLayer(nn.Module):
             return self._passes("epilogue_to")(y, scale, shift, m, add, b, out_dtype)
         return self._passes("epilogue")(y, scale, shift, m, add, b)
 
-    def _forward_real(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _forward_real(self, x: torch.Tensor, dtype: torch.dtype, silu: bool = False) -> torch.Tensor:
         """``x``: the input in the working dtype, or as it came when that is float16 / bfloat16 (the quantizing pass
         reads it and computes in float32). The kernel's epilogue writes the returned ``dtype`` (off) or the state's
-        dtype (modulated) directly: a bfloat16 model with a bfloat16 state makes no cast pass at all."""
+        dtype (modulated) directly: a bfloat16 model with a bfloat16 state makes no cast pass at all. ``silu`` (only
+        where :meth:`_fuses`): the input is ``silu(x)``, computed by the quantizing pass."""
         c = self.config
         fp8 = c.execution == "fp8"
+        fused = "_silu" if silu else ""
         if c.modulation == "off":
-            u, scale, offset = self._passes("quantize_input")(x, self._scale_dims(x), c.a_bits, c.symmetric, fp8,
-                                                              self._static(), self._op.linear)
+            u, scale, offset = self._passes("quantize_input" + fused)(x, self._scale_dims(x), c.a_bits,
+                                                                      c.symmetric, fp8, self._static(), self._op.linear)
             return self._kernel(u, scale, offset, x.shape, None, bias=True, out_dtype=dtype)
         work = self._work_dtype()
         if self._a_ref is None:
@@ -392,8 +413,9 @@ class QuantLayer(nn.Module):
         if c.a_bits == 0 or c.residual_tolerance is not None:
             out = self._masked_real(x if x.dtype == work else x.to(work), ec, fp8)
         else:
-            u, scale, offset = self._passes("quantize_residual")(x, self._a_ref, self._scale_dims(x), c.a_bits,
-                                                                 c.symmetric, fp8, ec, self._static(), self._op.linear)
+            u, scale, offset = self._passes("quantize_residual" + fused)(x, self._a_ref, self._scale_dims(x),
+                                                                         c.a_bits, c.symmetric, fp8, ec, self._static(),
+                                                                         self._op.linear)
             out = self._kernel(u, scale, offset, x.shape, self._o_ref, bias=False, out_dtype=self._state_dtype)
         return self._advance(x, out)
 

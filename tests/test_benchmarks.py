@@ -209,6 +209,9 @@ def test_execution_configurations_compiled_baselines_and_twins(tmp_path):
     assert execution.ptq_twin("int8-modiff-w8a8-sample-compiled", names) == "int8-ptq-w8a8-sample-compiled"
     assert execution.ptq_twin("int8-modiff-w8a4-sample-compiled", names) == "int8-ptq-w8a4-sample-compiled"
     assert execution.ptq_twin("int8-modiff-w8a4-sample", names) is None  # no eager W8A4 PTQ configuration
+    # fused norms: the fused PTQ, not the unfused one with the same compile setting
+    assert execution.ptq_twin("int8-modiff-w8a8-sample-fused", names) == "int8-ptq-w8a8-sample-fused"
+    assert execution.ptq_twin("int8-modiff-w8a8-sample-bf16-fused", names) == "int8-ptq-w8a8-sample-bf16-fused"
     assert execution.ptq_twin("fake-modiff", names) == "fake-ptq"
     assert execution.ptq_twin("fp8-modiff", names) == "fp8-ptq"
     assert execution.ptq_twin("int8-ptq-w8a8-sample", names) is None and execution.ptq_twin("fp32", names) is None

@@ -15,8 +15,8 @@ from modiff import allocator
 
 GLIBC = allocator._glibc() is not None
 
-# a fresh process frees one 16 MiB block and says how much of it its RSS gave back: glibc's default serves such a
-# block with mmap (threshold 128 KiB at start) and unmaps it on free; tuned, it comes from the heap and stays
+# a fresh process frees one block of MiB megabytes and says how much of it its RSS gave back: glibc's default serves
+# such a block with mmap (threshold 128 KiB at start) and unmaps it on free; tuned, it comes from the heap and stays
 _RSS_AFTER_FREE = textwrap.dedent("""
     import os, sys
     import torch
@@ -24,16 +24,16 @@ _RSS_AFTER_FREE = textwrap.dedent("""
     {setup}
     page = os.sysconf("SC_PAGE_SIZE")
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
-    t = torch.empty(4 << 20).fill_(1.0)   # 16 MiB, touched
+    t = torch.empty({mib} << 18).fill_(1.0)   # touched
     held = rss()
     del t
     print((held - rss()) >> 20)
 """)
 
 
-def _given_back_mib(setup: str, env: dict | None = None) -> int:
-    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE.format(setup=setup)], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, check=True)
+def _given_back_mib(setup: str, env: dict | None = None, mib: int = 16) -> int:
+    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE.format(setup=setup, mib=mib)], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -56,10 +56,19 @@ def test_tuned_glibc_keeps_a_freed_block_that_default_glibc_unmaps():
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_tuned_glibc_keeps_blocks_above_the_largest_mmap_threshold():
+    """A 256-channel 32x32 activation at batch 32 is 32 MiB: at or above glibc's largest mmap threshold, so the
+    threshold alone left it mmap'd and faulted in again at every step (issue #29's settings); mmap_max=0 keeps it."""
+    assert _given_back_mib("modiff.tune_allocator(mmap_max=65536)", mib=64) >= 63  # glibc's own mmap_max
+    assert _given_back_mib("modiff.tune_allocator()", mib=32) == 0
+    assert _given_back_mib("modiff.tune_allocator()", mib=64) == 0
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_settings_are_recorded_and_idempotent(fresh):
     assert modiff.allocator_settings() == {"allocator": "glibc", "mallopt": {}, "glibc_tunables": None}
     made = modiff.tune_allocator()
-    assert made == {"mmap_threshold": 32 << 20, "trim_threshold": 2**31 - 1, "top_pad": 256 << 20}
+    assert made == {"mmap_threshold": 32 << 20, "trim_threshold": 2**31 - 1, "top_pad": 256 << 20, "mmap_max": 0}
     assert modiff.tune_allocator() == made
     assert modiff.allocator_settings()["mallopt"] == made
 
