@@ -25,7 +25,6 @@ compiled here too (``tests/test_modiff_fusion.py``).
 from __future__ import annotations
 
 import sys
-import types
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +76,22 @@ def fuse_norms(model: nn.Module) -> int:
         if getattr(module, FUSED_FORWARD, False):
             count += 1
         elif fusable_block(module):
-            module.forward = types.MethodType(resnet_forward, module)
+            module.forward = FusedForward(module)
             setattr(module, FUSED_FORWARD, True)
             count += 1
     return count
+
+
+class FusedForward:
+    """The ``forward`` :func:`fuse_norms` gives a block: :func:`resnet_forward` on it (an object rather than a bound
+    method of a function the block's class lacks, so that a fused model pickles and copies; a copy's forward runs
+    the copy)."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return resnet_forward(self.block, *args, **kwargs)
 
 
 def resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:

@@ -7,6 +7,7 @@ wherever it cannot fuse."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -144,8 +145,11 @@ def test_which_blocks_fuse_and_copies(digits_model):
     unet = modiff.quantize(copy.deepcopy(digits_model.unet).eval(), modiff.ModiffConfig(**INT8, fuse_norms=True))
     twin = copy.deepcopy(unet)
     block, copied = resnets(unet)[0], resnets(twin)[0]
-    assert copied.forward.__self__ is copied and block.forward.__self__ is block
+    assert copied.forward.block is copied and block.forward.block is block
     assert all(torch.equal(a, b) for a, b in zip(calls(unet), calls(twin), strict=True))
+    unpickled = pickle.loads(pickle.dumps(unet))  # a bound method of resnet_forward would not load back
+    assert resnets(unpickled)[0].forward.block is resnets(unpickled)[0]
+    assert all(torch.equal(a, b) for a, b in zip(calls(unet), calls(unpickled), strict=True))
     with pytest.raises(ValueError, match="fuse_norms must be True or False"):
         modiff.ModiffConfig(fuse_norms="yes")
 

@@ -52,7 +52,7 @@ def test_run_writes_one_tidy_row_per_cell(smoke_run):
     n = len(RESULT_COLUMNS)
     assert list(table.columns[:n]) == list(RESULT_COLUMNS)
     # then the method parameters, flat (benchopt's p_<method>_<field>): no JSON to decode
-    assert list(table.columns[n:]) == ["p_fp_compile", "p_lcq_compile", "p_lcq_residual_tolerance",
+    assert list(table.columns[n:]) == ["p_fp_compile", "p_lcq_compile", "p_lcq_fuse_norms", "p_lcq_residual_tolerance",
                                        "p_lcq_state_dtype", "p_lcq_symmetric", "p_lcq_warmup", "p_lcq_weight_method",
                                        "p_lcq_weight_symmetric"]
     lcq = table[table.base == "lcq"]
