@@ -69,7 +69,7 @@ class DynamicQuantizer(BaseQuantizer):
         compile: bool = False  # fuse the quantizers' elementwise passes with torch.compile (ModiffConfig.compile)
         # the dtype MoDiff keeps â and ô in between steps (ModiffConfig.state_dtype): bfloat16 / float16 halve them
         state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-        # GroupNorm + SiLU of diffusers' resnet blocks computed in the next conv's quantizing pass (real execution;
+        # the SiLU of diffusers' resnet blocks computed by the next conv's quantizing pass (real execution;
         # ModiffConfig.fuse_norms, modiff/fusion.py)
         fuse_norms: bool = False
 

@@ -89,7 +89,7 @@ def _modiff(execution: str, modulation: str, a_bits: int, granularity: str, comp
     """A quantized configuration as a cell's settings: the ``dynamic`` base, W8, symmetric activation and weight
     grids (what the int8 / fp8 kernels need), channels-last; ``bf16``: everything unquantized in BF16 (the cell's
     ``dtype``, ModiffConfig.compute_dtype); ``state_dtype``: MoDiff's â / ô (ModiffConfig.state_dtype); ``fuse``: the
-    resnet blocks' GroupNorm + SiLU in the convs' quantizing passes (ModiffConfig.fuse_norms)."""
+    resnet blocks' SiLU in the convs' quantizing passes (ModiffConfig.fuse_norms)."""
     params = {"symmetric": True, "weight_symmetric": True, "compile": compile_}
     if state_dtype != "float32":
         params["state_dtype"] = state_dtype
@@ -131,7 +131,7 @@ CONFIGS["int8-ptq-w8a8-sample-bf16-compiled"] = _modiff("int8", "off", 8, "sampl
 CONFIGS["int8-modiff-w8a8-sample-bf16-compiled"] = _modiff("int8", "ec", 8, "sample", True, bf16=True,
                                                            state_dtype="bfloat16")
 CONFIGS["int8-modiff-w8a8-sample-f16state-compiled"] = _modiff("int8", "ec", 8, "sample", True, state_dtype="float16")
-# the resnet blocks' GroupNorm + SiLU (+ time embedding) inside the next conv's compiled quantizing pass
+# the resnet blocks' SiLU inside the next conv's compiled quantizing pass (ModiffConfig.fuse_norms)
 for _mod, _name in (("off", "ptq"), ("ec", "modiff")):
     CONFIGS[f"int8-{_name}-w8a8-sample-fused"] = _modiff("int8", _mod, 8, "sample", True, fuse=True)
 CONFIGS["int8-modiff-w8a4-sample-fused"] = _modiff("int8", "ec", 4, "sample", True, fuse=True)

@@ -26,8 +26,8 @@ import platform
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): blocks below it stay in the heap
-# blocks of 32 MiB and more are mmap'd whatever the threshold (it cannot go higher), and a CIFAR-10 UNet at batch 32
-# frees and takes back dozens of them per step (a 256-channel 32x32 activation is 32 MiB): 0 mmap'd blocks at a time
+# blocks of 32 MiB and more are mmap'd whatever the threshold (it cannot go higher), and a CIFAR-10 UNet at batch 64
+# frees and takes back dozens of them per step (a 128-channel 32x32 activation is 32 MiB): at most 0 mmap'd blocks
 # puts them in the heap too
 MMAP_MAX = 0
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: the largest, about 2 GiB free at the top before trimming

@@ -72,9 +72,9 @@ class ModiffConfig:
     float32 either way. (A model cast to float16 or bfloat16 before ``quantize`` is another thing: its
     layers run ``A`` in that dtype and keep scales and state in float32; see ``QuantLayer.forward``.)
     ``compile``: fuse the layers' elementwise passes with ``torch.compile``.
-    ``fuse_norms``: compute the GroupNorm + SiLU (and the time embedding's add) of diffusers' resnet blocks inside
-    the next conv's quantizing pass instead of as passes of their own (real execution; one kernel with ``compile``):
-    see ``modiff/fusion.py`` for which blocks and when.
+    ``fuse_norms``: the SiLU after each GroupNorm of diffusers' resnet blocks computed by the next conv's
+    quantizing pass instead of as a pass of its own (real execution; one compiled pass with ``compile``): see
+    ``modiff/fusion.py`` for which blocks and when.
     ``state_dtype``: the dtype the modulated modes keep ``â`` and ``ô`` in between steps (float32 by default;
     ``bfloat16`` or ``float16`` halve the state's bytes). The arithmetic stays float32: the residual is taken
     against the stored ``â``, so error compensation folds ``â``'s storage rounding into the next residual; ``ô``'s
