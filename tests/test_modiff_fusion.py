@@ -161,3 +161,21 @@ def test_a_saved_fused_model_loads_fused(digits_model, tmp_path):
     loaded = modiff.load_quantized(copy.deepcopy(digits_model.unet).eval(), path)
     assert all(getattr(b, FUSED_FORWARD, False) for b in resnets(loaded))
     assert all(torch.equal(a, b) for a, b in zip(calls(unet), calls(loaded), strict=True))
+
+
+def test_stable_diffusion_resnets_fuse_and_match(tiny_sd):
+    """SD's UNet2DConditionModel: its resnets (cross-attention blocks around them) fuse, outputs bit-equal."""
+    unet = tiny_sd().unet
+    options = dict(INT8, modulation="ec")
+    plain = modiff.quantize(copy.deepcopy(unet), modiff.ModiffConfig(**options))
+    fused = modiff.quantize(copy.deepcopy(unet), modiff.ModiffConfig(**options, fuse_norms=True))
+    assert resnets(fused) and all(getattr(b, FUSED_FORWARD, False) for b in resnets(fused))
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, 16, generator=gen)
+
+    def trajectory(model):
+        modiff.reset(model)
+        with torch.no_grad():
+            return [model(x * (1 - 0.05 * k), torch.tensor([900 - 100 * k] * 2), encoder_hidden_states=text).sample
+                    for k in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(plain), trajectory(fused), strict=True))
