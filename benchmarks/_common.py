@@ -35,8 +35,7 @@ def setup_allocator(choice: str | None = None) -> dict:
     from modiff.allocator import OPT_OUT, allocator_settings, tune_allocator
 
     if choice is None:
-        tuned = tune_allocator()
-        return {"choice": "tuned" if tuned else "as loaded", **allocator_settings()}
+        return allocator_record("tuned" if tune_allocator() else "as loaded")
     if choice not in ALLOCATORS:
         raise BenchError(f"unknown allocator {choice!r}; one of: {', '.join(ALLOCATORS)}")
     name = allocator_settings()["allocator"]

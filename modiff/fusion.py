@@ -33,8 +33,6 @@ from torch import nn
 
 from .layers import QuantLayer
 
-FUSED_FORWARD = "_modiff_fused_forward"  # marks a block whose forward this module replaced
-
 
 @dataclass(frozen=True)
 class NormSiLU:
@@ -73,13 +71,17 @@ def fuse_norms(model: nn.Module) -> int:
     many blocks are fused (already fused ones included). Blocks of other kinds keep their own forward."""
     count = 0
     for module in model.modules():
-        if getattr(module, FUSED_FORWARD, False):
+        if is_fused(module):
             count += 1
         elif fusable_block(module):
             module.forward = FusedForward(module)
-            setattr(module, FUSED_FORWARD, True)
             count += 1
     return count
+
+
+def is_fused(block: nn.Module) -> bool:
+    """Whether :func:`fuse_norms` replaced ``block``'s forward."""
+    return isinstance(block.__dict__.get("forward"), FusedForward)
 
 
 class FusedForward:

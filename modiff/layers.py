@@ -144,8 +144,11 @@ class QuantLayer(nn.Module):
         call, in the dtype the dropped weight had (or was cast to since), bit-equal to the weight kept before."""
         if self.w_q is None:
             return self.layer.weight
-        w_q = self.w_q.view(FP8_DTYPE) if self.config.execution == "fp8" else self.w_q
-        return dequantize_weight(w_q, self.w_scale, self.weight_template.dtype)
+        return dequantize_weight(self._grid_weight(), self.w_scale, self.weight_template.dtype)
+
+    def _grid_weight(self) -> torch.Tensor:
+        """Real execution's 8-bit weight as the kernels take it: int8, or fp8's stored bit pattern viewed as e4m3."""
+        return self.w_q.view(FP8_DTYPE) if self.config.execution == "fp8" else self.w_q
 
     def _weight_dtype(self) -> torch.dtype:
         return self.layer.weight.dtype if self.weight_template is None else self.weight_template.dtype
@@ -382,7 +385,7 @@ class QuantLayer(nn.Module):
     def _kernel(self, u, scale, offset, x_shape, add, bias: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``A((u - offset) * scale) (+ add) (+ bias)`` on the integer / float8 kernel, computed in float32 and
         written in ``out_dtype`` (None: float32) by the same (fused) pass."""
-        w_q = self.w_q.view(FP8_DTYPE) if self.config.execution == "fp8" else self.w_q
+        w_q = self._grid_weight()
         shift = 0 if self.config.execution == "fp8" else _minus(offset, self._op.base(u))
         y = self._op(u, w_q, self.w_scale)
         m = None if _is_zero(shift) else self._op.correction(x_shape, w_q, self.w_scale, self.weight_template.dtype)

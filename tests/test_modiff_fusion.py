@@ -15,7 +15,7 @@ from diffusers.models.resnet import ResnetBlock2D
 
 import modiff
 from modiff import kernels
-from modiff.fusion import FUSED_FORWARD, fusable_block
+from modiff.fusion import fusable_block, is_fused
 
 INT8 = dict(w_bits=8, a_bits=8, execution="int8", weight_symmetric=True, symmetric=True, granularity="sample")
 
@@ -60,8 +60,8 @@ class Counting:
 def test_fused_equals_unfused_eager_and_takes_the_fused_pass(digits_model, monkeypatch, modulation):
     plain, fused = pair(digits_model, **INT8, modulation=modulation)
     blocks = resnets(fused)
-    assert blocks and all(getattr(b, FUSED_FORWARD, False) for b in blocks)
-    assert not any(getattr(b, FUSED_FORWARD, False) for b in resnets(plain))
+    assert blocks and all(is_fused(b) for b in blocks)
+    assert not any(is_fused(b) for b in resnets(plain))
     expected = calls(plain)
     count = Counting(monkeypatch)
     got = calls(fused)
@@ -139,7 +139,7 @@ def test_which_blocks_fuse_and_copies(digits_model):
     }
     for name, block in cases.items():
         modiff.quantize(block.eval(), config)
-        assert fusable_block(block) == (name == "default") == getattr(block, FUSED_FORWARD, False), name
+        assert fusable_block(block) == (name == "default") == is_fused(block), name
     assert modiff.fuse_norms(cases["default"]) == 1  # idempotent: counted, not wrapped twice
     # a copy's forward runs the copy's layers, not the original's
     unet = modiff.quantize(copy.deepcopy(digits_model.unet).eval(), modiff.ModiffConfig(**INT8, fuse_norms=True))
@@ -159,7 +159,7 @@ def test_a_saved_fused_model_loads_fused(digits_model, tmp_path):
                            modiff.ModiffConfig(**INT8, modulation="ec", fuse_norms=True))
     path = modiff.save_quantized(unet, tmp_path / "fused.safetensors")
     loaded = modiff.load_quantized(copy.deepcopy(digits_model.unet).eval(), path)
-    assert all(getattr(b, FUSED_FORWARD, False) for b in resnets(loaded))
+    assert all(is_fused(b) for b in resnets(loaded))
     assert all(torch.equal(a, b) for a, b in zip(calls(unet), calls(loaded), strict=True))
 
 
@@ -169,7 +169,7 @@ def test_stable_diffusion_resnets_fuse_and_match(tiny_sd):
     options = dict(INT8, modulation="ec")
     plain = modiff.quantize(copy.deepcopy(unet), modiff.ModiffConfig(**options))
     fused = modiff.quantize(copy.deepcopy(unet), modiff.ModiffConfig(**options, fuse_norms=True))
-    assert resnets(fused) and all(getattr(b, FUSED_FORWARD, False) for b in resnets(fused))
+    assert resnets(fused) and all(is_fused(b) for b in resnets(fused))
     gen = torch.Generator().manual_seed(0)
     x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, 16, generator=gen)
 
