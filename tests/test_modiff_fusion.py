@@ -179,3 +179,29 @@ def test_stable_diffusion_resnets_fuse_and_match(tiny_sd):
             return [model(x * (1 - 0.05 * k), torch.tensor([900 - 100 * k] * 2), encoder_hidden_states=text).sample
                     for k in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(trajectory(plain), trajectory(fused), strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_models_fuse_bit_equal_finite_and_a_second_trajectory_repeats(digits_model, monkeypatch, dtype):
+    """A model cast to float16 / bfloat16 before quantizing (the norm and the SiLU's input in that dtype): fused
+    equals unfused, stays finite and near the float32 model's outputs, and a second trajectory started without
+    modiff.reset (the timestep goes back up: the layers reset themselves) repeats the first."""
+    options = dict(INT8, modulation="ec")
+    ref = modiff.quantize(copy.deepcopy(digits_model.unet).eval(), modiff.ModiffConfig(**options, fuse_norms=True))
+    plain = modiff.quantize(copy.deepcopy(digits_model.unet).to(dtype).eval(), modiff.ModiffConfig(**options))
+    fused = modiff.quantize(copy.deepcopy(digits_model.unet).to(dtype).eval(),
+                            modiff.ModiffConfig(**options, fuse_norms=True))
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def trajectory(model, dt):
+        with torch.no_grad():
+            return [model((x * (1 - 0.02 * k)).to(dt), torch.tensor([500 - 10 * k] * 2)).sample for k in range(4)]
+    expected = trajectory(plain, dtype)
+    count = Counting(monkeypatch)
+    first = trajectory(fused, dtype)
+    assert count.fused == 2 * len(resnets(fused)) * 3  # every quantized step of every block, in half precision
+    assert all(torch.equal(a, b) for a, b in zip(expected, first, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(fused, dtype), first, strict=True))  # no reset between
+    for out, full in zip(first, trajectory(ref, torch.float32), strict=True):
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert (out.float() - full).abs().max() <= 0.1 * full.abs().max()
