@@ -1,6 +1,7 @@
 """The scripts in ``benchmarks/``, end to end on the digits model: ``execution.py`` (speed and memory of
 int8, fp8 and fake execution against FP32 and BF16), ``deepcache_speedup.py``, ``psnr_table.py`` (its layout too) and
-``gpu_check.py`` (the prepared GPU check, at CPU size), and their one-line errors for bad settings."""
+``gpu_check.py`` (the prepared GPU check, at CPU size), ``kernel_ceiling.py``, and their one-line errors for bad
+settings."""
 
 import json
 import math
@@ -416,3 +417,26 @@ def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert "CUDA is not available" in done.stderr and "--device cpu --quick" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_kernel_ceiling_at_toy_size(tmp_path):
+    """benchmarks/kernel_ceiling.py (the kernel-level numbers of docs/performance.md): every measurement in the
+    JSON with a positive time, GMAC/s for the three convolutions only, the allocator and CPU flags recorded; a bad
+    size is one line and exit status 2."""
+    out = tmp_path / "kernel_ceiling.json"
+    script = str(ROOT / "benchmarks" / "kernel_ceiling.py")
+    done = subprocess.run([sys.executable, script, "--batch", "2", "--channels", "32", "--size", "8", "--reps", "1",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    written = json.loads(out.read_text())
+    results = written["results"]
+    assert len(results) == 7 and all(r["ms"] > 0 for r in results.values())
+    convs = [name for name, r in results.items() if r["gmacs"] is not None]
+    assert convs == [name for name in results if name.startswith("conv3x3")] and len(convs) == 3
+    macs = 2 * 32 * 32 * 9 * 8 * 8
+    assert all(results[c]["gmacs"] == pytest.approx(macs / results[c]["ms"] / 1e6) for c in convs)
+    assert written["allocator"]["allocator"] and written["cpu_flags"] and "CPU flags" in done.stdout
+    bad = subprocess.run([sys.executable, script, "--channels", "0", "--out", str(tmp_path / "bad.json")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--channels must be at least 1" in bad.stderr
+    assert not (tmp_path / "bad.json").exists()
