@@ -7,10 +7,12 @@ runs the norm (the block's own GroupNorm module) and its quantizing pass compute
 is never written (one pass with ``compile=True``; eagerly the same ops one after the other).
 
 Why the GroupNorm stays ATen's: compiled into the pass by inductor (torch 2.14.1, channels-last, on the 2-core
-AMD EPYC of docs/performance.md), GroupNorm + SiLU + the quantizing pass took 31-37 ms for a (32, 128, 32, 32)
-input against 18-20 ms for ATen's GroupNorm and SiLU followed by the compiled pass and 13-15 ms with only the
-SiLU in the pass (three runs of ``benchmarks/kernel_ceiling.py``); a per-channel ``var_mean`` form of the norm
-was slower still.
+AMD EPYC of docs/performance.md), GroupNorm + SiLU + the quantizing pass took 11.5-14.0 ms for a (32, 128, 32, 32)
+input with dynamic shapes (6.6-9.0 ms static) against 3.7-6.1 ms for ATen's GroupNorm and SiLU followed by the
+compiled pass and 4.0-6.1 ms with only the SiLU in the pass (three runs of ``benchmarks/kernel_ceiling.py``); the
+norm's statistics by a compiled ``var_mean`` and its normalisation inside the pass took 19 ms in a one-off test. The
+SiLU's fusion itself gains little there: the fused pass computes the sigmoid twice (for the scale and for ``u``),
+which costs what the SiLU's own pass did.
 
 Which blocks: diffusers' ``ResnetBlock2D`` with an ``nn.SiLU`` nonlinearity, the ``default`` time-embedding
 norm, no up- or downsampling inside the block and quantized ``conv1`` / ``conv2`` (every resnet of the DDPM
