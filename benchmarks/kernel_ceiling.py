@@ -7,10 +7,11 @@ quantized as ``int8-modiff-w8a8-sample-fused``, through the library's layers and
 int8 kernel and GroupNorm as opaque custom ops (tried and dropped).
 
 The quantizing passes read their operands as the layers keep them: the input channels-last and MoDiff's ``â`` in
-the input's layout (a copy of it); the JSON records that. Every timing is the median of ``--reps`` calls after
-three warm-up calls (the passes, and the two forms of the block, in turn: one call of each per round), in one
-process under the allocator ``modiff.tune_allocator()`` sets up (``MODIFF_ALLOCATOR=default`` for glibc's as it
-comes), with the CPU flags and the allocator in the table's header and the JSON.
+the input's layout (a copy of it); the JSON records, per pass, the layout of what it reads. Every timing is the
+median of ``--reps`` calls after three warm-up calls (the passes, and the two forms of the block, in turn: one
+call of each per round), in one process under the allocator ``modiff.tune_allocator()`` sets up
+(``MODIFF_ALLOCATOR=default`` for glibc's as it comes), with the CPU flags and the allocator in the table's header
+and the JSON.
 
     python benchmarks/kernel_ceiling.py    # batch 32, 128 channels, 32x32 (the CIFAR-10 UNet's top level)
     python benchmarks/kernel_ceiling.py --batch 64 --channels 256 --out runs/bench/kernel_ceiling.json
@@ -147,8 +148,8 @@ def _block_rows(batch: int, channels: int, size: int, reps: int) -> dict[str, di
 
 def measure(batch: int, channels: int, size: int, reps: int) -> dict[str, dict]:
     """name -> {"ms": median milliseconds, "gmacs": multiply-adds per second / 1e9 (convolutions only)}; the
-    quantizing passes also record their operands' layout, the region its output's largest difference from the
-    library's."""
+    elementwise and norm passes also record the layout of the tensors they read (``operands``), the region its
+    output's largest difference from the library's."""
     torch.manual_seed(0)
     shape = (batch, channels, size, size)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
